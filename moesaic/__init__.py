@@ -1,0 +1,40 @@
+"""moesaic: sparse Mixture-of-Experts layers, routers and models for PyTorch.
+
+import moesaic as ms
+layer = ms.MoE(d_model=512, d_ff=2048, num_experts=8, router="switch")
+"""
+
+from moesaic.context import RoutingContext, current_context, routing_context
+from moesaic.experts import Experts
+from moesaic.layer import MoE, aux_loss
+from moesaic.routing import (
+    DROP_POLICIES,
+    ROUTERS,
+    LearnedRouter,
+    Router,
+    Routing,
+    build_router,
+    expert_capacity,
+    register_router,
+)
+from moesaic.routing.stats import RoutingStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MoE",
+    "Experts",
+    "Router",
+    "LearnedRouter",
+    "Routing",
+    "RoutingStats",
+    "RoutingContext",
+    "ROUTERS",
+    "DROP_POLICIES",
+    "aux_loss",
+    "build_router",
+    "current_context",
+    "expert_capacity",
+    "register_router",
+    "routing_context",
+]

@@ -1,0 +1,3 @@
+from moesaic.cli.main import main
+
+raise SystemExit(main())

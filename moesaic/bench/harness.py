@@ -1,0 +1,42 @@
+"""Side-by-side timing: implementations interleaved round-robin in one process.
+
+Interleaving means a slow moment of the machine (another process, thermal state) lands on every
+implementation alike, so the printed ratios stay meaningful on a noisy shared CPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["time_interleaved", "environment"]
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved round-robin."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            gc.collect()
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def environment() -> str:
+    """One line naming the versions, threads and processor the numbers came from."""
+    return (
+        f"torch {torch.__version__}, python {platform.python_version()}, "
+        f"{torch.get_num_threads()} threads, {platform.machine()} {platform.processor() or ''}"
+    ).strip()

@@ -1,0 +1,168 @@
+"""MoE layer benchmark: moesaic vs a naive masked loop vs a dense FFN of equal active FLOPs.
+
+For each (E, k): forward+backward and forward-only time of
+- ``moesaic``: ``ms.MoE(router="topk", top_k=k)``, dropless;
+- ``naive``: the same softmax top-k gate, then a Python loop over experts that finds each
+  expert's tokens with a mask, runs its FFN and adds the weighted result back;
+- ``dense``: ``Linear(D, k*F) -> GELU -> Linear(k*F, D)``, the FLOPs an MoE layer with k active
+  experts of width F spends per token (the router's D*E extra is not counted).
+Gradients are set to None between steps, as ``optimizer.zero_grad()`` does.
+
+Shape legend (docs/shapes.md): T tokens, D model dim, F expert hidden, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from moesaic.bench.harness import environment, time_interleaved
+from moesaic.layer import MoE
+
+__all__ = ["NaiveMoE", "dense_ffn", "run", "main"]
+
+TARGETS = {8: 1.2, 32: 1.3}  # issue #2: moesaic / dense fwd+bwd at E=8 and E=32
+
+
+class NaiveMoE(nn.Module):
+    """The textbook loop (Mixtral's eager path): per expert, mask its tokens, run it, add back."""
+
+    def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        self.experts = nn.ModuleList(dense_ffn(d_model, d_ff) for _ in range(num_experts))
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        weight_TK, expert_TK = self.gate(x_TD).softmax(dim=-1).topk(self.top_k, dim=-1)
+        weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+        y_TD = torch.zeros_like(x_TD)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(expert_TK == e)
+            if token.numel() == 0:
+                continue
+            y_TD = y_TD.index_add(0, token, expert(x_TD[token]) * weight_TK[token, slot, None])
+        return y_TD
+
+
+def dense_ffn(d_model: int, d_hidden: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(d_model, d_hidden, bias=False),
+        nn.GELU(),
+        nn.Linear(d_hidden, d_model, bias=False),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    experts: int
+    top_k: int
+    impl: str
+    train_s: float
+    infer_s: float
+    flops: float  # active FLOPs of one forward
+
+
+def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+    def train() -> None:
+        for p in module.parameters():
+            p.grad = None
+        module(x).backward(grad)
+
+    return train
+
+
+def _infer(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def infer() -> None:
+        with torch.inference_mode():
+            module(x)
+
+    return infer
+
+
+def run(
+    tokens: int, d_model: int, d_ff: int, grid: Sequence[tuple[int, int]], repeats: int
+) -> list[Row]:
+    rows = []
+    for E, K in grid:
+        torch.manual_seed(0)
+        impls = {
+            "moesaic": MoE(d_model, d_ff, E, router="topk", top_k=K),
+            "naive": NaiveMoE(d_model, d_ff, E, K),
+            "dense": dense_ffn(d_model, K * d_ff),
+        }
+        x = torch.randn(tokens, d_model)
+        grad = torch.randn(tokens, d_model)
+        train = time_interleaved({n: _step(m, x, grad) for n, m in impls.items()}, repeats)
+        infer = time_interleaved({n: _infer(m, x) for n, m in impls.items()}, repeats)
+        flops = 2.0 * 2 * tokens * d_model * d_ff * K
+        rows += [Row(E, K, n, train[n], infer[n], flops) for n in impls]
+    return rows
+
+
+def report(rows: list[Row], header: str) -> str:
+    lines = [
+        header,
+        "",
+        "| E | k | impl | fwd+bwd ms | / dense | fwd ms | / dense | fwd+bwd GFLOP/s |",
+    ]
+    lines.append("|---|---|---|---|---|---|---|---|")
+    dense = {(r.experts, r.top_k): r for r in rows if r.impl == "dense"}
+    for r in rows:
+        d = dense[(r.experts, r.top_k)]
+        lines.append(
+            f"| {r.experts} | {r.top_k} | {r.impl} | {r.train_s * 1e3:.1f} | "
+            f"{r.train_s / d.train_s:.3f} | {r.infer_s * 1e3:.1f} | {r.infer_s / d.infer_s:.3f} | "
+            f"{3 * r.flops / r.train_s / 1e9:.0f} |"
+        )
+    lines += ["", "Targets (fwd+bwd, moesaic / dense; moesaic / naive <= 1):"]
+    for (E, K), d in dense.items():
+        ours = next(r for r in rows if (r.experts, r.top_k, r.impl) == (E, K, "moesaic"))
+        naive = next(r for r in rows if (r.experts, r.top_k, r.impl) == (E, K, "naive"))
+        target = TARGETS.get(E)
+        vs_dense = ours.train_s / d.train_s
+        ok = (target is None or vs_dense <= target) and ours.train_s <= naive.train_s
+        lines.append(
+            f"- E={E} k={K}: {vs_dense:.3f}x dense (target {target}), "
+            f"{ours.train_s / naive.train_s:.3f}x naive -> {'PASS' if ok else 'MISS'}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moesaic bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="T=2048, 3 repeats (under a minute)")
+    parser.add_argument("--tokens", type=int, default=None, help="T (default 8192, quick 2048)")
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--d-ff", type=int, default=2048)
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--top-k", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed rounds (default 7, quick 3)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
+    args = parser.parse_args(argv)
+    for name in ("tokens", "repeats", "threads", "d_model", "d_ff"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')}={value} must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokens = args.tokens or (2048 if args.quick else 8192)
+    repeats = args.repeats or (3 if args.quick else 7)
+    grid = [(E, K) for E in args.experts for K in args.top_k if K <= E]
+    if not grid:
+        parser.error("no (experts, top_k) pair with top_k <= experts")
+    rows = run(tokens, args.d_model, args.d_ff, grid, repeats)
+    header = (
+        f"MoE layer, T={tokens}, D={args.d_model}, F={args.d_ff}, fp32, dropless, "
+        f"median of {repeats} interleaved rounds\n{environment()}"
+    )
+    print(report(rows, header))
+    return 0

@@ -1,0 +1,48 @@
+"""``moesaic`` command line: one sub-command per job, each a module with ``main(argv)``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+# sub-command -> (module with main(argv), one-line help)
+COMMANDS = {
+    "bench": ("moesaic.bench.layer", "time the MoE layer against a naive loop and a dense FFN"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="moesaic",
+        description="Sparse Mixture-of-Experts for PyTorch.",
+        epilog="Run 'moesaic COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=sorted(COMMANDS),
+        metavar="COMMAND",
+        help="one of: " + ", ".join(f"{k} ({v[1]})" for k, v in COMMANDS.items()),
+    )
+    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    ns = parser.parse_args(argv[:1])
+    if ns.version:
+        from moesaic import __version__
+
+        print(f"moesaic {__version__}")
+        return 0
+    if ns.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(COMMANDS[ns.command][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

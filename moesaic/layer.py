@@ -1,0 +1,174 @@
+"""The MoE layer: route, apply capacity, dispatch, run experts, combine, add the shared expert.
+
+Shape legend (docs/shapes.md): T tokens, D model dim, E experts, A assignments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from moesaic._validate import check_choice, check_nonnegative_float, check_positive_int
+from moesaic.context import current_context
+from moesaic.experts.dispatch import combine, make_plan, permute
+from moesaic.experts.ffn import Experts
+from moesaic.routing.base import Router
+from moesaic.routing.capacity import DROP_POLICIES, expert_capacity
+from moesaic.routing.registry import build_router
+from moesaic.routing.stats import RoutingStats
+
+__all__ = ["MoE", "aux_loss"]
+
+
+class MoE(nn.Module):
+    """Sparse mixture-of-experts feed-forward layer.
+
+    Args:
+        d_model: token width D.
+        d_ff: hidden width F of each expert.
+        num_experts: E.
+        router: a name in ``ms.ROUTERS`` or a ``Router`` instance.
+        top_k: experts per token; None takes the router's default (switch 1, gshard 2, ...).
+        capacity_factor: None for dropless; a float > 0 gives each expert
+            ``C = ceil(capacity_factor * k * T / E)`` slots per forward.
+        drop_policy: which assignments keep their slot when an expert overflows: "position"
+            (earliest tokens) or "priority" (highest gate weight, Batch Prioritized Routing).
+            Either way every first choice goes before any second choice.
+        activation: "gelu" | "relu" | "silu" | "swiglu".
+        shared_d_ff: > 0 adds a dense always-on expert of that width (residual MoE / PR-MoE:
+            ``y = MoE(x) + MLP(x)``).
+        aux_loss_weight: alpha, the weight of the router's load-balancing loss.
+        z_loss_weight: weight of the router z-loss (ST-MoE).
+        jitter: multiplicative input jitter of learned routers in training; None takes the
+            router's default (1e-2 for switch, 0 otherwise).
+        router_dtype: dtype of the router math, fp32 by default even for bf16 activations.
+        router_options: extra keyword arguments of the router class (e.g. ``num_tasks`` for
+            "task", ``task_skills`` for "skill", ``normalize`` for "topk").
+        expert_impl: "auto" | "loop" | "grouped", see ``Experts``.
+        device, dtype: for the parameters.
+
+    Shape:
+        x (..., D) -> y (..., D). Tokens that lose every assignment to capacity get 0: the
+        caller's residual carries them.
+
+    After each forward, ``layer.aux_loss`` holds the weighted aux + z loss (a scalar tensor in
+    the graph) and ``layer.last_stats`` a ``RoutingStats``.
+
+    Example::
+
+        >>> layer = ms.MoE(d_model=64, d_ff=256, num_experts=8, router="switch")
+        >>> y = layer(torch.randn(2, 10, 64))
+        >>> loss = task_loss(y) + ms.aux_loss(model)
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        router: str | Router = "switch",
+        top_k: int | None = None,
+        capacity_factor: float | None = None,
+        drop_policy: str = "position",
+        activation: str = "gelu",
+        shared_d_ff: int = 0,
+        aux_loss_weight: float = 0.01,
+        z_loss_weight: float = 0.0,
+        jitter: float | None = None,
+        router_dtype: torch.dtype = torch.float32,
+        router_options: dict[str, Any] | None = None,
+        expert_impl: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive_int("d_model", d_model)
+        check_positive_int("num_experts", num_experts)
+        if capacity_factor is not None:
+            check_nonnegative_float("capacity_factor", capacity_factor)
+            if capacity_factor <= 0:
+                raise ValueError(f"capacity_factor={capacity_factor} must be > 0 (or None)")
+        check_choice("drop_policy", drop_policy, DROP_POLICIES)
+        check_nonnegative_float("aux_loss_weight", aux_loss_weight)
+        check_nonnegative_float("z_loss_weight", z_loss_weight)
+        if isinstance(shared_d_ff, bool) or not isinstance(shared_d_ff, int) or shared_d_ff < 0:
+            raise ValueError(f"shared_d_ff={shared_d_ff!r} must be an int >= 0")
+        self.d_model, self.num_experts = d_model, num_experts
+        self.capacity_factor, self.drop_policy = capacity_factor, DROP_POLICIES[drop_policy]()
+        self.aux_loss_weight, self.z_loss_weight = float(aux_loss_weight), float(z_loss_weight)
+        self.router = build_router(
+            router,
+            d_model=d_model,
+            num_experts=num_experts,
+            top_k=top_k,
+            router_dtype=router_dtype,
+            jitter=jitter,
+            capacity_factor=capacity_factor,
+            options=router_options,
+        ).to(device=device)
+        self.top_k = self.router.top_k
+        kw = {"impl": expert_impl, "device": device, "dtype": dtype}
+        self.experts = Experts(num_experts, d_model, d_ff, activation, **kw)
+        self.shared = Experts(1, d_model, shared_d_ff, activation, **kw) if shared_d_ff else None
+        self.aux_loss = torch.zeros((), device=device)
+        self.last_stats: RoutingStats | None = None
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Slots per expert for a forward of ``num_tokens`` tokens (None when dropless)."""
+        if self.capacity_factor is None:
+            return None
+        return expert_capacity(self.capacity_factor, self.top_k, num_tokens, self.num_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_TD = self._tokens(x)
+        T = x_TD.shape[0]
+        routing = self.router(x_TD, current_context())
+        plan = make_plan(routing, self.num_experts, T, self.capacity(T), self.drop_policy)
+        y_AD = self.experts(permute(x_TD, plan), plan.counts)
+        y_TD = combine(y_AD, plan)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD, [T])
+        self.aux_loss = (
+            self.aux_loss_weight * routing.aux_loss + self.z_loss_weight * routing.z_loss
+        )
+        self.last_stats = RoutingStats(
+            plan.tokens_per_expert, plan.requested_per_expert, routing.probs_TE
+        )
+        return y_TD.reshape(x.shape)
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """x flattened to (T, D), after checking what a user can get wrong."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"x.dtype={x.dtype} must be a floating point dtype")
+        if x.dim() == 0 or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"x.shape={tuple(x.shape)}: the last dim must equal d_model={self.d_model}"
+            )
+        w = self.experts.w1
+        if x.device != w.device:
+            raise ValueError(f"x.device={x.device} must match the layer's device {w.device}")
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"x.dtype={x.dtype} must match the layer's parameters ({w.dtype}): cast the "
+                "layer with .to(dtype) or run under torch.autocast"
+            )
+        return x.reshape(-1, self.d_model)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
+            f"capacity_factor={self.capacity_factor}, drop_policy={self.drop_policy.name!r}, "
+            f"aux_loss_weight={self.aux_loss_weight}, z_loss_weight={self.z_loss_weight}"
+        )
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of ``layer.aux_loss`` (already weighted) over every MoE layer of ``model``."""
+    losses = [m.aux_loss for m in model.modules() if isinstance(m, MoE)]
+    if not losses:
+        return torch.zeros(())
+    return torch.stack([loss.to(losses[0].device).float() for loss in losses]).sum()

@@ -1,0 +1,27 @@
+"""Routers: each maps tokens (T, D) to flat (token, expert, weight) assignments plus aux losses."""
+
+from moesaic.routing import (  # noqa: F401  (importing registers each router in ROUTERS)
+    cluster,
+    expert_choice,
+    gshard,
+    hash,
+    noisy,
+    prototype,
+    switch,
+    task,
+    topk,
+)
+from moesaic.routing.base import LearnedRouter, Router, Routing
+from moesaic.routing.capacity import DROP_POLICIES, expert_capacity
+from moesaic.routing.registry import ROUTERS, build_router, register_router
+
+__all__ = [
+    "Router",
+    "LearnedRouter",
+    "Routing",
+    "ROUTERS",
+    "DROP_POLICIES",
+    "register_router",
+    "build_router",
+    "expert_capacity",
+]

@@ -1,0 +1,177 @@
+"""Router contract: ``Router.forward(x_TD, context) -> Routing``.
+
+Shape legend (docs/shapes.md): T tokens, D model dim, E experts, K top-k, A assignments.
+
+A ``Routing`` is a small frozen value: flat assignments (token, expert, weight) of equal length A
+plus the losses and probabilities the router used. Token-choice routers emit assignments
+choice-major (all first choices, then all second choices, ...), each group in token order, and
+say which choice every assignment is in ``choice``; capacity policies rely on that rank, never on
+the order of the arrays.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from moesaic._validate import check_positive_int
+from moesaic.context import RoutingContext
+
+__all__ = ["Routing", "Router", "LearnedRouter"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """What a router decided for T tokens.
+
+    Attributes:
+        token: LongTensor (A,), the token index in [0, T) of each assignment.
+        expert: LongTensor (A,), the expert index in [0, E).
+        weight: (A,) combine weight, in the router dtype (differentiable for learned routers).
+        choice: LongTensor (A,), 0 for a token's first choice, 1 for its second, ...
+        priority: (A,) the token's priority for Batch Prioritized Routing (its largest gate
+            weight), or None to use ``weight``.
+        probs_TE: (T, E) the routing distribution the router used (for statistics).
+        aux_loss: scalar, the router's unweighted load-balancing loss (0 when it has none).
+        z_loss: scalar, mean squared logsumexp of the logits (0 for routers without logits).
+    """
+
+    token: torch.Tensor
+    expert: torch.Tensor
+    weight: torch.Tensor
+    choice: torch.Tensor
+    probs_TE: torch.Tensor
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    priority: torch.Tensor | None = None
+
+    @property
+    def num_assignments(self) -> int:
+        return self.token.shape[0]
+
+    @staticmethod
+    def from_topk(
+        weight_TK: torch.Tensor,
+        expert_TK: torch.Tensor,
+        probs_TE: torch.Tensor,
+        aux_loss: torch.Tensor,
+        z_loss: torch.Tensor,
+    ) -> Routing:
+        """Flatten per-token top-k choices choice-major: assignment a = j * T + t."""
+        T, K = expert_TK.shape
+        device = expert_TK.device
+        return Routing(
+            token=torch.arange(T, device=device).repeat(K),
+            expert=expert_TK.t().reshape(-1),
+            weight=weight_TK.t().reshape(-1),
+            choice=torch.arange(K, device=device).repeat_interleave(T),
+            probs_TE=probs_TE,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            priority=weight_TK.detach().amax(dim=1).repeat(K),
+        )
+
+    def select(self, keep_A: torch.Tensor) -> Routing:
+        """The same routing restricted to the assignments where ``keep_A`` is True."""
+        pick = {
+            f.name: getattr(self, f.name)[keep_A]
+            for f in dataclasses.fields(self)
+            if f.name in ("token", "expert", "weight", "choice", "priority")
+            and getattr(self, f.name) is not None
+        }
+        return dataclasses.replace(self, **pick)
+
+
+class Router(nn.Module, abc.ABC):
+    """Base class: maps tokens to (token, expert, weight) assignments.
+
+    Subclasses set ``default_top_k`` and implement ``forward(x_TD, context) -> Routing``.
+    ``x_TD`` arrives flattened to (T, D); ``context`` is the active ``RoutingContext``.
+
+    Args:
+        d_model: token width D.
+        num_experts: E.
+        top_k: experts per token; None takes the router's ``default_top_k``.
+        router_dtype: dtype of the router math (fp32 by default, also for bf16 activations:
+            Switch Transformer's selective precision, section 2.4).
+        jitter: multiplicative input noise eps in training, x * U(1 - eps, 1 + eps); None takes the
+            router's ``default_jitter``.
+    """
+
+    default_top_k: ClassVar[int] = 1
+    default_jitter: ClassVar[float] = 0.0
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int | None = None,
+        *,
+        router_dtype: torch.dtype = torch.float32,
+        jitter: float | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive_int("d_model", d_model)
+        check_positive_int("num_experts", num_experts)
+        top_k = self.default_top_k if top_k is None else top_k
+        check_positive_int("top_k", top_k)
+        if top_k > num_experts:
+            raise ValueError(f"top_k={top_k} must be <= num_experts={num_experts}")
+        if not (isinstance(router_dtype, torch.dtype) and router_dtype.is_floating_point):
+            raise TypeError(f"router_dtype={router_dtype!r} must be a floating torch.dtype")
+        jitter = self.default_jitter if jitter is None else jitter
+        if not (isinstance(jitter, (int, float)) and 0.0 <= jitter < 1.0):
+            raise ValueError(f"jitter={jitter!r} must be a float in [0, 1)")
+        self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
+        self.router_dtype, self.jitter = router_dtype, float(jitter)
+
+    @abc.abstractmethod
+    def forward(self, x_TD: torch.Tensor, context: RoutingContext) -> Routing:
+        """Route the (T, D) tokens; see the class docstring."""
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, top_k={self.top_k}, router_dtype={self.router_dtype}"
+        )
+
+    def _zero(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((), device=x_TD.device, dtype=self.router_dtype)
+
+
+class LearnedRouter(Router):
+    """A router with a trainable gate ``gate = nn.Linear(d_model, num_experts, bias=False)``."""
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int | None = None, **kwargs) -> None:
+        super().__init__(d_model, num_experts, top_k, **kwargs)
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Switch Transformer section 2.4: truncated normal, std = sqrt(s / fan_in) with s = 0.1,
+        # redrawn beyond two standard deviations. sigma is the pre-truncation parameter.
+        std = math.sqrt(0.1 / self.d_model)
+        nn.init.trunc_normal_(self.gate.weight, std=std, a=-2 * std, b=2 * std)
+
+    def router_input(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """x cast to ``router_dtype``, with multiplicative jitter in training.
+
+        Call under ``torch.autocast(..., enabled=False)`` so bf16 never reaches the softmax.
+        """
+        x = x_TD.to(self.router_dtype)
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        return x
+
+    def linear(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+        """``layer(x)`` computed in ``router_dtype``, whatever dtype the weights are stored in."""
+        return nn.functional.linear(x, layer.weight.to(self.router_dtype))
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """Gate logits (T, E) in ``router_dtype``."""
+        with torch.autocast(x_TD.device.type, enabled=False):
+            return self.linear(self.router_input(x_TD), self.gate)

@@ -1,0 +1,59 @@
+"""Clustering router for hard mixtures of experts (Gross, Ranzato, Szlam 2017; PAPERS.md 11).
+
+The gater is a fixed hard assignment to the nearest of E centroids, found by k-means on features
+(``fit``) before the experts are trained; each expert then sees only its cluster. For k > 1 the
+k nearest centroids are used with weight 1/k (averaged predictions). No gradient, no aux loss.
+
+Shape legend (docs/shapes.md): T tokens, D model dim, E experts, K top-k, N samples.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moesaic.context import RoutingContext
+from moesaic.routing.base import Router, Routing
+from moesaic.routing.registry import register_router
+
+__all__ = ["ClusterRouter"]
+
+
+@register_router("cluster")
+class ClusterRouter(Router):
+    """Nearest-centroid routing; ``centroids`` (E, D) is a buffer saved in the state dict."""
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int | None = None, **kwargs) -> None:
+        super().__init__(d_model, num_experts, top_k, **kwargs)
+        self.register_buffer("centroids", torch.randn(num_experts, d_model))
+
+    @torch.no_grad()
+    def fit(self, x_ND: torch.Tensor, iters: int = 25, seed: int = 0) -> ClusterRouter:
+        """Lloyd's k-means on features x (N, D), initialised from E distinct random samples."""
+        if x_ND.dim() != 2 or x_ND.shape[1] != self.d_model or x_ND.shape[0] < self.num_experts:
+            raise ValueError(
+                f"fit(x) needs x of shape (N, {self.d_model}) with N >= num_experts="
+                f"{self.num_experts}, got {tuple(x_ND.shape)}"
+            )
+        x = x_ND.to(self.router_dtype)
+        g = torch.Generator().manual_seed(seed)
+        c = x[torch.randperm(x.shape[0], generator=g)[: self.num_experts].to(x.device)].clone()
+        for _ in range(iters):
+            nearest_N = torch.cdist(x, c).argmin(dim=1)
+            sums = torch.zeros_like(c).index_add_(0, nearest_N, x)
+            counts = torch.bincount(nearest_N, minlength=self.num_experts)
+            filled = counts > 0  # an empty cluster keeps its centroid
+            c[filled] = sums[filled] / counts[filled, None].to(x.dtype)
+        self.centroids.copy_(c.to(self.centroids.dtype))
+        return self
+
+    def forward(self, x_TD: torch.Tensor, context: RoutingContext) -> Routing:
+        K = self.top_k
+        with torch.no_grad(), torch.autocast(x_TD.device.type, enabled=False):
+            dist_TE = torch.cdist(x_TD.to(self.router_dtype), self.centroids.to(self.router_dtype))
+            expert_TK = dist_TE.topk(K, dim=-1, largest=False).indices
+            weight_TK = torch.full(
+                expert_TK.shape, 1.0 / K, dtype=self.router_dtype, device=x_TD.device
+            )
+            probs_TE = torch.zeros_like(dist_TE).scatter_(1, expert_TK, weight_TK)
+        zero = self._zero(x_TD)
+        return Routing.from_topk(weight_TK, expert_TK, probs_TE, zero, zero)

@@ -1,0 +1,72 @@
+"""One table of router configurations; generic tests run over every row.
+
+Each case builds an ``ms.MoE`` and knows which routing context its router needs, so a test can
+say "for every router" without an if-ladder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any
+
+import torch
+
+import moesaic as ms
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterCase:
+    router: str
+    top_k: int | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    needs_task: bool = False
+    stochastic_in_training: bool = False
+
+    @property
+    def id(self) -> str:
+        extra = ",".join(f"{k}={v}" for k, v in self.options.items() if k != "task_skills")
+        return f"{self.router}-k{self.top_k}" + (f"-{extra}" if extra else "")
+
+    def layer(self, d_model: int = 8, d_ff: int = 16, num_experts: int = 4, **kw) -> ms.MoE:
+        return ms.MoE(
+            d_model,
+            d_ff,
+            num_experts,
+            router=self.router,
+            top_k=self.top_k,
+            router_options=dict(self.options) or None,
+            **kw,
+        )
+
+    def context(self, batch: int) -> contextlib.AbstractContextManager:
+        if self.needs_task:
+            tasks = torch.arange(batch) % 3
+            return ms.routing_context(task=tasks)
+        return contextlib.nullcontext()
+
+
+ROUTER_CASES = [
+    RouterCase("topk", 1),
+    RouterCase("topk", 2),
+    RouterCase("topk", 2, {"normalize": False}),
+    RouterCase("noisy_topk", 1, stochastic_in_training=True),
+    RouterCase("noisy_topk", 2, stochastic_in_training=True),
+    RouterCase("switch", 1, stochastic_in_training=True),
+    RouterCase("gshard", 2, stochastic_in_training=True),
+    RouterCase("prototype", 2),
+    RouterCase("expert_choice", 1),
+    RouterCase("expert_choice", 2),
+    RouterCase("hash", 1),
+    RouterCase("hash", 2),
+    RouterCase("task", 2, {"num_tasks": 3}, needs_task=True),
+    RouterCase("skill", None, {"task_skills": [[0], [1, 2], [3, 0, 1]]}, needs_task=True),
+    RouterCase("cluster", 1),
+]
+
+
+def capture_routing(layer: ms.MoE) -> list[ms.Routing]:
+    """Record every Routing the layer's router returns (for comparison with the reference)."""
+    seen: list[ms.Routing] = []
+    layer.router.register_forward_hook(lambda module, args, out: seen.append(out))
+    return seen
