@@ -112,8 +112,19 @@ class MoE(nn.Module):
         kw = {"impl": expert_impl, "device": device, "dtype": dtype}
         self.experts = Experts(num_experts, d_model, d_ff, activation, **kw)
         self.shared = Experts(1, d_model, shared_d_ff, activation, **kw) if shared_d_ff else None
-        self.aux_loss = torch.zeros((), device=device)
-        self.last_stats: RoutingStats | None = None
+        self._last = _LastForward()
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """Weighted aux + z loss of the last forward (in its graph); 0 before any forward."""
+        if self._last.aux_loss is None:
+            return torch.zeros((), device=self.experts.w1.device)
+        return self._last.aux_loss
+
+    @property
+    def last_stats(self) -> RoutingStats | None:
+        """Routing statistics of the last forward (None before any forward)."""
+        return self._last.stats
 
     def capacity(self, num_tokens: int) -> int | None:
         """Slots per expert for a forward of ``num_tokens`` tokens (None when dropless)."""
@@ -130,10 +141,10 @@ class MoE(nn.Module):
         y_TD = combine(y_AD, plan)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD, [T])
-        self.aux_loss = (
+        self._last.aux_loss = (
             self.aux_loss_weight * routing.aux_loss + self.z_loss_weight * routing.z_loss
         )
-        self.last_stats = RoutingStats(
+        self._last.stats = RoutingStats(
             plan.tokens_per_expert, plan.requested_per_expert, routing.probs_TE
         )
         return y_TD.reshape(x.shape)
@@ -164,6 +175,21 @@ class MoE(nn.Module):
             f"capacity_factor={self.capacity_factor}, drop_policy={self.drop_policy.name!r}, "
             f"aux_loss_weight={self.aux_loss_weight}, z_loss_weight={self.z_loss_weight}"
         )
+
+
+class _LastForward:
+    """What the last forward left behind. Copies and pickles of the layer start empty: the loss
+    belongs to one autograd graph, which ``copy.deepcopy`` cannot (and should not) copy."""
+
+    def __init__(self) -> None:
+        self.aux_loss: torch.Tensor | None = None
+        self.stats: RoutingStats | None = None
+
+    def __deepcopy__(self, memo: dict) -> _LastForward:
+        return _LastForward()
+
+    def __getstate__(self) -> dict:
+        return {"aux_loss": None, "stats": None}
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:

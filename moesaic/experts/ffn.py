@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from moesaic._validate import check_choice, check_positive_int
+from moesaic.experts.gradpool import GradPool
 from moesaic.experts.sliced import sliced_ffn
 
 __all__ = ["Experts", "ACTIVATIONS"]
@@ -72,6 +73,10 @@ class Experts(nn.Module):
             nn.Parameter(torch.empty(num_experts, d_model, d_ff, **kw)) if self.gated else None
         )
         self.reset_parameters()
+        self.grad_pool = GradPool()
+        for w in (self.w1, self.w2, self.w3):
+            if w is not None:
+                self.grad_pool.watch(w)
 
     @property
     def gated(self) -> bool:
@@ -116,7 +121,7 @@ class Experts(nn.Module):
             x_AD, w1, w2 = x_AD.to(dtype), w1.to(dtype), w2.to(dtype)
             w3 = w3.to(dtype) if w3 is not None else None
         with torch.autocast(x_AD.device.type, enabled=False):
-            return sliced_ffn(x_AD, w1, w2, w3, counts, self.activation)
+            return sliced_ffn(x_AD, w1, w2, w3, counts, self.activation, self.grad_pool)
 
     def _grouped(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         offs = torch.tensor(counts, device=x_AD.device).cumsum(0).to(torch.int32)

@@ -6,6 +6,8 @@ stack alone cost ~25% of a layer's backward on CPU at E=32. Here every matmul wr
 its slice of a preallocated output or weight gradient (``torch.mm(..., out=...)``), the forward
 runs without autograd bookkeeping, and only the pre-activation is saved: the activation is
 recomputed in backward, so the layer keeps one (A, F) tensor where a dense FFN keeps two.
+Weight gradients reuse last step's memory when ``Experts.grad_pool`` says nobody holds it
+(moesaic/experts/gradpool.py).
 
 Shape legend (docs/shapes.md): A assignments grouped by expert, D model dim, F expert hidden.
 """
@@ -30,55 +32,67 @@ def _act_backward(name: str, grad: torch.Tensor, pre: torch.Tensor) -> torch.Ten
     return torch.ops.aten.silu_backward(grad, pre)
 
 
+def _slices(counts: list[int]):
+    """(expert, row slice) for every expert that received rows."""
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, slice(start, start + n)
+            start += n
+
+
+def _forward(x_AD, w1, w2, w3, counts, act, keep):
+    """The expert FFNs; with ``keep`` also the per-expert pre-activations backward needs.
+
+    Per-expert temporaries (not one (A, F) buffer) keep every allocation small enough for the
+    allocator to recycle between steps instead of mapping fresh pages each time.
+    """
+    y_AD = x_AD.new_empty(x_AD.shape[0], w2.shape[2])
+    pres, lins = [], []
+    for e, s in _slices(counts):
+        x = x_AD[s]
+        pre = x @ w1[e]
+        h = _act(act, pre)
+        if w3 is not None:
+            lin = x @ w3[e]
+            h = h * lin
+            if keep:
+                lins.append(lin)
+        if keep:
+            pres.append(pre)
+        torch.mm(h, w2[e], out=y_AD[s])
+    return y_AD, pres, lins
+
+
 class _SlicedFFN(torch.autograd.Function):
     """y[s_e] = act(x[s_e] w1[e]) w2[e] for each expert's row slice s_e (gated: * x[s_e] w3[e])."""
 
     @staticmethod
-    def forward(ctx, x_AD, w1, w2, w3, counts, activation):
-        gated = w3 is not None
-        act = "silu" if gated else activation
-        A, F_ = x_AD.shape[0], w1.shape[2]
-        pre_AF = x_AD.new_empty(A, F_)  # x w1 per slice, kept for backward
-        lin_AF = x_AD.new_empty(A, F_) if gated else None  # x w3 per slice
-        y_AD = x_AD.new_empty(A, w2.shape[2])
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            s = slice(start, start + n)
-            start += n
-            torch.mm(x_AD[s], w1[e], out=pre_AF[s])
-            h = _act(act, pre_AF[s])
-            if gated:
-                torch.mm(x_AD[s], w3[e], out=lin_AF[s])
-                h = h * lin_AF[s]
-            torch.mm(h, w2[e], out=y_AD[s])
-        ctx.save_for_backward(x_AD, w1, w2, w3, pre_AF, lin_AF)
-        ctx.counts, ctx.act = counts, act
+    def forward(ctx, x_AD, w1, w2, w3, counts, activation, pool):
+        act = "silu" if w3 is not None else activation
+        y_AD, pres, lins = _forward(x_AD, w1, w2, w3, counts, act, keep=True)
+        ctx.save_for_backward(x_AD, w1, w2, w3, *pres, *lins)
+        ctx.counts, ctx.act, ctx.num_pre, ctx.pool = counts, act, len(pres), pool
         return y_AD
 
     @staticmethod
     def backward(ctx, gy_AD):
-        x_AD, w1, w2, w3, pre_AF, lin_AF = ctx.saved_tensors
+        x_AD, w1, w2, w3, *saved = ctx.saved_tensors
+        pres, lins = saved[: ctx.num_pre], saved[ctx.num_pre :]
         gy_AD = gy_AD.contiguous()
         need_x, need_w1, need_w2, need_w3 = ctx.needs_input_grad[:4]
         gx = torch.empty_like(x_AD) if need_x else None
-        gw1 = _grad_buffer(w1, ctx.counts) if need_w1 else None
-        gw2 = _grad_buffer(w2, ctx.counts) if need_w2 else None
-        gw3 = _grad_buffer(w3, ctx.counts) if need_w3 else None
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            if n == 0:
-                continue
-            s = slice(start, start + n)
-            start += n
-            x, gy, pre = x_AD[s], gy_AD[s], pre_AF[s]
+        gw1 = _grad_buffer(w1, ctx.counts, ctx.pool) if need_w1 else None
+        gw2 = _grad_buffer(w2, ctx.counts, ctx.pool) if need_w2 else None
+        gw3 = _grad_buffer(w3, ctx.counts, ctx.pool) if need_w3 else None
+        for i, (e, s) in enumerate(_slices(ctx.counts)):
+            x, gy, pre = x_AD[s], gy_AD[s], pres[i]
             act_h = _act(ctx.act, pre)  # recomputed, not saved
             gh = gy @ w2[e].t()
             if w3 is None:
                 h, gpre, glin = act_h, _act_backward(ctx.act, gh, pre), None
             else:  # h = silu(pre) * lin
-                lin = lin_AF[s]
+                lin = lins[i]
                 h, gpre, glin = act_h * lin, _act_backward(ctx.act, gh * lin, pre), gh * act_h
                 if gw3 is not None:
                     torch.mm(x.t(), glin, out=gw3[e])
@@ -90,12 +104,14 @@ class _SlicedFFN(torch.autograd.Function):
                 torch.mm(gpre, w1[e].t(), out=gx[s])
                 if glin is not None:
                     gx[s].addmm_(glin, w3[e].t())
-        return gx, gw1, gw2, gw3, None, None
+        return gx, gw1, gw2, gw3, None, None, None
 
 
-def _grad_buffer(w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+def _grad_buffer(w: torch.Tensor, counts: list[int], pool) -> torch.Tensor:
     """Uninitialised gradient of w, zeroed only on the experts that received no rows."""
-    g = torch.empty_like(w)
+    g = pool.take(w) if pool is not None else None
+    if g is None:
+        g = torch.empty_like(w)
     for e, n in enumerate(counts):
         if n == 0:
             g[e].zero_()
@@ -109,6 +125,15 @@ def sliced_ffn(
     w3: torch.Tensor | None,
     counts: list[int],
     activation: str,
+    pool=None,
 ) -> torch.Tensor:
-    """Run expert e on rows ``x_AD[sum(counts[:e]) : sum(counts[:e+1])]``; returns (A, D)."""
-    return _SlicedFFN.apply(x_AD, w1, w2, w3, counts, activation)
+    """Run expert e on rows ``x_AD[sum(counts[:e]) : sum(counts[:e+1])]``; returns (A, D).
+
+    Without autograd (inference mode, no_grad, or nothing requiring grad) this is a plain loop
+    that keeps nothing for backward.
+    """
+    tensors = (x_AD, w1, w2, w3)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _SlicedFFN.apply(x_AD, w1, w2, w3, counts, activation, pool)
+    act = "silu" if w3 is not None else activation
+    return _forward(x_AD, w1, w2, w3, counts, act, keep=False)[0]

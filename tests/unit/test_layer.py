@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -204,3 +206,13 @@ def test_empty_batch_gives_an_empty_output():
     y = layer(torch.randn(0, 8))
     assert y.shape == (0, 8)
     assert layer.last_stats.dropped_fraction == 0.0
+
+
+def test_a_layer_can_be_deep_copied_after_a_forward():
+    layer = ms.MoE(8, 16, 4)
+    assert layer.aux_loss.item() == 0.0 and layer.last_stats is None
+    layer(torch.randn(5, 8))
+    twin = copy.deepcopy(layer)
+    assert twin.last_stats is None and twin.aux_loss.item() == 0.0
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(twin.eval()(x), layer.eval()(x))
