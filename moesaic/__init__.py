@@ -4,6 +4,7 @@ import moesaic as ms
 layer = ms.MoE(d_model=512, d_ff=2048, num_experts=8, router="switch")
 """
 
+from moesaic import models
 from moesaic.context import RoutingContext, current_context, routing_context
 from moesaic.experts import Experts
 from moesaic.layer import MoE, aux_loss
@@ -37,4 +38,5 @@ __all__ = [
     "expert_capacity",
     "register_router",
     "routing_context",
+    "models",
 ]

@@ -11,6 +11,10 @@ __all__ = ["main"]
 
 # sub-command -> (module with main(argv), one-line help)
 COMMANDS = {
+    "train": ("moesaic.cli.train", "train a language-model recipe (default: a small MoE LM)"),
+    "compare": ("moesaic.cli.compare", "train an MoE and its FLOPs-matched dense baseline"),
+    "generate": ("moesaic.cli.generate", "sample text from a trained run"),
+    "eval": ("moesaic.cli.eval", "validation loss of a trained run"),
     "bench": ("moesaic.bench.layer", "time the MoE layer against a naive loop and a dense FFN"),
 }
 

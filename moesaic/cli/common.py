@@ -1,0 +1,72 @@
+"""Shared pieces of the sub-commands: ``--set`` handling and one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from moesaic.train.checkpoint import CheckpointError
+from moesaic.train.config import ConfigError, RunConfig, apply_overrides, config_from_dict
+from moesaic.train.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
+
+__all__ = ["add_config_arguments", "config_from_args", "friendly_errors", "saved_config"]
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--recipe",
+        default=DEFAULT_RECIPE,
+        help=f"one of: {', '.join(sorted(RECIPES))} (default {DEFAULT_RECIPE})",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one config field, e.g. --set train.steps=200 (repeatable)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    try:
+        return apply_overrides(get_recipe(args.recipe), args.overrides)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def saved_config(run_dir: Path, overrides: list[str]) -> RunConfig:
+    """The configuration a run was started with (its config.json), plus ``--set`` overrides."""
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: {path} is missing")
+    return apply_overrides(config_from_dict(RunConfig, json.loads(path.read_text())), overrides)
+
+
+def friendly_errors(prog: str) -> Callable:
+    """Turn user mistakes into ``prog: error: ...`` on stderr and exit status 2, no traceback."""
+
+    def wrap(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
+        @functools.wraps(main)
+        def run(argv: Sequence[str] | None = None) -> int:
+            try:
+                return main(argv)
+            except (ConfigError, CheckpointError, FileNotFoundError, ImportError) as err:
+                print(f"{prog}: error: {err}", file=sys.stderr)
+                return 2
+            except KeyboardInterrupt:
+                print(
+                    f"\n{prog}: interrupted (a checkpoint was saved; resume with --resume)",
+                    file=sys.stderr,
+                )
+                return 130
+
+        return run
+
+    return wrap

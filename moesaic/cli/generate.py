@@ -1,0 +1,47 @@
+"""``moesaic generate --run DIR --prompt TEXT``: sample from a trained run."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from moesaic.cli.common import friendly_errors
+from moesaic.inference.generate import generate_ids
+from moesaic.train.run import load_run
+
+__all__ = ["main"]
+
+
+@friendly_errors("moesaic generate")
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moesaic generate", description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True, help="a run directory")
+    parser.add_argument("--prompt", required=True, help="text to continue (non-empty)")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=40, help="0 = sample from all tokens")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not args.prompt:
+        parser.error("--prompt must not be empty")
+    run = load_run(args.run)
+    prompt = [int(i) for i in run.tokenizer.encode(args.prompt)]
+    room = run.cfg.model.max_seq_len - len(prompt)
+    if room < 1:
+        parser.error(
+            f"--prompt is {len(prompt)} tokens; the model's context is {run.cfg.model.max_seq_len}"
+        )
+    try:
+        ids = generate_ids(
+            run.model,
+            prompt,
+            min(args.max_new_tokens, room),
+            temperature=args.temperature,
+            top_k=args.top_k or None,
+            seed=args.seed,
+        )
+    except ValueError as err:
+        parser.error(str(err))
+    print(args.prompt + run.tokenizer.decode(ids))
+    return 0

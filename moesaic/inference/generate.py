@@ -1,0 +1,82 @@
+"""Autoregressive sampling with a KV cache (each new token costs one position, not a recompute).
+
+Shape legend (docs/shapes.md): B batch, S sequence, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moesaic.models.lm import KVCache, MoELM
+
+__all__ = ["generate_ids"]
+
+
+@torch.inference_mode()
+def generate_ids(
+    model: MoELM,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    use_cache: bool = True,
+) -> list[int]:
+    """Sample ``max_new_tokens`` ids after ``prompt_ids``; deterministic for a given ``seed``.
+
+    Args:
+        temperature: 0 picks the most likely token (greedy); > 0 divides the logits.
+        top_k: sample only among the k most likely tokens (None: all).
+        use_cache: False recomputes the whole prefix each step (the reference for the cache).
+    """
+    _check(model, prompt_ids, max_new_tokens, temperature, top_k)
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    ids = [int(i) for i in prompt_ids]
+    cache = KVCache(model.cfg.n_layers) if use_cache else None
+    pending = torch.tensor([ids], device=device)
+    try:
+        for _ in range(max_new_tokens):
+            logits_BSV = (
+                model(pending, cache) if use_cache else model(torch.tensor([ids], device=device))
+            )
+            nxt = _sample(logits_BSV[0, -1].float().cpu(), temperature, top_k, gen)
+            ids.append(nxt)
+            pending = torch.tensor([[nxt]], device=device)
+    finally:
+        model.train(was_training)
+    return ids[len(prompt_ids) :]
+
+
+def _sample(logits_V: torch.Tensor, temperature: float, top_k: int | None, gen) -> int:
+    if temperature == 0:
+        return int(logits_V.argmax())
+    logits_V = logits_V / temperature
+    if top_k is not None and top_k < logits_V.numel():
+        kth = logits_V.topk(top_k).values[-1]
+        logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
+    return int(torch.multinomial(logits_V.softmax(-1), 1, generator=gen))
+
+
+def _check(model, prompt_ids, max_new_tokens, temperature, top_k) -> None:
+    if not prompt_ids:
+        raise ValueError("prompt is empty: give at least one token")
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 0
+    ):
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 0")
+    total = len(prompt_ids) + max_new_tokens
+    if total > model.cfg.max_seq_len:
+        raise ValueError(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
+            f"exceeds the model's max_seq_len={model.cfg.max_seq_len}"
+        )
+    if not isinstance(temperature, (int, float)) or temperature < 0 or temperature != temperature:
+        raise ValueError(f"temperature={temperature!r} must be a number >= 0")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} must be an int >= 1 (or None)")

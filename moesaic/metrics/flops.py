@@ -1,0 +1,35 @@
+"""Analytic FLOPs per token of ``MoELM`` (matmul FLOPs; norms and activations are negligible).
+
+Forward, per token and layer: attention projections ``2 * 4 * D^2``, attention scores and
+weighted values ``2 * 2 * S * D`` (the full S x S product that ``scaled_dot_product_attention``
+computes), the FFN ``2 * n_mats * D * F`` times k experts for an MoE layer (n_mats 2, or 3 for
+swiglu), the router ``2 * D * E``; plus the output head ``2 * D * V``. A training step costs three
+forwards (backward is twice the forward's matmuls).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from moesaic.models.lm import LMConfig
+
+__all__ = ["FlopsPerToken", "lm_flops_per_token"]
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopsPerToken:
+    forward: float
+    train: float
+
+
+def lm_flops_per_token(cfg: LMConfig, seq_len: int) -> FlopsPerToken:
+    D, F, S = cfg.d_model, cfg.d_ff, seq_len
+    mats = 3 if cfg.activation == "swiglu" else 2
+    forward = 2.0 * D * cfg.vocab_size
+    for i in range(cfg.n_layers):
+        forward += 2 * 4 * D * D + 2 * 2 * S * D
+        if cfg.moe_layer(i):
+            forward += cfg.top_k * 2 * mats * D * F + 2 * D * cfg.num_experts
+        else:
+            forward += 2 * mats * D * F
+    return FlopsPerToken(forward=forward, train=3 * forward)

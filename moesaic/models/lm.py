@@ -1,0 +1,281 @@
+"""Decoder-only Transformer language model whose FFN is an ``ms.MoE`` every ``moe_every`` layers.
+
+Pre-norm blocks, causal ``scaled_dot_product_attention``, rotary or learned positions, optionally
+tied embeddings. With ``num_experts=0`` the same class builds the dense baseline; with
+``LMConfig.dense_equivalent()`` that baseline has the MoE model's activated FLOPs per token (its
+FFN is ``top_k * d_ff`` wide). GLaM and Switch put an MoE in every other layer (``moe_every=2``:
+layers 1, 3, 5, ...).
+
+Shape legend (docs/shapes.md): B batch, S sequence, D model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from moesaic._validate import check_choice, check_nonnegative_float, check_positive_int
+from moesaic.experts.ffn import ACTIVATIONS
+from moesaic.layer import MoE
+from moesaic.routing import DROP_POLICIES, ROUTERS
+
+__all__ = ["LMConfig", "MoELM", "KVCache"]
+
+
+@dataclasses.dataclass(kw_only=True)
+class LMConfig:
+    """Architecture of ``MoELM``. Every field is checked in ``__post_init__``."""
+
+    vocab_size: int = 256
+    max_seq_len: int = 256
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 1024  # hidden width of the dense FFN, and of each expert
+    activation: str = "gelu"
+    positions: str = "rope"  # "rope" | "learned"
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    num_experts: int = 0  # 0: dense model
+    moe_every: int = 2  # layer i is MoE when (i + 1) % moe_every == 0
+    top_k: int = 1
+    router: str = "switch"
+    capacity_factor: float | None = None
+    drop_policy: str = "position"
+    aux_loss_weight: float = 0.01
+    z_loss_weight: float = 0.0
+    router_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "d_ff"):
+            check_positive_int(f"model.{name}", getattr(self, name))
+        check_positive_int("model.moe_every", self.moe_every)
+        check_positive_int("model.top_k", self.top_k)
+        check_choice("model.activation", self.activation, ACTIVATIONS)
+        check_choice("model.positions", self.positions, ("rope", "learned"))
+        check_choice("model.router", self.router, ROUTERS)
+        check_choice("model.drop_policy", self.drop_policy, DROP_POLICIES)
+        if self.capacity_factor is not None:
+            check_nonnegative_float("model.capacity_factor", self.capacity_factor)
+            if self.capacity_factor <= 0:
+                raise ValueError(f"model.capacity_factor={self.capacity_factor} must be > 0")
+        for name in ("aux_loss_weight", "z_loss_weight"):
+            check_nonnegative_float(f"model.{name}", getattr(self, name))
+        check_nonnegative_float("model.dropout", self.dropout)
+        if self.dropout >= 1:
+            raise ValueError(f"model.dropout={self.dropout} must be < 1")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}"
+            )
+        if self.positions == "rope" and (self.d_model // self.n_heads) % 2:
+            raise ValueError(
+                f"model.positions='rope' needs an even head dim, got "
+                f"d_model / n_heads = {self.d_model // self.n_heads}"
+            )
+        if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, int):
+            raise TypeError(f"model.num_experts={self.num_experts!r} must be an int")
+        if self.num_experts < 0:
+            raise ValueError(f"model.num_experts={self.num_experts} must be >= 0 (0 = dense)")
+        if self.num_experts and self.top_k > self.num_experts:
+            raise ValueError(
+                f"model.top_k={self.top_k} must be <= model.num_experts={self.num_experts}"
+            )
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def moe_layer(self, index: int) -> bool:
+        return self.is_moe and (index + 1) % self.moe_every == 0
+
+    def dense_equivalent(self) -> LMConfig:
+        """The dense model with this model's activated FFN FLOPs per token (FFN k*F wide)."""
+        d_ff = self.top_k * self.d_ff if self.is_moe else self.d_ff
+        return dataclasses.replace(self, num_experts=0, d_ff=d_ff, router_options={})
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, for incremental decoding."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.k[layer] is not None:
+            k = torch.cat([self.k[layer], k], dim=2)
+            v = torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+def _rope_tables(max_len: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # RoFormer (Su et al. 2021): rotate pairs of channels by position * 10000^(-2i/d).
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = torch.outer(torch.arange(max_len).float(), inv_freq)  # (S, head_dim / 2)
+    return angles.cos(), angles.sin()
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x_BSD, rope, cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
+        """``start``: how many tokens the cache held before this forward."""
+        B, S, D = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, self.head_dim).unbind(2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, hd)
+        if rope is not None:
+            cos, sin = rope[0][start : start + S], rope[1][start : start + S]
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        # Causal over the whole context: a query at position start+i sees keys 0..start+i.
+        mask = None if start == 0 else _causal_mask(S, start + S, x_BSD.device)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+
+
+def _causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    offset = k_len - q_len
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=offset)
+
+
+class DenseFFN(nn.Module):
+    """``w2(act(w1 x))``, or ``w2(silu(w1 x) * w3 x)`` for swiglu; no biases, like the experts."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_ff, bias=False)
+        self.w2 = nn.Linear(d_ff, d_model, bias=False)
+        self.w3 = nn.Linear(d_model, d_ff, bias=False) if activation == "swiglu" else None
+        self.act = ACTIVATIONS[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.w1(x))
+        return self.w2(h * self.w3(x) if self.w3 is not None else h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LMConfig, index: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        if cfg.moe_layer(index):
+            self.ffn: nn.Module = MoE(
+                cfg.d_model,
+                cfg.d_ff,
+                cfg.num_experts,
+                router=cfg.router,
+                top_k=cfg.top_k,
+                capacity_factor=cfg.capacity_factor,
+                drop_policy=cfg.drop_policy,
+                activation=cfg.activation,
+                aux_loss_weight=cfg.aux_loss_weight,
+                z_loss_weight=cfg.z_loss_weight,
+                router_options=cfg.router_options or None,
+            )
+        else:
+            self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, cache, layer, start):
+        x = x + self.drop(self.attn(self.ln1(x), rope, cache, layer, start))
+        return x + self.drop(self.ffn(self.ln2(x)))
+
+
+class MoELM(nn.Module):
+    """The language model. ``forward(idx_BS) -> logits_BSV``; see ``loss`` for training.
+
+    Example::
+
+        >>> model = MoELM(LMConfig(num_experts=8))
+        >>> logits = model(torch.randint(0, 256, (2, 64)))
+    """
+
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos = (
+            nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
+        )
+        if cfg.positions == "rope":
+            cos, sin = _rope_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def reset_parameters(self) -> None:
+        # GPT-2: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 * layers);
+        # experts get the same law as the dense FFN so MoE and dense start alike.
+        std, resid = 0.02, 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() < 2 or "router" in name:
+                continue  # norms keep (1, 0); routers keep their paper's init
+            last = name.rsplit(".", 1)[-1]
+            is_output = name.endswith("proj.weight") or last == "w2" or name.endswith("w2.weight")
+            nn.init.normal_(p, 0.0, resid if is_output else std)
+
+    def forward(self, idx_BS: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        self._check(idx_BS, cache)
+        start = cache.length if cache is not None else 0
+        x = self.embed(idx_BS)
+        if self.pos is not None:
+            x = x + self.pos(torch.arange(start, start + idx_BS.shape[1], device=idx_BS.device))
+        x = self.drop(x)
+        rope = (self.rope_cos, self.rope_sin) if self.pos is None else None
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, cache, i, start)
+        return self.head(self.ln_f(x))
+
+    def loss(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy (the aux losses are read with ``ms.aux_loss(model)``)."""
+        logits = self(idx_BS)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets_BS.flatten())
+
+    def _check(self, idx_BS: torch.Tensor, cache: KVCache | None) -> None:
+        if not isinstance(idx_BS, torch.Tensor) or idx_BS.dtype not in (torch.int64, torch.int32):
+            raise TypeError("idx must be a LongTensor of token ids with shape (batch, seq)")
+        if idx_BS.dim() != 2:
+            raise ValueError(f"idx.shape={tuple(idx_BS.shape)} must be (batch, seq)")
+        end = idx_BS.shape[1] + (cache.length if cache is not None else 0)
+        if end > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence length {end} exceeds model.max_seq_len={self.cfg.max_seq_len}"
+            )
+        if idx_BS.numel() and (int(idx_BS.min()) < 0 or int(idx_BS.max()) >= self.cfg.vocab_size):
+            raise ValueError(f"token ids must be in [0, vocab_size={self.cfg.vocab_size})")

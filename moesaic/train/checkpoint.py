@@ -1,0 +1,149 @@
+"""Checkpoints that resume exactly and never damage the previous one.
+
+Layout of a run directory::
+
+    run/
+      config.json                 the RunConfig (a record; the run itself is Python)
+      metrics.jsonl               one JSON object per logged step and per evaluation
+      checkpoints/step-000250/    model.safetensors, state.pt, manifest.json
+      checkpoints/latest          name of the newest complete checkpoint
+
+A checkpoint is written into a temporary directory, every file fsynced, then renamed into place
+and only then named in ``latest``: a save interrupted at any point leaves the previous checkpoint
+and ``latest`` untouched. Weights are safetensors; the optimizer, scheduler, RNG and data-cursor
+state is plain tensors, numbers and strings loaded with ``torch.load(weights_only=True)``, so a
+checkpoint cannot execute code. ``manifest.json`` holds each file's SHA-256, checked on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "CheckpointError"]
+
+WEIGHTS, STATE, MANIFEST, LATEST = "model.safetensors", "state.pt", "manifest.json", "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupted; the message names the file."""
+
+
+def save_checkpoint(
+    checkpoint_dir: Path, step: int, model: nn.Module, state: dict[str, Any], keep: int = 2
+) -> Path:
+    """Write ``step-XXXXXX`` atomically, point ``latest`` at it, keep the newest ``keep``."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=checkpoint_dir))
+    try:
+        save_file(_weights(model), tmp / WEIGHTS, metadata={"step": str(step)})
+        torch.save(state, tmp / STATE)
+        manifest = {name: _sha256(tmp / name) for name in (WEIGHTS, STATE)}
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "sha256": manifest}, indent=1))
+        for name in (WEIGHTS, STATE, MANIFEST):
+            _fsync(tmp / name)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(checkpoint_dir)
+        _write_atomic(checkpoint_dir / LATEST, final.name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _prune(checkpoint_dir, keep)
+    return final
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The checkpoint named by ``latest`` (None when the run has none yet)."""
+    pointer = checkpoint_dir / LATEST
+    if not pointer.exists():
+        return None
+    path = checkpoint_dir / pointer.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{pointer} names {path.name}, which does not exist")
+    return path
+
+
+def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
+    """Verify ``path``'s files, load the weights into ``model`` and return the saved state."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        raise CheckpointError(f"{manifest_path} is missing: the checkpoint is incomplete")
+    try:
+        manifest = json.loads(manifest_path.read_text())["sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{manifest_path} is unreadable: {err}") from None
+    for name, digest in manifest.items():
+        file = path / name
+        if not file.exists() or _sha256(file) != digest:
+            raise CheckpointError(f"{file} is missing or corrupted (SHA-256 does not match)")
+    weights = load_file(path / WEIGHTS)
+    _load_weights(model, weights, path / WEIGHTS)
+    return torch.load(path / STATE, weights_only=True)
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    # state_dict keeps tied weights once per name; safetensors refuses shared storage, so clone
+    # the second name of each tie (it is re-tied on load by load_state_dict).
+    seen: set[int] = set()
+    out = {}
+    for name, t in model.state_dict().items():
+        ptr = t.untyped_storage().data_ptr()
+        out[name] = t.detach().clone().contiguous() if ptr in seen else t.detach().contiguous()
+        seen.add(ptr)
+    return out
+
+
+def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], file: Path) -> None:
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in weights]
+    problems += [f"unexpected {k}" for k in weights if k not in expected]
+    problems += [
+        f"{k}: saved {tuple(v.shape)}, model has {tuple(expected[k].shape)}"
+        for k, v in weights.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if problems:
+        raise CheckpointError(f"{file} does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(weights)
+
+
+def _prune(checkpoint_dir: Path, keep: int) -> None:
+    done = sorted(p for p in checkpoint_dir.glob("step-*") if p.is_dir())
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)

@@ -1,0 +1,55 @@
+"""From a ``DataConfig`` to what the trainer consumes: tokenizer, sampler and fixed eval batches."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from moesaic.data import (
+    BatchSampler,
+    TokenStream,
+    build_tokenizer,
+    eval_batches,
+    load_corpus,
+    split_documents,
+    tokenizer_from_json,
+)
+from moesaic.train.config import DataConfig
+
+__all__ = ["PreparedData", "prepare_data"]
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclasses.dataclass
+class PreparedData:
+    tokenizer: object
+    train: TokenStream
+    val: TokenStream
+
+    def sampler(self, cfg: DataConfig) -> BatchSampler:
+        return BatchSampler(self.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+
+    def eval_batches(self, cfg: DataConfig) -> list:
+        return eval_batches(self.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+
+
+def prepare_data(cfg: DataConfig, run_dir: Path | None = None) -> PreparedData:
+    """Load and split the corpus, build (or reload from ``run_dir``) the tokenizer, tokenize."""
+    docs = load_corpus(cfg.corpus)
+    train_docs, val_docs = split_documents(docs, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    saved = run_dir / TOKENIZER_FILE if run_dir is not None else None
+    if saved is not None and saved.exists():
+        tokenizer = tokenizer_from_json(saved.read_text())
+    else:
+        tokenizer = (
+            build_tokenizer("byte")
+            if cfg.tokenizer == "byte"
+            else build_tokenizer("bpe", (d.text for d in train_docs), cfg.bpe_vocab_size)
+        )
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            saved.write_text(tokenizer.to_json())
+    train = TokenStream.from_documents(train_docs, tokenizer)
+    val = TokenStream.from_documents(val_docs, tokenizer, domains=train.domains)
+    return PreparedData(tokenizer=tokenizer, train=train, val=val)

@@ -1,0 +1,70 @@
+"""Recipes: named Python functions returning a ``RunConfig``.
+
+``moesaic train --recipe NAME`` runs one; ``--set`` then changes single fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from moesaic.models.registry import model_config
+from moesaic.train.config import DataConfig, OptimConfig, RunConfig, TrainConfig
+
+__all__ = ["RECIPES", "recipe", "get_recipe", "DEFAULT_RECIPE", "dense_baseline"]
+
+RECIPES: dict[str, Callable[[], RunConfig]] = {}
+DEFAULT_RECIPE = "lm-moe-tiny"
+
+
+def recipe(name: str) -> Callable[[Callable[[], RunConfig]], Callable[[], RunConfig]]:
+    def wrap(fn: Callable[[], RunConfig]) -> Callable[[], RunConfig]:
+        RECIPES[name] = fn
+        return fn
+
+    return wrap
+
+
+def get_recipe(name: str) -> RunConfig:
+    if name not in RECIPES:
+        raise ValueError(f"recipe {name!r} is not one of {sorted(RECIPES)}")
+    return RECIPES[name]()
+
+
+def dense_baseline(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with its model replaced by the dense model of equal activated FLOPs per token."""
+    return dataclasses.replace(
+        cfg, recipe=f"{cfg.recipe}-dense", model=cfg.model.dense_equivalent()
+    )
+
+
+@recipe("lm-moe-tiny")
+def lm_moe_tiny() -> RunConfig:
+    """The default: a small Switch-style MoE LM on the standard library's source (2 CPUs)."""
+    return RunConfig(
+        recipe="lm-moe-tiny",
+        model=model_config("lm-moe-tiny"),
+        data=DataConfig(corpus="stdlib", seq_len=256, batch_size=16, eval_batches=16),
+        optim=OptimConfig(lr=3e-3, warmup_steps=50),
+        train=TrainConfig(steps=1200, eval_every=100, checkpoint_every=300),
+    )
+
+
+@recipe("lm-dense-tiny")
+def lm_dense_tiny() -> RunConfig:
+    """``lm-moe-tiny``'s dense baseline: same data and budget, same activated FLOPs per token."""
+    return dense_baseline(lm_moe_tiny())
+
+
+@recipe("lm-moe-test")
+def lm_moe_test() -> RunConfig:
+    """Seconds-long run for tests and smoke checks."""
+    return RunConfig(
+        recipe="lm-moe-test",
+        model=model_config("lm-moe-test"),
+        data=DataConfig(corpus="stdlib", seq_len=32, batch_size=8, eval_batches=4),
+        optim=OptimConfig(lr=3e-3, warmup_steps=5),
+        train=TrainConfig(
+            steps=30, eval_every=10, checkpoint_every=10, log_every=5, sample_tokens=16
+        ),
+    )

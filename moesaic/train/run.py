@@ -1,0 +1,40 @@
+"""Open a finished (or interrupted) run directory: its config, tokenizer and newest weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from moesaic.data import tokenizer_from_json
+from moesaic.models.lm import MoELM
+from moesaic.train.checkpoint import latest_checkpoint, load_checkpoint
+from moesaic.train.config import RunConfig, config_from_dict
+from moesaic.train.data import TOKENIZER_FILE
+
+__all__ = ["LoadedRun", "load_run"]
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    cfg: RunConfig
+    model: MoELM
+    tokenizer: object
+    step: int
+
+
+def load_run(run_dir: Path) -> LoadedRun:
+    """Rebuild the model of ``run_dir`` and load its newest checkpoint (verified)."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: {config_path} is missing")
+    cfg = config_from_dict(RunConfig, json.loads(config_path.read_text()))
+    tokenizer = tokenizer_from_json((run_dir / TOKENIZER_FILE).read_text())
+    model = MoELM(dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
+    path = latest_checkpoint(run_dir / "checkpoints")
+    if path is None:
+        raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint yet")
+    state = load_checkpoint(path, model)
+    model.eval()
+    return LoadedRun(cfg=cfg, model=model, tokenizer=tokenizer, step=int(state["step"]))

@@ -1,0 +1,292 @@
+"""The training loop: AdamW, warm-up + cosine, clipping, aux losses, evals, checkpoints, resume.
+
+``Trainer(cfg, run_dir).fit()`` trains ``cfg`` and writes everything to ``run_dir``
+(moesaic/train/checkpoint.py shows the layout). ``resume=True`` continues from the newest
+checkpoint and, on the same machine and thread count, produces bit-identical losses and weights
+to a run that was never interrupted: weights, optimizer, scheduler, RNG and the data cursor are
+all part of the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from moesaic.layer import MoE, aux_loss
+from moesaic.metrics.params import ParameterCount, count_parameters
+from moesaic.models.lm import MoELM
+from moesaic.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from moesaic.train.config import RunConfig, config_to_dict
+from moesaic.train.data import TOKENIZER_FILE, PreparedData, prepare_data
+
+__all__ = ["Trainer", "TrainResult", "build_model", "evaluate", "lr_factor"]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    val_loss: float
+    tokens_per_s: float
+    params: ParameterCount
+    wall_s: float
+    evals: list[dict[str, Any]]
+
+
+def build_model(cfg: RunConfig, vocab_size: int) -> MoELM:
+    """The run's model with the tokenizer's vocabulary size."""
+    return MoELM(dataclasses.replace(cfg.model, vocab_size=vocab_size))
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list) -> float:
+    """Mean next-token cross-entropy (nats per token) over fixed validation batches."""
+    was_training = model.training
+    model.eval()
+    total = sum(model.loss(b.x, b.y).item() for b in batches)
+    model.train(was_training)
+    return total / len(batches)
+
+
+class Trainer:
+    """Train one ``RunConfig`` into ``run_dir``.
+
+    Args:
+        cfg: the run's configuration.
+        run_dir: where config, metrics, checkpoints and the tokenizer go.
+        resume: continue from ``run_dir``'s newest checkpoint.
+        progress: show a tqdm bar (loss, tokens/s, dropped-token %).
+        data: already prepared data (``moesaic compare`` shares it between its two runs).
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: Path,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+        data: PreparedData | None = None,
+    ) -> None:
+        self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+        self.data = data or prepare_data(cfg.data, self.run_dir)
+        tokenizer_file = self.run_dir / TOKENIZER_FILE
+        if not tokenizer_file.exists():
+            tokenizer_file.write_text(self.data.tokenizer.to_json())
+        self.model = build_model(cfg, self.data.tokenizer.vocab_size)
+        self.optimizer = _adamw(self.model, cfg)
+        o, t = cfg.optim, cfg.train
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, o.warmup_steps, t.steps, o.min_lr_ratio)
+        )
+        self.sampler = self.data.sampler(cfg.data)
+        self.val_batches = self.data.eval_batches(cfg.data)
+        self.step = 0
+        self.train_s = 0.0  # cumulative seconds spent in training steps (not evals, not saves)
+        self.evals: list[dict[str, Any]] = []
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        if resume:
+            self._resume()
+        else:
+            self.metrics_path.write_text("")
+        (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+        self._tensorboard = _tensorboard_writer(self.run_dir)
+
+    def fit(self, max_steps: int | None = None) -> TrainResult:
+        """Train to ``train.steps`` (or stop, checkpointed, after ``max_steps`` more steps)."""
+        cfg, model = self.cfg, self.model
+        stop_at = (
+            cfg.train.steps if max_steps is None else min(cfg.train.steps, self.step + max_steps)
+        )
+        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        bar = tqdm(
+            total=cfg.train.steps,
+            initial=self.step,
+            disable=not self.progress,
+            unit="step",
+            dynamic_ncols=True,
+        )
+        start, session_s, trained_steps = time.perf_counter(), 0.0, 0
+        model.train()
+        try:
+            while self.step < stop_at:
+                t0 = time.perf_counter()
+                row = self._train_step()
+                elapsed = time.perf_counter() - t0
+                session_s += elapsed
+                self.train_s += elapsed
+                trained_steps += 1
+                self.step += 1
+                row["tokens_per_s"] = trained_steps * tokens_per_step / session_s
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                    self._log(row)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{row['loss']:.3f}",
+                    tok_s=f"{row['tokens_per_s']:.0f}",
+                    drop=f"{100 * row['dropped']:.1f}%",
+                )
+                if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
+                    self._eval()
+                if self.step % cfg.train.checkpoint_every == 0 or self.step in (
+                    cfg.train.steps,
+                    stop_at,
+                ):
+                    self.save()
+        except KeyboardInterrupt:
+            bar.close()
+            self.save()
+            raise
+        finally:
+            bar.close()
+            if self._tensorboard is not None:
+                self._tensorboard.close()
+        tok_s = trained_steps * tokens_per_step / session_s if session_s else 0.0
+        return TrainResult(
+            run_dir=self.run_dir,
+            steps=self.step,
+            val_loss=self.evals[-1]["val_loss"] if self.evals else float("nan"),
+            tokens_per_s=tok_s,
+            params=count_parameters(model),
+            wall_s=time.perf_counter() - start,
+            evals=self.evals,
+        )
+
+    def _train_step(self) -> dict[str, Any]:
+        batch = self.sampler.next_batch()
+        ce = self.model.loss(batch.x, batch.y)
+        aux = aux_loss(self.model)
+        loss = ce + aux
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.optim.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return {
+            "step": self.step + 1,
+            "loss": loss.item(),
+            "ce": ce.item(),
+            "aux": aux.item(),
+            "lr": self.scheduler.get_last_lr()[0],
+            "dropped": _dropped_fraction(self.model),
+        }
+
+    def _eval(self) -> None:
+        row = {
+            "step": self.step,
+            "val_loss": evaluate(self.model, self.val_batches),
+            "train_s": self.train_s,
+        }
+        self.evals.append(row)
+        self._log(row)
+
+    def _log(self, row: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tensorboard is not None:
+            for key, value in row.items():
+                if key != "step":
+                    self._tensorboard.add_scalar(key, value, row["step"])
+
+    def save(self) -> Path:
+        state = {
+            "step": self.step,
+            "train_s": self.train_s,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": _python_rng_state(),
+            "evals": [dict(e) for e in self.evals],
+        }
+        return save_checkpoint(
+            self.run_dir / "checkpoints",
+            self.step,
+            self.model,
+            state,
+            keep=self.cfg.train.keep_checkpoints,
+        )
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.run_dir / "checkpoints")
+        if path is None:
+            raise FileNotFoundError(f"--resume: {self.run_dir}/checkpoints has no checkpoint yet")
+        state = load_checkpoint(path, self.model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(_python_rng_from_state(state["python_rng"]))
+        self.step, self.evals = int(state["step"]), list(state["evals"])
+        self.train_s = float(state["train_s"])
+        _truncate_metrics(self.metrics_path, self.step)
+
+
+def _adamw(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    # Decay matrices (and stacked expert weights); never norms, biases or 1-D parameters.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    o = cfg.optim
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        foreach=True,
+    )
+
+
+def _dropped_fraction(model: nn.Module) -> float:
+    stats = [m.last_stats for m in model.modules() if isinstance(m, MoE) and m.last_stats]
+    return sum(s.dropped_fraction for s in stats) / len(stats) if stats else 0.0
+
+
+def _python_rng_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _python_rng_from_state(state: list) -> tuple:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows an interrupted run logged after its last checkpoint (they are redone)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _tensorboard_writer(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # TensorBoard is optional: metrics.jsonl always has everything
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))

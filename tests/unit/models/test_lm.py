@@ -1,0 +1,134 @@
+import dataclasses
+
+import pytest
+import torch
+
+import moesaic as ms
+from moesaic.inference.generate import generate_ids
+from moesaic.models.lm import LMConfig, MoELM
+
+
+def _tiny(**kw) -> MoELM:
+    return ms.models.create("lm-moe-test", **kw)
+
+
+def test_moe_layers_sit_every_moe_every_layers():
+    model = _tiny(n_layers=6, moe_every=2)
+    kinds = [type(b.ffn).__name__ for b in model.blocks]
+    assert kinds == ["DenseFFN", "MoE"] * 3
+    assert all(type(b.ffn).__name__ == "MoE" for b in _tiny(n_layers=3, moe_every=1).blocks)
+    assert all(type(b.ffn).__name__ == "DenseFFN" for b in _tiny(num_experts=0).blocks)
+
+
+def test_dense_equivalent_matches_activated_ffn_width():
+    cfg = LMConfig(num_experts=8, top_k=2, d_ff=256)
+    dense = cfg.dense_equivalent()
+    assert dense.num_experts == 0 and dense.d_ff == 512
+    assert LMConfig(num_experts=0, d_ff=256).dense_equivalent().d_ff == 256
+
+
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_forward_shapes_and_causality(positions):
+    model = _tiny(positions=positions).eval()
+    idx = torch.randint(0, 256, (2, 16))
+    logits = model(idx)
+    assert logits.shape == (2, 16, 256)
+    changed = idx.clone()
+    changed[:, 10] = (changed[:, 10] + 1) % 256
+    # positions before 10 must not see the change
+    torch.testing.assert_close(model(changed)[:, :10], logits[:, :10])
+    assert not torch.allclose(model(changed)[:, 10:], logits[:, 10:])
+
+
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_cached_decoding_equals_full_recompute(positions):
+    torch.manual_seed(0)
+    model = _tiny(positions=positions, router="topk", top_k=2).eval()
+    prompt = [5, 17, 99, 3]
+    cached = generate_ids(model, prompt, 12, temperature=0.0)
+    full = generate_ids(model, prompt, 12, temperature=0.0, use_cache=False)
+    assert cached == full
+    # and the logits agree position by position
+    ids = torch.tensor([prompt + cached])
+    cache = ms.models.KVCache(model.cfg.n_layers)
+    step_logits = [model(ids[:, :4], cache)[:, -1]]
+    for t in range(4, ids.shape[1] - 1):
+        step_logits.append(model(ids[:, t : t + 1], cache)[:, -1])
+    full_logits = model(ids[:, :-1])[:, 3:]
+    torch.testing.assert_close(torch.stack(step_logits, 1), full_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_is_deterministic_under_a_seed_and_varies_across_seeds():
+    model = _tiny().eval()
+    a = generate_ids(model, [1, 2, 3], 20, temperature=1.0, seed=7)
+    b = generate_ids(model, [1, 2, 3], 20, temperature=1.0, seed=7)
+    c = generate_ids(model, [1, 2, 3], 20, temperature=1.0, seed=8)
+    assert a == b and a != c
+
+
+def test_tied_embeddings_share_one_tensor():
+    model = _tiny()
+    assert model.head.weight is model.embed.weight
+    assert _tiny(tie_embeddings=False).head.weight is not _tiny().embed.weight
+
+
+def test_a_few_steps_reduce_the_loss_and_the_aux_loss_reaches_the_router():
+    torch.manual_seed(0)
+    model = _tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    idx = torch.randint(0, 256, (4, 17))
+    first = None
+    for _ in range(30):
+        loss = model.loss(idx[:, :-1], idx[:, 1:]) + ms.aux_loss(model)
+        opt.zero_grad()
+        loss.backward()
+        first = first if first is not None else loss.item()
+        opt.step()
+    assert loss.item() < first - 1.0
+    assert model.blocks[1].ffn.router.gate.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("d_model", 33, "divisible by model.n_heads"),
+        ("top_k", 9, "model.top_k=9 must be <= model.num_experts=4"),
+        ("router", "nope", "model.router='nope' is not one of"),
+        ("positions", "alibi", "model.positions='alibi'"),
+        ("num_experts", -1, "model.num_experts=-1 must be >= 0"),
+        ("dropout", 1.0, "model.dropout=1.0 must be < 1"),
+        ("capacity_factor", 0.0, "model.capacity_factor=0.0 must be > 0"),
+    ],
+)
+def test_bad_configs_name_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(ms.models.model_config("lm-moe-test"), **{field: value})
+
+
+def test_bad_inputs_are_rejected():
+    model = _tiny()
+    with pytest.raises(TypeError, match="LongTensor"):
+        model(torch.randn(2, 4))
+    with pytest.raises(ValueError, match=r"must be \(batch, seq\)"):
+        model(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="exceeds model.max_seq_len=32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, vocab_size=256\)"):
+        model(torch.full((1, 4), 300))
+
+
+def test_registry_lists_models_and_rejects_unknown_names():
+    assert {"lm-moe-tiny", "lm-dense-tiny", "lm-moe-test"} <= set(ms.models.MODELS)
+    with pytest.raises(ValueError, match="is not one of"):
+        ms.models.create("nope")
+    with pytest.raises(ValueError, match="unknown field"):
+        ms.models.create("lm-moe-test", widht=3)
+
+
+@pytest.mark.parametrize(
+    "bad", [{"prompt": []}, {"temperature": -1.0}, {"top_k": 0}, {"max_new_tokens": 40}]
+)
+def test_generation_rejects_bad_requests(bad):
+    args = {"prompt": [1, 2], "max_new_tokens": 4, "temperature": 1.0, "top_k": None, **bad}
+    with pytest.raises(ValueError):
+        generate_ids(_tiny(), args.pop("prompt"), args.pop("max_new_tokens"), **args)
