@@ -21,18 +21,17 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    listing = "\n".join(f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items())
     parser = argparse.ArgumentParser(
         prog="moesaic",
         description="Sparse Mixture-of-Experts for PyTorch.",
-        epilog="Run 'moesaic COMMAND --help' for a command's options.",
+        epilog=f"commands:\n{listing}\n\nRun 'moesaic COMMAND --help' for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument(
-        "command",
-        nargs="?",
-        choices=sorted(COMMANDS),
-        metavar="COMMAND",
-        help="one of: " + ", ".join(f"{k} ({v[1]})" for k, v in COMMANDS.items()),
+        "command", nargs="?", choices=list(COMMANDS), metavar="COMMAND",
+        help="the job to run (listed below)",
     )
     parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     ns = parser.parse_args(argv[:1])

@@ -74,9 +74,6 @@ class Experts(nn.Module):
         )
         self.reset_parameters()
         self.grad_pool = GradPool()
-        for w in (self.w1, self.w2, self.w3):
-            if w is not None:
-                self.grad_pool.watch(w)
 
     @property
     def gated(self) -> bool:
@@ -115,6 +112,10 @@ class Experts(nn.Module):
 
     def _loop(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         w1, w2, w3 = self.w1, self.w2, self.w3
+        if self.grad_pool is not None and torch.is_grad_enabled():
+            for w in (w1, w2, w3):
+                if w is not None:
+                    self.grad_pool.watch(w)
         if torch.is_autocast_enabled(x_AD.device.type):
             # the Function's matmuls would each be autocast; cast once here instead
             dtype = torch.get_autocast_dtype(x_AD.device.type)

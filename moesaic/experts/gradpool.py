@@ -15,6 +15,7 @@ CUDA caching allocator would keep it; ``clear()`` drops it.
 from __future__ import annotations
 
 import sys
+import weakref
 
 import torch
 
@@ -24,11 +25,16 @@ __all__ = ["GradPool"]
 class GradPool:
     def __init__(self) -> None:
         self._held: dict[int, torch.Tensor] = {}
+        self._watched: weakref.WeakValueDictionary[int, torch.Tensor] = (
+            weakref.WeakValueDictionary()
+        )
 
     def watch(self, param: torch.Tensor) -> None:
-        """Remember ``param.grad`` after every accumulation into it."""
-        if param.device.type == "cpu" and param.requires_grad:
+        """Remember ``param.grad`` after every accumulation into it (idempotent: call it every
+        forward, so parameters that were copied or replaced get watched too)."""
+        if param.requires_grad and self._watched.get(id(param)) is not param:
             param.register_post_accumulate_grad_hook(self._keep)
+            self._watched[id(param)] = param
 
     def _keep(self, param: torch.Tensor) -> None:
         if param.grad is not None and param.grad.layout == torch.strided:
@@ -49,7 +55,10 @@ class GradPool:
         return GradPool()  # a copy's parameters are new tensors: nothing to recycle yet
 
     def __getstate__(self) -> dict:
-        return {"_held": {}}
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
 
 
 def _python_refs(t: torch.Tensor) -> int:

@@ -23,11 +23,12 @@ class FlopsPerToken:
 
 
 def lm_flops_per_token(cfg: LMConfig, seq_len: int) -> FlopsPerToken:
-    D, F, S = cfg.d_model, cfg.d_ff, seq_len
+    D, S = cfg.d_model, seq_len
     mats = 3 if cfg.activation == "swiglu" else 2
     forward = 2.0 * D * cfg.vocab_size
     for i in range(cfg.n_layers):
         forward += 2 * 4 * D * D + 2 * 2 * S * D
+        F = cfg.ffn_width(i)
         if cfg.moe_layer(i):
             forward += cfg.top_k * 2 * mats * D * F + 2 * D * cfg.num_experts
         else:

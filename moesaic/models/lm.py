@@ -50,6 +50,9 @@ class LMConfig:
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 0.0
     router_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Dense models only: FFN width at the layers where the MoE model has its experts
+    # (dense_equivalent() sets it to top_k * d_ff); None means d_ff.
+    matched_d_ff: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "d_ff"):
@@ -82,6 +85,10 @@ class LMConfig:
             raise TypeError(f"model.num_experts={self.num_experts!r} must be an int")
         if self.num_experts < 0:
             raise ValueError(f"model.num_experts={self.num_experts} must be >= 0 (0 = dense)")
+        if self.matched_d_ff is not None:
+            check_positive_int("model.matched_d_ff", self.matched_d_ff)
+            if self.is_moe:
+                raise ValueError("model.matched_d_ff is for dense models (num_experts=0)")
         if self.num_experts and self.top_k > self.num_experts:
             raise ValueError(
                 f"model.top_k={self.top_k} must be <= model.num_experts={self.num_experts}"
@@ -94,10 +101,19 @@ class LMConfig:
     def moe_layer(self, index: int) -> bool:
         return self.is_moe and (index + 1) % self.moe_every == 0
 
+    def ffn_width(self, index: int) -> int:
+        """Hidden width of layer ``index``'s dense FFN (of each expert, for an MoE layer)."""
+        matched = (index + 1) % self.moe_every == 0 and self.matched_d_ff is not None
+        return self.matched_d_ff if matched else self.d_ff
+
     def dense_equivalent(self) -> LMConfig:
-        """The dense model with this model's activated FFN FLOPs per token (FFN k*F wide)."""
-        d_ff = self.top_k * self.d_ff if self.is_moe else self.d_ff
-        return dataclasses.replace(self, num_experts=0, d_ff=d_ff, router_options={})
+        """The dense model with this model's activated FFN FLOPs per token: where this model has
+        an MoE layer of k experts of width F, the dense model has one FFN of width k*F."""
+        if not self.is_moe:
+            return self
+        return dataclasses.replace(
+            self, num_experts=0, router_options={}, matched_d_ff=self.top_k * self.d_ff
+        )
 
 
 class KVCache:
@@ -203,7 +219,7 @@ class Block(nn.Module):
                 router_options=cfg.router_options or None,
             )
         else:
-            self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation)
+            self.ffn = DenseFFN(cfg.d_model, cfg.ffn_width(index), cfg.activation)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, cache, layer, start):

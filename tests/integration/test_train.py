@@ -124,3 +124,16 @@ def test_cli_train_eval_generate_round_trip(tmp_path):
     assert gen[0] == gen[1] and gen[0].startswith("def f(")
     bad = _cli("generate", "--run", str(run), "--prompt", "")
     assert bad.returncode == 2 and "--prompt must not be empty" in bad.stderr
+
+
+def test_compare_writes_plot_json_and_ratios(tmp_path):
+    from moesaic.train.compare import run_compare
+
+    result = run_compare(_cfg("train.steps=20"), tmp_path / "cmp", progress=False)
+    s = result.summary
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["runs"]["dense"]
+    assert s["runs"]["moe"]["params_total"] > s["runs"]["dense"]["params_total"]
+    assert s["step_cost_ratio"] > 0 and s["flops_per_token_ratio"] >= 1.0
+    dense_evals = s["runs"]["dense"]["evals"]
+    assert dense_evals[-1]["val_loss"] == s["dense_final_val_loss"]

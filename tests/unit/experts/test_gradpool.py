@@ -75,3 +75,14 @@ def test_copies_and_saved_modules_start_with_an_empty_pool():
     loaded.zero_grad(set_to_none=True)
     _backward(loaded, x)
     assert loaded.experts.w1.grad is not None
+
+
+def test_a_deep_copy_recycles_its_own_gradients():
+    layer, x = _layer(), torch.randn(20, 8)
+    twin = copy.deepcopy(layer)
+    ptrs = []
+    for _ in range(3):
+        twin.zero_grad(set_to_none=True)
+        _backward(twin, x)
+        ptrs.append(twin.experts.w2.grad.data_ptr())
+    assert len(set(ptrs)) == 1

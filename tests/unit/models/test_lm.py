@@ -20,11 +20,12 @@ def test_moe_layers_sit_every_moe_every_layers():
     assert all(type(b.ffn).__name__ == "DenseFFN" for b in _tiny(num_experts=0).blocks)
 
 
-def test_dense_equivalent_matches_activated_ffn_width():
-    cfg = LMConfig(num_experts=8, top_k=2, d_ff=256)
-    dense = cfg.dense_equivalent()
-    assert dense.num_experts == 0 and dense.d_ff == 512
-    assert LMConfig(num_experts=0, d_ff=256).dense_equivalent().d_ff == 256
+def test_dense_equivalent_matches_activated_ffn_width_at_the_moe_layers_only():
+    cfg = LMConfig(num_experts=8, top_k=2, d_ff=256, n_layers=4, moe_every=2)
+    dense = MoELM(cfg.dense_equivalent())
+    assert [b.ffn.w1.out_features for b in dense.blocks] == [256, 512, 256, 512]
+    plain = LMConfig(num_experts=0, d_ff=256)
+    assert plain.dense_equivalent() == plain
 
 
 @pytest.mark.parametrize("positions", ["rope", "learned"])
