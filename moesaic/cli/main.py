@@ -30,7 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument(
-        "command", nargs="?", choices=list(COMMANDS), metavar="COMMAND",
+        "command",
+        nargs="?",
+        choices=list(COMMANDS),
+        metavar="COMMAND",
         help="the job to run (listed below)",
     )
     parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)

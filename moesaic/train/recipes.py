@@ -44,9 +44,9 @@ def lm_moe_tiny() -> RunConfig:
     return RunConfig(
         recipe="lm-moe-tiny",
         model=model_config("lm-moe-tiny"),
-        data=DataConfig(corpus="stdlib", seq_len=256, batch_size=16, eval_batches=16),
+        data=DataConfig(corpus="stdlib", seq_len=256, batch_size=32, eval_batches=16),
         optim=OptimConfig(lr=3e-3, warmup_steps=50),
-        train=TrainConfig(steps=1200, eval_every=100, checkpoint_every=300),
+        train=TrainConfig(steps=3000, eval_every=250, checkpoint_every=500),
     )
 
 
