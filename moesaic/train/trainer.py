@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -123,12 +124,14 @@ class Trainer:
             cfg.train.steps if max_steps is None else min(cfg.train.steps, self.step + max_steps)
         )
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        # In a log file (no terminal) a bar line every 30 s instead of one per step.
         bar = tqdm(
             total=cfg.train.steps,
             initial=self.step,
             disable=not self.progress,
             unit="step",
             dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 30,
         )
         start, session_s, trained_steps = time.perf_counter(), 0.0, 0
         model.train()
