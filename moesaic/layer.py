@@ -145,7 +145,7 @@ class MoE(nn.Module):
             self.aux_loss_weight * routing.aux_loss + self.z_loss_weight * routing.z_loss
         )
         self._last.stats = RoutingStats(
-            plan.tokens_per_expert, plan.requested_per_expert, routing.probs_TE
+            plan.tokens_per_expert, plan.requested_per_expert, routing.probs_TE, plan.token
         )
         return y_TD.reshape(x.shape)
 

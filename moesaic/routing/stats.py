@@ -30,9 +30,12 @@ class RoutingStats:
         tokens_per_expert: torch.Tensor,
         requested_per_expert: torch.Tensor,
         probs_TE: torch.Tensor,
+        kept_token_A: torch.Tensor | None = None,
     ) -> None:
         self.tokens_per_expert = tokens_per_expert.detach()
         self.requested_per_expert = requested_per_expert.detach()
+        # source token of every kept assignment, grouped by expert (the dispatch order)
+        self.kept_token_A = None if kept_token_A is None else kept_token_A.detach()
         with torch.no_grad():
             p = probs_TE.detach().float()
             entropy_T = -(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1)
@@ -53,12 +56,31 @@ class RoutingStats:
         mean = load.mean()
         return 0.0 if float(mean) == 0 else float(load.std(correction=0) / mean)
 
+    @property
+    def dead_experts(self) -> int:
+        """Experts that processed no assignment in this forward."""
+        return int((self.tokens_per_expert == 0).sum())
+
+    def affinity(self, labels_T: torch.Tensor, num_labels: int) -> torch.Tensor:
+        """(num_labels, E) counts: how many kept assignments of tokens with each label each
+        expert processed. ``labels_T`` gives one label per token of the forward."""
+        if self.kept_token_A is None:
+            raise ValueError("this RoutingStats has no per-assignment record (kept_token_A)")
+        E = self.tokens_per_expert.numel()
+        expert_A = torch.repeat_interleave(
+            torch.arange(E, device=self.tokens_per_expert.device), self.tokens_per_expert
+        )
+        label_A = labels_T.to(self.kept_token_A.device)[self.kept_token_A]
+        flat = label_A * E + expert_A
+        return torch.bincount(flat, minlength=num_labels * E).view(num_labels, E)
+
     def as_dict(self) -> dict[str, object]:
         return {
             "tokens_per_expert": self.tokens_per_expert.tolist(),
             "dropped_fraction": self.dropped_fraction,
             "entropy": self.entropy,
             "load_cv": self.load_cv,
+            "dead_experts": self.dead_experts,
         }
 
     def __repr__(self) -> str:

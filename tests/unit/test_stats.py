@@ -28,3 +28,14 @@ def test_entropy_of_uniform_routing_is_log_E():
         layer.router.gate.weight.zero_()
     layer(torch.randn(10, 4))
     assert layer.last_stats.entropy == pytest.approx(math.log(8), rel=1e-5)
+
+
+def test_label_by_expert_affinity_and_dead_experts():
+    # one-hot inputs force experts: tokens 0-2 -> e0, token 3 -> e1; labels [0, 1, 1, 1]
+    layer = ms.MoE(4, 8, 4, router="switch", jitter=0.0)
+    with torch.no_grad():
+        layer.router.gate.weight.copy_(torch.eye(4) * 100)
+    layer(torch.eye(4)[[0, 0, 0, 1]])
+    aff = layer.last_stats.affinity(torch.tensor([0, 1, 1, 1]), num_labels=2)
+    assert aff.tolist() == [[1, 0, 0, 0], [2, 1, 0, 0]]
+    assert layer.last_stats.dead_experts == 2
