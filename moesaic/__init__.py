@@ -4,7 +4,7 @@ import moesaic as ms
 layer = ms.MoE(d_model=512, d_ff=2048, num_experts=8, router="switch")
 """
 
-from moesaic import models
+from moesaic import metrics, models, parallel
 from moesaic.context import RoutingContext, current_context, routing_context
 from moesaic.experts import Experts
 from moesaic.layer import MoE, aux_loss
@@ -38,5 +38,7 @@ __all__ = [
     "expert_capacity",
     "register_router",
     "routing_context",
+    "metrics",
     "models",
+    "parallel",
 ]

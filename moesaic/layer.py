@@ -8,12 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from moesaic._validate import check_choice, check_nonnegative_float, check_positive_int
 from moesaic.context import current_context
 from moesaic.experts.dispatch import combine, make_plan, permute
 from moesaic.experts.ffn import Experts
+from moesaic.parallel.expert_parallel import run_experts_parallel
 from moesaic.routing.base import Router
 from moesaic.routing.capacity import DROP_POLICIES, expert_capacity
 from moesaic.routing.registry import build_router
@@ -47,6 +49,10 @@ class MoE(nn.Module):
         router_options: extra keyword arguments of the router class (e.g. ``num_tasks`` for
             "task", ``task_skills`` for "skill", ``normalize`` for "topk").
         expert_impl: "auto" | "loop" | "grouped", see ``Experts``.
+        expert_group: a ``torch.distributed`` process group for expert parallelism: each of its
+            W ranks keeps E / W experts (``experts.w1`` is then (E / W, D, F)) and tokens travel
+            to them by all-to-all. Routing and capacity stay per rank over its local tokens.
+            ``ms.parallel.init(expert=W).expert_group`` builds it from torchrun's environment.
         device, dtype: for the parameters.
 
     Shape:
@@ -80,6 +86,7 @@ class MoE(nn.Module):
         router_dtype: torch.dtype = torch.float32,
         router_options: dict[str, Any] | None = None,
         expert_impl: str = "auto",
+        expert_group: object | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -111,8 +118,39 @@ class MoE(nn.Module):
         self.top_k = self.router.top_k
         kw = {"impl": expert_impl, "device": device, "dtype": dtype}
         self.experts = Experts(num_experts, d_model, d_ff, activation, **kw)
+        self.expert_group = None
+        self._mark_experts()
+        if expert_group is not None:
+            self.shard_experts(expert_group)
         self.shared = Experts(1, d_model, shared_d_ff, activation, **kw) if shared_d_ff else None
         self._last = _LastForward()
+
+    def shard_experts(self, group) -> None:
+        """Keep only this rank's E / W consecutive experts of the W-rank ``group`` and dispatch
+        to the others by all-to-all from now on. Rank r keeps experts r*E/W .. (r+1)*E/W - 1 of
+        the current weights, so sharding a model after initialising it whole gives every rank
+        exactly the experts a single-process model built from the same seed has."""
+        if self.expert_group is not None:
+            raise ValueError("the experts of this layer are already sharded")
+        world, index = dist.get_world_size(group), dist.get_rank(group)
+        if self.num_experts % world:
+            raise ValueError(
+                f"num_experts={self.num_experts} must be divisible by the expert-parallel group "
+                f"size {world}"
+            )
+        local = self.num_experts // world
+        for name in ("w1", "w2", "w3"):
+            w = getattr(self.experts, name)
+            if w is not None:
+                shard = w.detach()[index * local : (index + 1) * local].clone()
+                setattr(self.experts, name, nn.Parameter(shard, requires_grad=w.requires_grad))
+        self.experts.num_experts = local
+        self.expert_group = group
+        self._mark_experts()
+
+    def _mark_experts(self) -> None:
+        for p in self.experts.parameters():
+            p.moesaic_expert = True  # gradients average over expert replicas only (ms.parallel)
 
     @property
     def aux_loss(self) -> torch.Tensor:
@@ -137,7 +175,7 @@ class MoE(nn.Module):
         T = x_TD.shape[0]
         routing = self.router(x_TD, current_context())
         plan = make_plan(routing, self.num_experts, T, self.capacity(T), self.drop_policy)
-        y_AD = self.experts(permute(x_TD, plan), plan.counts)
+        y_AD = self._run_experts(permute(x_TD, plan), plan.counts)
         y_TD = combine(y_AD, plan)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD, [T])
@@ -148,6 +186,11 @@ class MoE(nn.Module):
             plan.tokens_per_expert, plan.requested_per_expert, routing.probs_TE, plan.token
         )
         return y_TD.reshape(x.shape)
+
+    def _run_experts(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        if self.expert_group is None:
+            return self.experts(x_AD, counts)
+        return run_experts_parallel(self.experts, self.expert_group, x_AD, counts)
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         """x flattened to (T, D), after checking what a user can get wrong."""

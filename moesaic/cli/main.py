@@ -16,6 +16,7 @@ COMMANDS = {
     "generate": ("moesaic.cli.generate", "sample text from a trained run"),
     "eval": ("moesaic.cli.eval", "validation loss of a trained run"),
     "bench": ("moesaic.bench.layer", "time the MoE layer against a naive loop and a dense FFN"),
+    "report": ("moesaic.cli.report", "parameters, FLOPs, energy, routing and plots of a run"),
 }
 
 

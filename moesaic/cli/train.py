@@ -8,6 +8,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch.distributed as dist
+
 from moesaic.cli.common import (
     add_config_arguments,
     config_from_args,
@@ -15,6 +17,7 @@ from moesaic.cli.common import (
     saved_config,
 )
 from moesaic.inference.generate import generate_ids
+from moesaic.parallel import init as init_parallel
 from moesaic.train.config import ConfigError
 from moesaic.train.trainer import Trainer, TrainResult
 
@@ -45,12 +48,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.resume and args.run_dir is None:
         raise ConfigError("--resume needs --run-dir DIR (the run to continue)")
     cfg = saved_config(args.run_dir, args.overrides) if args.resume else config_from_args(args)
-    run_dir = args.run_dir or Path("runs") / f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"run directory: {run_dir}")
-    trainer = Trainer(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+    groups = init_parallel(expert=cfg.parallel.expert)  # torchrun's environment, if any
+    run_dir = _shared_run_dir(
+        args.run_dir or Path("runs") / f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}", groups
+    )
+    if groups.is_main:
+        print(
+            f"run directory: {run_dir}"
+            + (
+                f" ({groups.world_size} processes, expert-parallel size {groups.expert_size})"
+                if groups.distributed
+                else ""
+            )
+        )
+    trainer = Trainer(
+        cfg, run_dir, resume=args.resume, progress=not args.no_progress, groups=groups
+    )
     result = trainer.fit()
-    print(summary(result, trainer))
+    text = summary(result, trainer)  # every rank: sampling runs collective forwards
+    if groups.is_main:
+        print(text)
     return 0
+
+
+def _shared_run_dir(run_dir: Path, groups) -> Path:
+    """Rank 0's choice of run directory (timestamps could differ between processes)."""
+    if not groups.distributed:
+        return run_dir
+    box = [str(run_dir)]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
 
 
 def summary(result: TrainResult, trainer: Trainer) -> str:

@@ -30,8 +30,11 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     inactive = 0.0
     for m in model.modules():
         if isinstance(m, MoE):
-            expert_params = sum(p.numel() for p in m.experts.parameters())
-            inactive += expert_params * (1 - m.top_k / m.num_experts)
+            local = sum(p.numel() for p in m.experts.parameters())
+            # under expert parallelism this process holds E_local of the E experts
+            shards = m.num_experts / m.experts.num_experts
+            total += round(local * (shards - 1))
+            inactive += local * shards * (1 - m.top_k / m.num_experts)
     return ParameterCount(total=total, activated=total - inactive)
 
 

@@ -230,13 +230,16 @@ class Block(nn.Module):
 class MoELM(nn.Module):
     """The language model. ``forward(idx_BS) -> logits_BSV``; see ``loss`` for training.
 
+    ``expert_group`` (a torch.distributed process group) shards every MoE layer's experts over
+    its ranks (``ms.MoE(expert_group=...)``); every forward is then collective.
+
     Example::
 
         >>> model = MoELM(LMConfig(num_experts=8))
         >>> logits = model(torch.randint(0, 256, (2, 64)))
     """
 
-    def __init__(self, cfg: LMConfig) -> None:
+    def __init__(self, cfg: LMConfig, expert_group: object | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -254,6 +257,10 @@ class MoELM(nn.Module):
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
+        if expert_group is not None:  # initialise whole, then shard: ranks match one process
+            for block in self.blocks:
+                if isinstance(block.ffn, MoE):
+                    block.ffn.shard_experts(expert_group)
 
     def reset_parameters(self) -> None:
         # GPT-2: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 * layers);

@@ -29,7 +29,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "CheckpointError"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint",
+    "check_fits",
+    "latest_checkpoint",
+    "CheckpointError",
+]
 
 WEIGHTS, STATE, MANIFEST, LATEST = "model.safetensors", "state.pt", "manifest.json", "latest"
 
@@ -39,14 +46,22 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(
-    checkpoint_dir: Path, step: int, model: nn.Module, state: dict[str, Any], keep: int = 2
+    checkpoint_dir: Path,
+    step: int,
+    weights: nn.Module | dict[str, torch.Tensor],
+    state: dict[str, Any],
+    keep: int = 2,
 ) -> Path:
-    """Write ``step-XXXXXX`` atomically, point ``latest`` at it, keep the newest ``keep``."""
+    """Write ``step-XXXXXX`` atomically, point ``latest`` at it, keep the newest ``keep``.
+
+    ``weights`` is a model or a state dict (e.g. ``ms.parallel.full_state_dict``'s)."""
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=checkpoint_dir))
     try:
-        save_file(_weights(model), tmp / WEIGHTS, metadata={"step": str(step)})
+        if isinstance(weights, nn.Module):
+            weights = weights.state_dict()
+        save_file(_untie(weights), tmp / WEIGHTS, metadata={"step": str(step)})
         torch.save(state, tmp / STATE)
         manifest = {name: _sha256(tmp / name) for name in (WEIGHTS, STATE)}
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "sha256": manifest}, indent=1))
@@ -75,8 +90,8 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
-    """Verify ``path``'s files, load the weights into ``model`` and return the saved state."""
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Verify every file of ``path`` against its manifest; return (weights, state)."""
     manifest_path = path / MANIFEST
     if not manifest_path.exists():
         raise CheckpointError(f"{manifest_path} is missing: the checkpoint is incomplete")
@@ -88,25 +103,33 @@ def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
         file = path / name
         if not file.exists() or _sha256(file) != digest:
             raise CheckpointError(f"{file} is missing or corrupted (SHA-256 does not match)")
-    weights = load_file(path / WEIGHTS)
-    _load_weights(model, weights, path / WEIGHTS)
-    return torch.load(path / STATE, weights_only=True)
+    return load_file(path / WEIGHTS), torch.load(path / STATE, weights_only=True)
 
 
-def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
+    """Verify ``path``'s files, load the weights into ``model`` and return the saved state."""
+    weights, state = read_checkpoint(path)
+    check_fits(model.state_dict(), weights, path / WEIGHTS)
+    model.load_state_dict(weights)
+    return state
+
+
+def _untie(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # state_dict keeps tied weights once per name; safetensors refuses shared storage, so clone
-    # the second name of each tie (it is re-tied on load by load_state_dict).
+    # the second name of each tie (load_state_dict re-ties them).
     seen: set[int] = set()
     out = {}
-    for name, t in model.state_dict().items():
+    for name, t in weights.items():
         ptr = t.untyped_storage().data_ptr()
         out[name] = t.detach().clone().contiguous() if ptr in seen else t.detach().contiguous()
         seen.add(ptr)
     return out
 
 
-def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], file: Path) -> None:
-    expected = model.state_dict()
+def check_fits(
+    expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], file: Path
+) -> None:
+    """Raise one CheckpointError listing every missing, unexpected or mis-shaped tensor."""
     problems = [f"missing {k}" for k in expected if k not in weights]
     problems += [f"unexpected {k}" for k in weights if k not in expected]
     problems += [
@@ -116,7 +139,6 @@ def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], file: Path
     ]
     if problems:
         raise CheckpointError(f"{file} does not fit the model: " + "; ".join(problems))
-    model.load_state_dict(weights)
 
 
 def _prune(checkpoint_dir: Path, keep: int) -> None:

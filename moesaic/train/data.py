@@ -27,11 +27,40 @@ class PreparedData:
     train: TokenStream
     val: TokenStream
 
-    def sampler(self, cfg: DataConfig) -> BatchSampler:
-        return BatchSampler(self.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+    def sampler(self, cfg: DataConfig, rank: int = 0, world_size: int = 1):
+        """Batches of ``cfg.batch_size`` sequences; with several data-parallel ranks each gets
+        its own rows of that global batch (so W ranks see exactly one process's batches)."""
+        sampler = BatchSampler(self.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+        return sampler if world_size == 1 else RankSlice(sampler, rank, world_size)
 
     def eval_batches(self, cfg: DataConfig) -> list:
         return eval_batches(self.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+
+
+class RankSlice:
+    """Rows ``rank * B/W .. (rank+1) * B/W`` of every global batch of ``sampler``."""
+
+    def __init__(self, sampler: BatchSampler, rank: int, world_size: int) -> None:
+        if sampler.batch_size % world_size:
+            raise ValueError(
+                f"data.batch_size={sampler.batch_size} must be divisible by the number of "
+                f"processes {world_size} (it is the global batch)"
+            )
+        self.sampler, self.rank, self.world_size = sampler, rank, world_size
+
+    def next_batch(self):
+        batch = self.sampler.next_batch()
+        per_rank = batch.x.shape[0] // self.world_size
+        rows = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        return dataclasses.replace(
+            batch, x=batch.x[rows], y=batch.y[rows], domain=batch.domain[rows]
+        )
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
 
 
 def prepare_data(cfg: DataConfig, run_dir: Path | None = None) -> PreparedData:

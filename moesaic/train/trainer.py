@@ -20,13 +20,25 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
 from moesaic.layer import MoE, aux_loss
 from moesaic.metrics.params import ParameterCount, count_parameters
+from moesaic.metrics.routing_log import RoutingLog
 from moesaic.models.lm import MoELM
-from moesaic.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from moesaic.parallel import (
+    ParallelGroups,
+    clip_grad_norm,
+    full_optimizer_state,
+    full_state_dict,
+    load_sharded,
+    shard_optimizer_state,
+    single_process,
+    sync_gradients,
+)
+from moesaic.train.checkpoint import check_fits, latest_checkpoint, read_checkpoint, save_checkpoint
 from moesaic.train.config import RunConfig, config_to_dict
 from moesaic.train.data import TOKENIZER_FILE, PreparedData, prepare_data
 
@@ -44,9 +56,10 @@ class TrainResult:
     evals: list[dict[str, Any]]
 
 
-def build_model(cfg: RunConfig, vocab_size: int) -> MoELM:
-    """The run's model with the tokenizer's vocabulary size."""
-    return MoELM(dataclasses.replace(cfg.model, vocab_size=vocab_size))
+def build_model(cfg: RunConfig, vocab_size: int, expert_group: object | None = None) -> MoELM:
+    """The run's model with the tokenizer's vocabulary size (experts sharded over
+    ``expert_group`` when given)."""
+    return MoELM(dataclasses.replace(cfg.model, vocab_size=vocab_size), expert_group)
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -76,6 +89,9 @@ class Trainer:
         resume: continue from ``run_dir``'s newest checkpoint.
         progress: show a tqdm bar (loss, tokens/s, dropped-token %).
         data: already prepared data (``moesaic compare`` shares it between its two runs).
+        groups: ``ms.parallel.init(...)``'s groups when launched by torchrun: experts are
+            sharded over the expert group, each rank trains on its rows of the global batch,
+            gradients are averaged, and only rank 0 writes files.
     """
 
     def __init__(
@@ -86,8 +102,16 @@ class Trainer:
         resume: bool = False,
         progress: bool = True,
         data: PreparedData | None = None,
+        groups: ParallelGroups | None = None,
     ) -> None:
-        self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        self.groups = groups = groups or single_process()
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.progress = progress and groups.is_main
+        if groups.expert_size != cfg.parallel.expert:
+            raise ValueError(
+                f"parallel.expert={cfg.parallel.expert} but the process groups were built with "
+                f"expert size {groups.expert_size}"
+            )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -96,15 +120,15 @@ class Trainer:
         np.random.seed(cfg.train.seed)
         self.data = data or prepare_data(cfg.data, self.run_dir)
         tokenizer_file = self.run_dir / TOKENIZER_FILE
-        if not tokenizer_file.exists():
+        if groups.is_main and not tokenizer_file.exists():
             tokenizer_file.write_text(self.data.tokenizer.to_json())
-        self.model = build_model(cfg, self.data.tokenizer.vocab_size)
+        self.model = build_model(cfg, self.data.tokenizer.vocab_size, groups.expert_group)
         self.optimizer = _adamw(self.model, cfg)
         o, t = cfg.optim, cfg.train
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, o.warmup_steps, t.steps, o.min_lr_ratio)
         )
-        self.sampler = self.data.sampler(cfg.data)
+        self.sampler = self.data.sampler(cfg.data, groups.rank, groups.world_size)
         self.val_batches = self.data.eval_batches(cfg.data)
         self.step = 0
         self.train_s = 0.0  # cumulative seconds spent in training steps (not evals, not saves)
@@ -112,10 +136,14 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume:
             self._resume()
-        else:
+        elif groups.is_main:
             self.metrics_path.write_text("")
-        (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
-        self._tensorboard = _tensorboard_writer(self.run_dir)
+        if groups.is_main:
+            (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+        self._tensorboard = _tensorboard_writer(self.run_dir) if groups.is_main else None
+        self.routing_log = RoutingLog(
+            self.run_dir, self.data.train.domains, t.log_every, t.steps, self.step, groups.is_main
+        )
 
     def fit(self, max_steps: int | None = None) -> TrainResult:
         """Train to ``train.steps`` (or stop, checkpointed, after ``max_steps`` more steps)."""
@@ -162,10 +190,12 @@ class Trainer:
                     self.save()
         except KeyboardInterrupt:
             bar.close()
-            self.save()
+            if not self.groups.distributed:  # a collective save could wait on a dead peer
+                self.save()
             raise
         finally:
             bar.close()
+            self.routing_log.flush()
             if self._tensorboard is not None:
                 self._tensorboard.close()
         tok_s = trained_steps * tokens_per_step / session_s if session_s else 0.0
@@ -182,19 +212,22 @@ class Trainer:
     def _train_step(self) -> dict[str, Any]:
         batch = self.sampler.next_batch()
         ce = self.model.loss(batch.x, batch.y)
+        self.routing_log.record(self.step + 1, self.model, batch)
         aux = aux_loss(self.model)
         loss = ce + aux
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        sync_gradients(self.model, self.groups)
         if self.cfg.optim.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            clip_grad_norm(self.model, self.cfg.optim.grad_clip, self.groups)
         self.optimizer.step()
         self.scheduler.step()
+        loss_v, ce_v, aux_v = _mean_over_ranks([loss, ce, aux], self.groups)
         return {
             "step": self.step + 1,
-            "loss": loss.item(),
-            "ce": ce.item(),
-            "aux": aux.item(),
+            "loss": loss_v,
+            "ce": ce_v,
+            "aux": aux_v,
             "lr": self.scheduler.get_last_lr()[0],
             "dropped": _dropped_fraction(self.model),
         }
@@ -209,6 +242,8 @@ class Trainer:
         self._log(row)
 
     def _log(self, row: dict[str, Any]) -> None:
+        if not self.groups.is_main:
+            return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self._tensorboard is not None:
@@ -216,11 +251,17 @@ class Trainer:
                 if key != "step":
                     self._tensorboard.add_scalar(key, value, row["step"])
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Checkpoint (collective under expert parallelism; rank 0 writes). The files have the
+        single-process layout whatever the expert-parallel size."""
+        weights = full_state_dict(self.model, self.groups)
+        optimizer = full_optimizer_state(self.optimizer, self.model, self.groups)
+        if not self.groups.is_main:
+            return None
         state = {
             "step": self.step,
             "train_s": self.train_s,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
             "torch_rng": torch.get_rng_state(),
@@ -230,7 +271,7 @@ class Trainer:
         return save_checkpoint(
             self.run_dir / "checkpoints",
             self.step,
-            self.model,
+            weights,
             state,
             keep=self.cfg.train.keep_checkpoints,
         )
@@ -239,15 +280,21 @@ class Trainer:
         path = latest_checkpoint(self.run_dir / "checkpoints")
         if path is None:
             raise FileNotFoundError(f"--resume: {self.run_dir}/checkpoints has no checkpoint yet")
-        state = load_checkpoint(path, self.model)
-        self.optimizer.load_state_dict(state["optimizer"])
+        weights, state = read_checkpoint(path)
+        check_fits(full_state_dict(self.model, self.groups), weights, path / "model.safetensors")
+        load_sharded(self.model, weights, self.groups)
+        g = self.groups
+        self.optimizer.load_state_dict(
+            shard_optimizer_state(state["optimizer"], self.optimizer, self.model, g)
+        )
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(_python_rng_from_state(state["python_rng"]))
         self.step, self.evals = int(state["step"]), list(state["evals"])
         self.train_s = float(state["train_s"])
-        _truncate_metrics(self.metrics_path, self.step)
+        if self.groups.is_main:
+            _truncate_metrics(self.metrics_path, self.step)
 
 
 def _adamw(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -261,6 +308,15 @@ def _adamw(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
         betas=(o.beta1, o.beta2),
         foreach=True,
     )
+
+
+def _mean_over_ranks(values: list[torch.Tensor], groups: ParallelGroups) -> list[float]:
+    """Each scalar averaged over all ranks (what one process on the whole batch would log)."""
+    stacked = torch.stack([v.detach().float() for v in values])
+    if groups.distributed:
+        dist.all_reduce(stacked)
+        stacked /= groups.world_size
+    return stacked.tolist()
 
 
 def _dropped_fraction(model: nn.Module) -> float:

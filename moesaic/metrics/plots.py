@@ -1,0 +1,138 @@
+"""The report's figures, as PNG bytes (matplotlib, Agg backend; the ``plot`` extra).
+
+Each function takes plain rows as read from a run directory (metrics.jsonl, routing.jsonl,
+affinity.json) and returns the PNG, so the report can both embed it and save it.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from typing import Any
+
+__all__ = ["require_matplotlib", "loss_curves", "routing_curves", "expert_load", "affinity_maps"]
+
+_DPI = 100
+
+
+def require_matplotlib():
+    """``matplotlib.pyplot`` with the Agg backend, or an ImportError naming the extra."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError(
+            "moesaic report draws its plots with matplotlib, in the 'plot' extra: "
+            "pip install 'moesaic[plot]'"
+        ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    plt = require_matplotlib()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=_DPI)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def loss_curves(runs: dict[str, list[dict[str, Any]]]) -> bytes:
+    """Training loss (line) and validation loss (markers) against step, one colour per run."""
+    plt = require_matplotlib()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (name, rows) in enumerate(runs.items()):
+        color = f"C{i}"
+        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        if train:
+            ax.plot(*zip(*train), color=color, lw=1, alpha=0.7, label=f"{name} train")
+        if val:
+            ax.plot(*zip(*val), color=color, marker="o", ms=4, ls="--", label=f"{name} val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
+def _by_layer(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    layers: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        layers[r["layer"]].append(r)
+    return dict(layers)
+
+
+def routing_curves(rows: list[dict[str, Any]]) -> bytes:
+    """Load CV, router entropy, dropped fraction and dead experts over training, per layer."""
+    plt = require_matplotlib()
+    keys = (
+        ("load_cv", "load coefficient of variation"),
+        ("entropy", "router entropy (nats)"),
+        ("dropped_fraction", "dropped fraction"),
+        ("dead_experts", "dead experts"),
+    )
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+    for layer, layer_rows in _by_layer(rows).items():
+        steps = [r["step"] for r in layer_rows]
+        for ax, (key, _) in zip(axes, keys):
+            ax.plot(steps, [r[key] for r in layer_rows], marker=".", label=layer)
+    for ax, (_, title) in zip(axes, keys):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return _png(fig)
+
+
+def expert_load(rows: list[dict[str, Any]]) -> bytes:
+    """Share of each expert's assignments at every logged step (rows: steps), per layer."""
+    plt = require_matplotlib()
+    layers = _by_layer(rows)
+    fig, axes = plt.subplots(1, len(layers), figsize=(6 * len(layers), 3.6), squeeze=False)
+    for ax, (layer, layer_rows) in zip(axes[0], layers.items()):
+        share = [_normalise(r["tokens_per_expert"]) for r in layer_rows]
+        first, last, E = layer_rows[0]["step"], layer_rows[-1]["step"], len(share[0])
+        half = (last - first) / max(1, len(share) - 1) / 2 or 0.5  # rows centred on their step
+        extent = (-0.5, E - 0.5, last + half, first - half)
+        image = ax.imshow(share, aspect="auto", interpolation="nearest", extent=extent)
+        _integer_ticks(ax, y=True)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("step")
+        ax.set_title(f"{layer}: share of assignments per expert", fontsize=10)
+        fig.colorbar(image, ax=ax)
+    return _png(fig)
+
+
+def affinity_maps(affinity: dict[str, Any]) -> bytes:
+    """Label-by-expert heatmaps (affinity.json): each label's assignments as shares of experts."""
+    plt = require_matplotlib()
+    labels, layers = affinity["labels"], affinity["layers"]
+    fig, axes = plt.subplots(
+        1, len(layers), figsize=(6 * len(layers), 0.5 * len(labels) + 2), squeeze=False
+    )
+    for ax, (layer, counts) in zip(axes[0], layers.items()):
+        image = ax.imshow(
+            [_normalise(row) for row in counts], aspect="auto", interpolation="nearest"
+        )
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        _integer_ticks(ax)
+        ax.set_xlabel("expert")
+        ax.set_title(f"{layer}: label -> expert share", fontsize=10)
+        fig.colorbar(image, ax=ax)
+    return _png(fig)
+
+
+def _integer_ticks(ax, y: bool = False) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if y:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _normalise(counts: list[float]) -> list[float]:
+    total = sum(counts)
+    return [c / total if total else 0.0 for c in counts]

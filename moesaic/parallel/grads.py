@@ -1,0 +1,86 @@
+"""Data-parallel gradient averaging that knows which parameters are expert shards.
+
+The routed experts of every ``ms.MoE`` layer (``layer.experts``; also marked
+``param.moesaic_expert = True``) are averaged over their replica group only: the ranks that hold
+the same experts. Everything else is averaged over all
+ranks. Dividing by the world size in both cases gives the gradient of the mean of the per-rank
+losses, so W processes on W slices of a batch step exactly like one process on the whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from moesaic.parallel.groups import ParallelGroups
+
+__all__ = ["is_expert_param", "expert_param_ids", "sync_gradients", "clip_grad_norm"]
+
+
+def is_expert_param(p: torch.Tensor) -> bool:
+    """Whether ``p`` was marked as a routed-expert weight (``ms.MoE`` marks its experts)."""
+    return bool(getattr(p, "moesaic_expert", False))
+
+
+def expert_param_ids(model: nn.Module) -> set[int]:
+    """ids of the routed-expert parameters of every MoE layer in ``model``. Found from the
+    module structure, which survives ``copy.deepcopy`` (a parameter's attributes do not)."""
+    from moesaic.layer import MoE
+
+    return {id(p) for m in model.modules() if isinstance(m, MoE) for p in m.experts.parameters()}
+
+
+def _grads(model: nn.Module, expert: bool) -> list[torch.Tensor]:
+    experts = expert_param_ids(model)
+    out = []
+    for p in model.parameters():
+        if p.requires_grad and (id(p) in experts) == expert:
+            if p.grad is None:  # keep the collectives aligned across ranks
+                p.grad = torch.zeros_like(p)
+            out.append(p.grad)
+    return out
+
+
+def _all_reduce_mean(grads: list[torch.Tensor], group, world_size: int) -> None:
+    """Sum over ``group`` (None: this rank alone), then divide by the world size."""
+    if not grads:
+        return
+    flat = _flatten_dense_tensors(grads)
+    if group is not None:
+        dist.all_reduce(flat, group=group)
+    flat /= world_size
+    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
+
+
+def sync_gradients(model: nn.Module, groups: ParallelGroups) -> None:
+    """Average gradients across data-parallel ranks; call after backward, before the step."""
+    if not groups.distributed:
+        return
+    _all_reduce_mean(_grads(model, expert=False), dist.group.WORLD, groups.world_size)
+    _all_reduce_mean(_grads(model, expert=True), groups.replica_group, groups.world_size)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, groups: ParallelGroups) -> float:
+    """``clip_grad_norm_`` over the whole (sharded) model: replicated parameters count once,
+    expert shards are summed over the expert group. Returns the total norm before clipping."""
+    experts = expert_param_ids(model)
+    params = [p for p in model.parameters() if p.grad is not None]
+    sq_replicated = sum(
+        (p.grad.float().square().sum() for p in params if id(p) not in experts), torch.zeros(())
+    )
+    sq_experts = sum(
+        (p.grad.float().square().sum() for p in params if id(p) in experts), torch.zeros(())
+    )
+    if groups.expert_group is not None:
+        dist.all_reduce(sq_experts, group=groups.expert_group)
+    total = math.sqrt(float(sq_replicated + sq_experts))
+    scale = max_norm / (total + 1e-6)
+    if scale < 1:
+        for p in params:
+            p.grad.mul_(scale)
+    return total

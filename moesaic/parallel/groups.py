@@ -1,0 +1,83 @@
+"""Process groups for expert and data parallelism, from torchrun's environment.
+
+With W processes and expert-parallel size N (N divides W), ranks are cut into W/N consecutive
+*expert groups* of N ranks; each expert group holds every expert once (rank i of a group owns
+experts i*E/N .. (i+1)*E/N - 1). Ranks at the same position in different expert groups hold the
+same experts: they form a *replica group*, over which those experts' gradients are averaged.
+Every other parameter is replicated on all W ranks and averaged over all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["ParallelGroups", "init", "single_process"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelGroups:
+    rank: int
+    world_size: int
+    expert_size: int
+    expert_group: object | None  # None: every expert on this process
+    replica_group: object | None  # None: no other rank holds this rank's experts
+    backend: str | None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def single_process() -> ParallelGroups:
+    return ParallelGroups(0, 1, 1, None, None, None)
+
+
+def init(expert: int = 1, backend: str | None = None) -> ParallelGroups:
+    """Initialise torch.distributed from torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR...)
+    and build the groups; a plain single process (no WORLD_SIZE) gets ``single_process()``.
+
+    Args:
+        expert: expert-parallel size N (``--set parallel.expert=N``); must divide WORLD_SIZE.
+        backend: "nccl" or "gloo"; default nccl when CUDA is available, else gloo.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if isinstance(expert, bool) or not isinstance(expert, int) or expert < 1:
+        raise ValueError(f"parallel.expert={expert!r} must be an int >= 1")
+    if world % expert:
+        raise ValueError(
+            f"parallel.expert={expert} must divide the number of processes WORLD_SIZE={world}"
+        )
+    if world == 1:
+        return single_process()
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    rank = dist.get_rank()
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    expert_group = replica_group = None
+    for start in range(0, world, expert):  # every rank must create every group, in order
+        g = dist.new_group(list(range(start, start + expert)))
+        if start <= rank < start + expert:
+            expert_group = g
+    for offset in range(expert):
+        members = list(range(offset, world, expert))
+        g = dist.new_group(members)
+        if rank in members:
+            replica_group = g
+    return ParallelGroups(
+        rank=rank,
+        world_size=world,
+        expert_size=expert,
+        expert_group=expert_group if expert > 1 else None,
+        replica_group=replica_group if world // expert > 1 else None,
+        backend=backend,
+    )
