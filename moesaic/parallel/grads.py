@@ -68,6 +68,8 @@ def sync_gradients(model: nn.Module, groups: ParallelGroups) -> None:
 def clip_grad_norm(model: nn.Module, max_norm: float, groups: ParallelGroups) -> float:
     """``clip_grad_norm_`` over the whole (sharded) model: replicated parameters count once,
     expert shards are summed over the expert group. Returns the total norm before clipping."""
+    if groups.expert_group is None:  # every parameter whole on this rank: torch's own
+        return float(nn.utils.clip_grad_norm_(model.parameters(), max_norm))
     experts = expert_param_ids(model)
     params = [p for p in model.parameters() if p.grad is not None]
     sq_replicated = sum(
