@@ -10,17 +10,15 @@ and direction (tokens out, results back); the count exchange adds ``W * E/W * 8`
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
 import time
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moesaic.bench.harness import environment
+from moesaic.parallel.launch import run_local
 
 __all__ = ["main"]
 
@@ -41,16 +39,8 @@ class _Meter:
         return work
 
 
-def _worker(rank, world, port, args, queue):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(args.threads)
-    import moesaic as ms  # after the environment is set
+def _worker(rank, world, args):
+    import moesaic as ms
 
     groups = ms.parallel.init(expert=world)
     device = torch.device("cuda", rank) if torch.cuda.is_available() and world > 1 else "cpu"
@@ -91,33 +81,17 @@ def _worker(rank, world, port, args, queue):
         dist.all_gather(per_rank, sent)
     else:
         per_rank = [sent]
-    if rank == 0:
-        queue.put(
-            {
-                "world": world,
-                "mean_bytes": float(torch.cat(per_rank).mean()),
-                "max_bytes": float(torch.cat(per_rank).max()),
-                "step_s": statistics.median(steps),
-                "a2a_s": statistics.median(a2a),
-            }
-        )
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return {
+        "world": world,
+        "mean_bytes": float(torch.cat(per_rank).mean()),
+        "max_bytes": float(torch.cat(per_rank).max()),
+        "step_s": statistics.median(steps),
+        "a2a_s": statistics.median(a2a),
+    }
 
 
 def measure(world: int, args) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(
-        _worker, args=(world, _free_port(), args, queue), nprocs=world, start_method="spawn"
-    )
-    return queue.get()
+    return run_local(_worker, world, args, threads=args.threads)[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

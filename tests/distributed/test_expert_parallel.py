@@ -127,3 +127,12 @@ def _indivisible_body(rank, world):
     groups = ms.parallel.init(expert=world)
     with pytest.raises(ValueError, match="num_experts=3 must be divisible"):
         ms.MoE(D, F, 3, expert_group=groups.expert_group)
+
+
+def test_benchmark_reports_bytes_at_the_floor(capsys):
+    from moesaic.bench.expert_parallel import main
+
+    assert main(["--tokens", "64", "--d-model", "16", "--d-ff", "32", "--experts", "4",
+                 "--worlds", "2", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| 2 |" in out and "| 1.0000 |" in out
