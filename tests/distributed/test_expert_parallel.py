@@ -132,7 +132,7 @@ def _indivisible_body(rank, world):
 def test_benchmark_reports_bytes_at_the_floor(capsys):
     from moesaic.bench.expert_parallel import main
 
-    assert main(["--tokens", "64", "--d-model", "16", "--d-ff", "32", "--experts", "4",
-                 "--worlds", "2", "--repeats", "1"]) == 0
+    args = "--tokens 64 --d-model 16 --d-ff 32 --experts 4 --worlds 2 --repeats 1"
+    assert main(args.split()) == 0
     out = capsys.readouterr().out
     assert "| 2 |" in out and "| 1.0000 |" in out
