@@ -73,6 +73,7 @@ def moefy(
     _check_arguments(num_experts, router, every, upcycle, noise, match)
     found = find_ffns(model, match)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    replacements: dict[str, nn.Module] = {}
     for i, (name, conversion) in enumerate(found):
         if (i + 1) % every:
             continue
@@ -81,14 +82,13 @@ def moefy(
         )
         training = model.get_submodule(name).training  # the MoE keeps the FFN's mode
         for path, new in conversion.install(moe).items():
-            new.train(training)
-            full = ".".join(p for p in (name, path) if p)
-            if not full:
-                raise ValueError(
-                    "moefy cannot replace the model itself: pass its parent, e.g. "
-                    "moefy(nn.Sequential(ffn))"
-                )
-            model.set_submodule(full, new)
+            replacements[".".join(p for p in (name, path) if p)] = new.train(training)
+    if "" in replacements:  # checked before anything changes: no half-converted model
+        raise ValueError(
+            "moefy cannot replace the model itself: pass its parent, e.g. moefy(nn.Sequential(ffn))"
+        )
+    for full, new in replacements.items():
+        model.set_submodule(full, new)
     return model
 
 

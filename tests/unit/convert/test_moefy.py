@@ -131,3 +131,11 @@ def test_moefied_gpt2_trains_20_steps_and_its_aux_loss_reaches_the_optimizer():
         losses.append(out.loss.item())
     assert losses[-1] < losses[0]
     assert all(not torch.equal(g, m.router.gate.weight) for g, m in zip(gates, moes))
+
+
+def test_a_model_that_is_itself_the_ffn_is_refused_before_anything_changes():
+    ffn = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="cannot replace the model itself"):
+        ms.moefy(ffn, every=1)
+    assert isinstance(ffn[0], nn.Linear)
+    assert isinstance(ms.moefy(nn.Sequential(ffn), 2, every=1)[0], ms.convert.MoEFFN)
