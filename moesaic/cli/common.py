@@ -11,6 +11,7 @@ from pathlib import Path
 
 from moesaic.train.checkpoint import CheckpointError
 from moesaic.train.config import ConfigError, RunConfig, apply_overrides, config_from_dict
+from moesaic.train.guard import TrainingHalted
 from moesaic.train.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
 
 __all__ = ["add_config_arguments", "config_from_args", "friendly_errors", "saved_config"]
@@ -50,7 +51,8 @@ def saved_config(run_dir: Path, overrides: list[str]) -> RunConfig:
 
 
 def friendly_errors(prog: str) -> Callable:
-    """Turn user mistakes into ``prog: error: ...`` on stderr and exit status 2, no traceback."""
+    """Turn user mistakes into ``prog: error: ...`` on stderr and exit status 2, no traceback;
+    a run the guard stopped (moesaic/train/guard.py) exits 3 with its report."""
 
     def wrap(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
         @functools.wraps(main)
@@ -60,6 +62,9 @@ def friendly_errors(prog: str) -> Callable:
             except (ConfigError, CheckpointError, FileNotFoundError, ImportError) as err:
                 print(f"{prog}: error: {err}", file=sys.stderr)
                 return 2
+            except TrainingHalted as err:
+                print(f"{prog}: stopped: {err}", file=sys.stderr)
+                return 3
             except KeyboardInterrupt:
                 print(
                     f"\n{prog}: interrupted (a checkpoint was saved; resume with --resume)",

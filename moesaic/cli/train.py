@@ -43,10 +43,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="continue the run in --run-dir from its newest checkpoint",
     )
+    parser.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="resume when --run-dir has a checkpoint, else start fresh (for torchrun "
+        "--max-restarts: every restart runs the same command)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.resume and args.run_dir is None:
-        raise ConfigError("--resume needs --run-dir DIR (the run to continue)")
+    if (args.resume or args.auto_resume) and args.run_dir is None:
+        raise ConfigError("--resume and --auto-resume need --run-dir DIR (the run to continue)")
+    if args.auto_resume:
+        args.resume = _has_checkpoint(args.run_dir)
     cfg = saved_config(args.run_dir, args.overrides) if args.resume else config_from_args(args)
     groups = init_parallel(expert=cfg.parallel.expert)  # torchrun's environment, if any
     run_dir = _shared_run_dir(
@@ -69,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if groups.is_main:
         print(text)
     return 0
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    return (run_dir / "config.json").exists() and any((run_dir / "checkpoints").glob("step-*"))
 
 
 def _shared_run_dir(run_dir: Path, groups) -> Path:

@@ -40,6 +40,18 @@ def single_process() -> ParallelGroups:
     return ParallelGroups(0, 1, 1, None, None, None)
 
 
+def _init_default_group(backend: str) -> None:
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart == "0":
+        dist.init_process_group(backend)
+        return
+    # A torchrun restart keeps the agent's store, still holding the dead workers' addresses:
+    # gloo would connect to them. Each restart gets its own key space.
+    store, rank, world = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"moesaic-restart-{restart}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+
+
 def init(expert: int = 1, backend: str | None = None) -> ParallelGroups:
     """Initialise torch.distributed from torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR...)
     and build the groups; a plain single process (no WORLD_SIZE) gets ``single_process()``.
@@ -59,7 +71,7 @@ def init(expert: int = 1, backend: str | None = None) -> ParallelGroups:
         return single_process()
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        _init_default_group(backend)
     rank = dist.get_rank()
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

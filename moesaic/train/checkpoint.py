@@ -13,6 +13,9 @@ and only then named in ``latest``: a save interrupted at any point leaves the pr
 and ``latest`` untouched. Weights are safetensors; the optimizer, scheduler, RNG and data-cursor
 state is plain tensors, numbers and strings loaded with ``torch.load(weights_only=True)``, so a
 checkpoint cannot execute code. ``manifest.json`` holds each file's SHA-256, checked on load.
+``resumable_checkpoint`` walks back from ``latest`` to the newest checkpoint that verifies, saying
+which ones it skipped and why, so a corrupted newest checkpoint costs ``checkpoint_every`` steps,
+not the run.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,7 @@ __all__ = [
     "read_checkpoint",
     "check_fits",
     "latest_checkpoint",
+    "resumable_checkpoint",
     "CheckpointError",
 ]
 
@@ -67,6 +73,7 @@ def save_checkpoint(
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "sha256": manifest}, indent=1))
         for name in (WEIGHTS, STATE, MANIFEST):
             _fsync(tmp / name)
+        _fsync(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -90,20 +97,93 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     return path
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Verify every file of ``path`` against its manifest; return (weights, state)."""
-    manifest_path = path / MANIFEST
-    if not manifest_path.exists():
-        raise CheckpointError(f"{manifest_path} is missing: the checkpoint is incomplete")
+def resumable_checkpoint(
+    checkpoint_dir: Path, log: Callable[[str], None] = print
+) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The newest checkpoint that verifies, as (path, weights, state); None when there is none.
+
+    Tries every ``step-*`` newest first (a save killed after its rename but before ``latest``
+    was updated left a complete, newer checkpoint), and the one ``latest`` names; each one
+    skipped is reported through ``log`` with the reason. Raises ``CheckpointError`` (naming every
+    failure) when checkpoints exist but none verifies."""
+    named = _named_by_latest(checkpoint_dir)
+    steps = {p for p in checkpoint_dir.glob("step-*") if p.is_dir()}
+    candidates = sorted(steps | ({named} if named is not None else set()), reverse=True)
+    failures = []
+    for path in candidates:
+        try:
+            weights, state = read_checkpoint(path)
+        except CheckpointError as err:
+            failures.append(str(err))
+            log(f"checkpoint {path.name} is unusable ({err}); trying the previous one")
+            continue
+        if failures:
+            log(f"resuming from the previous good checkpoint {path.name} (step {state['step']})")
+        return path, weights, state
+    if failures:
+        raise CheckpointError(f"no checkpoint in {checkpoint_dir} verifies: " + "; ".join(failures))
+    return None
+
+
+def _named_by_latest(checkpoint_dir: Path) -> Path | None:
+    pointer = checkpoint_dir / LATEST
     try:
-        manifest = json.loads(manifest_path.read_text())["sha256"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{manifest_path} is unreadable: {err}") from None
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return checkpoint_dir / name if name.startswith("step-") and "/" not in name else None
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Verify every file of ``path`` against its manifest; return (weights, state).
+
+    Any problem (missing, truncated, corrupted or unsafe file) raises ``CheckpointError`` naming
+    the file; nothing in a checkpoint is ever executed."""
+    manifest = _read_manifest(path / MANIFEST)
     for name, digest in manifest.items():
         file = path / name
-        if not file.exists() or _sha256(file) != digest:
+        if not file.is_file() or _sha256(file) != digest:
             raise CheckpointError(f"{file} is missing or corrupted (SHA-256 does not match)")
-    return load_file(path / WEIGHTS), torch.load(path / STATE, weights_only=True)
+    try:
+        weights = load_file(path / WEIGHTS)
+    except Exception as err:  # safetensors raises its own error types for malformed headers
+        raise CheckpointError(f"{path / WEIGHTS} is not a valid safetensors file: {err}") from None
+    return weights, _load_state(path / STATE)
+
+
+def _read_manifest(manifest_path: Path) -> dict[str, str]:
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{manifest_path} is missing: the checkpoint is incomplete")
+    try:
+        manifest = json.loads(manifest_path.read_bytes())["sha256"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{manifest_path} is unreadable: {err!r}") from None
+    if (
+        not isinstance(manifest, dict)
+        or set(manifest) != {WEIGHTS, STATE}
+        or not all(isinstance(d, str) for d in manifest.values())
+    ):
+        raise CheckpointError(
+            f"{manifest_path} is malformed: it must map exactly {WEIGHTS} and {STATE} to digests"
+        )
+    return manifest
+
+
+def _load_state(file: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(file, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message is a page of advice; keep its line naming the refused global.
+        lines = [ln.strip() for ln in str(err).splitlines() if "WeightsUnpickler" in ln]
+        reason = lines[0].split(". ")[0] if lines else type(err).__name__
+        raise CheckpointError(
+            f"{file} is refused: it holds more than tensors and plain data ({reason})"
+        ) from None
+    except Exception as err:  # truncated zip, bad header, ...: whatever torch raises
+        raise CheckpointError(f"{file} cannot be read: {type(err).__name__}: {err}") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{file} does not hold a training state (a dict with 'step')")
+    return state
 
 
 def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
@@ -142,8 +222,9 @@ def check_fits(
 
 
 def _prune(checkpoint_dir: Path, keep: int) -> None:
+    # Also the temporary directories of saves that were killed (SIGKILL skips the cleanup).
     done = sorted(p for p in checkpoint_dir.glob("step-*") if p.is_dir())
-    for old in done[:-keep]:
+    for old in done[:-keep] + list(checkpoint_dir.glob(".tmp-step-*")):
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -1,6 +1,7 @@
 """Typed run configuration, nested like the modules, and ``--set a.b=value`` overrides.
 
-A run is a ``RunConfig`` with sections ``model``, ``data``, ``optim``, ``train`` and ``parallel``.
+A run is a ``RunConfig`` with sections ``model``, ``data``, ``optim``, ``train``, ``parallel`` and
+``guard`` (moesaic/train/guard.py).
 Recipes (moesaic/train/recipes.py) are Python functions returning one; the command line changes
 single fields with ``--set train.steps=200 model.num_experts=32``. Every override is parsed by
 the field's declared type and the whole config is validated again, so a bad value fails with one
@@ -18,6 +19,7 @@ from typing import Any
 from moesaic._validate import check_nonnegative_float, check_positive_int
 from moesaic.data.corpora import CORPORA
 from moesaic.models.lm import LMConfig
+from moesaic.train.guard import GuardConfig
 
 __all__ = [
     "ConfigError",
@@ -25,6 +27,7 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "ParallelConfig",
+    "GuardConfig",
     "RunConfig",
     "apply_overrides",
     "config_to_dict",
@@ -122,6 +125,7 @@ class RunConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    guard: GuardConfig = dataclasses.field(default_factory=GuardConfig)
 
     def __post_init__(self) -> None:
         if self.model.max_seq_len < self.data.seq_len:

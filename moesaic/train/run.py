@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 from moesaic.data import tokenizer_from_json
 from moesaic.models.lm import MoELM
-from moesaic.train.checkpoint import latest_checkpoint, load_checkpoint
+from moesaic.train.checkpoint import check_fits, resumable_checkpoint
 from moesaic.train.config import RunConfig, config_from_dict
 from moesaic.train.data import TOKENIZER_FILE
 
@@ -24,7 +25,8 @@ class LoadedRun:
 
 
 def load_run(run_dir: Path) -> LoadedRun:
-    """Rebuild the model of ``run_dir`` and load its newest checkpoint (verified)."""
+    """Rebuild the model of ``run_dir`` and load its newest checkpoint that verifies (saying on
+    stderr which newer ones it skipped)."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if not config_path.exists():
@@ -32,9 +34,15 @@ def load_run(run_dir: Path) -> LoadedRun:
     cfg = config_from_dict(RunConfig, json.loads(config_path.read_text()))
     tokenizer = tokenizer_from_json((run_dir / TOKENIZER_FILE).read_text())
     model = MoELM(dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
-    path = latest_checkpoint(run_dir / "checkpoints")
-    if path is None:
+    found = resumable_checkpoint(run_dir / "checkpoints", _say)
+    if found is None:
         raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint yet")
-    state = load_checkpoint(path, model)
+    path, weights, state = found
+    check_fits(model.state_dict(), weights, path / "model.safetensors")
+    model.load_state_dict(weights)
     model.eval()
     return LoadedRun(cfg=cfg, model=model, tokenizer=tokenizer, step=int(state["step"]))
+
+
+def _say(message: str) -> None:
+    print(f"moesaic: {message}", file=sys.stderr, flush=True)

@@ -38,9 +38,10 @@ from moesaic.parallel import (
     single_process,
     sync_gradients,
 )
-from moesaic.train.checkpoint import check_fits, latest_checkpoint, read_checkpoint, save_checkpoint
+from moesaic.train.checkpoint import check_fits, resumable_checkpoint, save_checkpoint
 from moesaic.train.config import RunConfig, config_to_dict
 from moesaic.train.data import TOKENIZER_FILE, PreparedData, prepare_data
+from moesaic.train.guard import CollapseWatch, TrainingGuard
 
 __all__ = ["Trainer", "TrainResult", "build_model", "evaluate", "lr_factor"]
 
@@ -124,6 +125,8 @@ class Trainer:
             tokenizer_file.write_text(self.data.tokenizer.to_json())
         self.model = build_model(cfg, self.data.tokenizer.vocab_size, groups.expert_group)
         self.optimizer = _adamw(self.model, cfg)
+        self.guard = TrainingGuard(cfg.guard)
+        self.collapse = CollapseWatch(cfg.guard, self.model)
         o, t = cfg.optim, cfg.train
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, o.warmup_steps, t.steps, o.min_lr_ratio)
@@ -173,8 +176,16 @@ class Trainer:
                 trained_steps += 1
                 self.step += 1
                 row["tokens_per_s"] = trained_steps * tokens_per_step / session_s
-                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                events = row.pop("events")
+                if (
+                    self.step % cfg.train.log_every == 0
+                    or self.step == cfg.train.steps
+                    or row.get("skipped")
+                ):
                     self._log(row)
+                for event in events:
+                    self._log(event)
+                    self._say(_describe(event))
                 bar.update(1)
                 bar.set_postfix(
                     loss=f"{row['loss']:.3f}",
@@ -218,19 +229,35 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         sync_gradients(self.model, self.groups)
-        if self.cfg.optim.grad_clip > 0:
-            clip_grad_norm(self.model, self.cfg.optim.grad_clip, self.groups)
-        self.optimizer.step()
-        self.scheduler.step()
+        # The global norm (every rank gets the same), clipping only when grad_clip > 0.
+        grad_norm = clip_grad_norm(self.model, self.cfg.optim.grad_clip or math.inf, self.groups)
         loss_v, ce_v, aux_v = _mean_over_ranks([loss, ce, aux], self.groups)
-        return {
-            "step": self.step + 1,
+        step = self.step + 1
+        skip = self.guard.skip_step(step, {"loss": loss_v, "ce": ce_v, "aux": aux_v}, grad_norm)
+        if skip:  # no update at all: weights and optimizer moments stay as they were
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+            self.collapse.record()
+        self.scheduler.step()  # the schedule follows the step count, skipped or not
+        row = {
+            "step": step,
             "loss": loss_v,
             "ce": ce_v,
             "aux": aux_v,
+            "grad_norm": grad_norm,
             "lr": self.scheduler.get_last_lr()[0],
             "dropped": _dropped_fraction(self.model),
         }
+        if skip:
+            row.update(skipped=True, skipped_steps=self.guard.skipped)
+            self._say(
+                f"step {step}: non-finite loss or gradients, step skipped "
+                f"({self.guard.skipped} so far)"
+            )
+        spike = None if skip else self.guard.spike(step, loss_v)
+        row["events"] = [spike] if spike else []
+        return row
 
     def _eval(self) -> None:
         row = {
@@ -240,6 +267,14 @@ class Trainer:
         }
         self.evals.append(row)
         self._log(row)
+        for event in self.collapse.at_eval(self.step, self.groups.distributed):
+            self._log(event)
+            self._say(_describe(event))
+
+    def _say(self, message: str) -> None:
+        """One line on stderr (rank 0 only): fallbacks, skipped steps, spikes, collapse."""
+        if self.groups.is_main:
+            print(f"moesaic: {message}", file=sys.stderr, flush=True)
 
     def _log(self, row: dict[str, Any]) -> None:
         if not self.groups.is_main:
@@ -267,6 +302,8 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "python_rng": _python_rng_state(),
             "evals": [dict(e) for e in self.evals],
+            "guard": self.guard.state_dict(),
+            "collapse": self.collapse.state_dict(),
         }
         return save_checkpoint(
             self.run_dir / "checkpoints",
@@ -277,10 +314,10 @@ class Trainer:
         )
 
     def _resume(self) -> None:
-        path = latest_checkpoint(self.run_dir / "checkpoints")
-        if path is None:
+        found = resumable_checkpoint(self.run_dir / "checkpoints", self._say)
+        if found is None:
             raise FileNotFoundError(f"--resume: {self.run_dir}/checkpoints has no checkpoint yet")
-        weights, state = read_checkpoint(path)
+        path, weights, state = found
         check_fits(full_state_dict(self.model, self.groups), weights, path / "model.safetensors")
         load_sharded(self.model, weights, self.groups)
         g = self.groups
@@ -293,6 +330,9 @@ class Trainer:
         random.setstate(_python_rng_from_state(state["python_rng"]))
         self.step, self.evals = int(state["step"]), list(state["evals"])
         self.train_s = float(state["train_s"])
+        if "guard" in state:  # checkpoints from before the guard have none
+            self.guard.load_state_dict(state["guard"])
+            self.collapse.load_state_dict(state["collapse"])
         if self.groups.is_main:
             _truncate_metrics(self.metrics_path, self.step)
 
@@ -334,12 +374,31 @@ def _python_rng_from_state(state: list) -> tuple:
     return (version, tuple(internal), gauss)
 
 
+def _describe(event: dict[str, Any]) -> str:
+    if event["event"] == "loss_spike":
+        return (
+            f"step {event['step']}: loss spike {event['loss']:.4f} (window mean "
+            f"{event['window_mean']:.4f}, std {event['window_std']:.4f}, z={event['z']:.1f})"
+        )
+    return (
+        f"step {event['step']}: router collapse in {event['layer']}: expert {event['expert']} "
+        f"took {100 * event['share']:.1f}% of the tokens for {event['evals']} evaluations"
+    )
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows an interrupted run logged after its last checkpoint (they are redone)."""
+    """Drop rows an interrupted run logged after its last checkpoint (they are redone), and a
+    last line that a kill cut short."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step", step + 1) <= step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
 
 

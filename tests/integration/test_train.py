@@ -83,7 +83,10 @@ def _cli(*args, cwd=None):
     [
         ("train.stepz=3", "unknown key 'stepz' in train; valid keys: checkpoint_every"),
         ("train.steps=many", "--set train.steps='many': expected int"),
-        ("modle.d_model=3", "unknown key 'modle' in the run config; valid keys: data, model"),
+        (
+            "modle.d_model=3",
+            "unknown key 'modle' in the run config; valid keys: data, guard, model",
+        ),
     ],
 )
 def test_bad_set_exits_2_with_one_line_and_no_traceback(override, message):

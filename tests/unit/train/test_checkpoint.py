@@ -1,4 +1,7 @@
-import pickle
+import hashlib
+import io
+import json
+import shutil
 
 import pytest
 import torch
@@ -8,6 +11,8 @@ from moesaic.train.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
+    read_checkpoint,
+    resumable_checkpoint,
     save_checkpoint,
 )
 
@@ -51,22 +56,107 @@ def test_a_checkpoint_for_another_architecture_lists_every_mismatch(tmp_path):
 
 
 class _Evil:
+    """Unpickling this would create the file ``target`` (if anything ran the pickle's code)."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
     def __reduce__(self):
-        return (exec, ("import os; os.environ['MOESAIC_PWNED'] = '1'",))
+        return (exec, (f"open({self.target!r}, 'w').write('pwned')",))
 
 
-def test_a_malicious_pickle_in_the_state_is_refused(tmp_path, monkeypatch):
-    import hashlib
-    import json
-    import os
-
-    path = _save(tmp_path, 1, create("lm-moe-test"))
-    (path / "state.pt").write_bytes(b"")
-    torch.save({"step": 1, "payload": _Evil()}, path / "state.pt", pickle_protocol=2)
+def _plant(path, name, data):
+    """Replace ``path/name`` by ``data`` and fix the manifest's digest to match."""
+    (path / name).write_bytes(data)
     manifest = json.loads((path / "manifest.json").read_text())
-    manifest["sha256"]["state.pt"] = hashlib.sha256((path / "state.pt").read_bytes()).hexdigest()
-    (path / "manifest.json").write_text(json.dumps(manifest))  # even with a matching digest
-    monkeypatch.delenv("MOESAIC_PWNED", raising=False)
-    with pytest.raises(pickle.UnpicklingError):
+    manifest["sha256"][name] = hashlib.sha256(data).hexdigest()
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_malicious_pickle_in_the_state_is_refused_and_never_runs(tmp_path):
+    path = _save(tmp_path / "ckpt", 1, create("lm-moe-test"))
+    target = tmp_path / "pwned.txt"
+    buf = io.BytesIO()
+    torch.save({"step": 1, "payload": _Evil(target)}, buf)
+    _plant(path, "state.pt", buf.getvalue())  # even with a matching digest
+    with pytest.raises(CheckpointError, match=r"state.pt is refused: .*Unsupported global"):
         load_checkpoint(path, create("lm-moe-test"))
-    assert "MOESAIC_PWNED" not in os.environ
+    assert not target.exists()
+    # the same pickle loaded without the guard would have run the code: the test can fail
+    torch.load(path / "state.pt", weights_only=False)
+    assert target.read_text() == "pwned"
+
+
+def _three(tmp_path):
+    model = create("lm-moe-test")
+    return [save_checkpoint(tmp_path, s, model, {"step": s}, keep=3) for s in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "state.pt", "manifest.json"])
+def test_resume_falls_back_to_the_previous_good_checkpoint_and_says_so(tmp_path, victim):
+    paths = _three(tmp_path)
+    data = (paths[-1] / victim).read_bytes()
+    (paths[-1] / victim).write_bytes(data[: len(data) // 3])  # truncated
+    said = []
+    path, _, state = resumable_checkpoint(tmp_path, said.append)
+    assert path == paths[1] and state["step"] == 2
+    assert f"step-000003 is unusable ({paths[-1] / victim}" in said[0]
+    assert said[1] == "resuming from the previous good checkpoint step-000002 (step 2)"
+
+
+def test_latest_naming_a_missing_directory_falls_back(tmp_path):
+    paths = _three(tmp_path)
+    shutil.rmtree(paths[-1])
+    said = []
+    assert resumable_checkpoint(tmp_path, said.append)[0] == paths[1]
+    assert "step-000003 is unusable" in said[0]
+
+
+def test_when_no_checkpoint_verifies_every_failure_is_named(tmp_path):
+    paths = _three(tmp_path)
+    for p in paths:
+        (p / "state.pt").write_bytes(b"junk")
+    with pytest.raises(
+        CheckpointError, match="no checkpoint in .* verifies: .*step-000003.*000001"
+    ):
+        resumable_checkpoint(tmp_path, lambda _: None)
+    assert resumable_checkpoint(tmp_path / "none", print) is None
+
+
+def test_a_flipped_bit_is_caught_by_the_digest(tmp_path):
+    path = _three(tmp_path)[-1]
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[len(data) // 2] ^= 1
+    (path / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model.safetensors is missing or corrupted"):
+        read_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "name,data,match",
+    [
+        ("model.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage", "not a valid"),
+        ("state.pt", b"PK\x03\x04 not really a zip", "state.pt cannot be read"),
+        ("manifest.json", b"[1, 2]", "manifest.json is unreadable"),
+        ("manifest.json", b'{"sha256": {"../../x": "0"}}', "manifest.json is malformed"),
+    ],
+)
+def test_garbage_with_a_matching_digest_is_a_checkpoint_error_naming_the_file(
+    tmp_path, name, data, match
+):
+    path = _three(tmp_path)[-1]
+    if name == "manifest.json":
+        (path / name).write_bytes(data)
+    else:
+        _plant(path, name, data)
+    with pytest.raises(CheckpointError, match=match):
+        read_checkpoint(path)
+
+
+def test_the_next_save_removes_what_a_killed_save_left(tmp_path):
+    model = create("lm-moe-test")
+    save_checkpoint(tmp_path, 1, model, {"step": 1})
+    (tmp_path / ".tmp-step-000002-abc").mkdir()
+    (tmp_path / ".tmp-step-000002-abc" / "model.safetensors").write_bytes(b"partial")
+    save_checkpoint(tmp_path, 2, model, {"step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000001", "step-000002"]

@@ -1,0 +1,15 @@
+"""Fault drills: SIGKILL mid-train and mid-save, damaged checkpoints, NaN loss, a torchrun rank
+killed; prints survived / total and the work lost as a Markdown table.
+
+    python benchmarks/faults.py                  # 5 drills per scenario
+    python benchmarks/faults.py --repeats 1 --scenarios sigkill-train nan-loss   # quick
+
+The implementation lives in moesaic/bench/faults.py. Reports: benchmarks/reports/.
+"""
+
+import sys
+
+from moesaic.bench.faults import main
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

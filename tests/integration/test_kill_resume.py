@@ -1,0 +1,87 @@
+"""A training process SIGKILLed at a random step and resumed from its last checkpoint ends with
+losses and weights bit-identical to a run that was never interrupted (one process, and 2 gloo
+ranks under torchrun --max-restarts 1 with one rank killed)."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+
+import pytest
+import torch
+
+from moesaic.bench.faults import (
+    EVERY,
+    STEPS,
+    kill_at_step,
+    start,
+    torchrun_command,
+    train_command,
+    worker_pid,
+)
+from moesaic.train.checkpoint import latest_checkpoint, read_checkpoint
+
+
+def _rows(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "train_s")} for r in rows]
+
+
+def _assert_identical(run, reference):
+    assert _rows(run) == _rows(reference)
+    assert [r["step"] for r in _rows(run) if "loss" in r] == list(range(1, STEPS + 1))
+    got, _ = read_checkpoint(latest_checkpoint(run / "checkpoints"))
+    want, _ = read_checkpoint(latest_checkpoint(reference / "checkpoints"))
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run (started at once; it trains while the tests kill theirs)."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    proc = start(train_command(run))
+    yield run, proc
+    proc.kill()
+
+
+@pytest.mark.parametrize("damage", [None, "truncate"], ids=["kill", "kill-then-truncate"])
+def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, reference, damage):
+    run = tmp_path / "run"
+    kill_step = random.randint(2 * EVERY + 1, STEPS - 1)
+    proc = start(train_command(run))
+    seen = kill_at_step(proc, run, kill_step)
+    assert proc.wait() == -signal.SIGKILL and seen < STEPS, f"killed at step {seen}"
+    newest = latest_checkpoint(run / "checkpoints")
+    if damage:  # the newest checkpoint cut short: --resume must fall back and say so
+        data = (newest / "model.safetensors").read_bytes()
+        (newest / "model.safetensors").write_bytes(data[: random.randrange(len(data))])
+    resumed = start(train_command(run, "--resume"))
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    if damage:
+        assert f"checkpoint {newest.name} is unusable (" in err and "model.safetensors" in err
+        assert "resuming from the previous good checkpoint step-" in err
+    else:
+        assert "unusable" not in err
+    ref_run, ref_proc = reference
+    assert ref_proc.wait(timeout=300) == 0, ref_proc.stderr.read()[-3000:]
+    _assert_identical(run, ref_run)
+
+
+def test_torchrun_restarts_after_a_rank_is_killed_and_ends_bit_identical(tmp_path):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    ref_proc = start(torchrun_command(ref, restarts=0))
+    proc = start(torchrun_command(run, restarts=1))
+    rank = random.randint(0, 1)
+    seen = kill_at_step(
+        proc, run, random.randint(EVERY + 1, STEPS - 2), lambda: worker_pid(proc.pid, rank)
+    )
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert f"local_rank: {rank}" in err and "exitcode: -9" in err  # the kill was seen
+    assert out.count("validation loss:") == 1, f"rank {rank} killed at step {seen}"
+    assert ref_proc.wait(timeout=300) == 0, ref_proc.stderr.read()[-3000:]
+    _assert_identical(run, ref)
