@@ -27,7 +27,8 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "swiglu": F.silu,  # silu(x w1) * (x w3), Shazeer 2020 "GLU Variants Improve Transformer"
 }
-IMPLS = ("auto", "loop", "grouped")
+IMPLS = ("auto", "loop", "threads", "grouped")
+AUTO_THREADS = True  # "auto" on CPU: experts on worker threads (benchmarks/moe_layer.py)
 
 
 class Experts(nn.Module):
@@ -40,9 +41,11 @@ class Experts(nn.Module):
         activation: "gelu" | "gelu_tanh" | "relu" | "silu" | "swiglu".
         bias: add per-expert biases ``b1`` (E, F), ``b2`` (E, D) and for swiglu ``b3`` (E, F):
             ``y = act(x w1[e] + b1[e]) w2[e] + b2[e]`` (for upcycling dense FFNs with biases).
-        impl: "loop" runs one matmul per expert on its slice; "grouped" one ``torch._grouped_mm``
-            per projection; "auto" takes grouped for bf16 on CUDA and the loop elsewhere (on CPU
-            the loop is faster, measured in benchmarks/moe_layer.py).
+        impl: "loop" runs one matmul per expert on its slice, each kernel on all intra-op
+            threads; "threads" runs the same per-expert kernels single-threaded, whole experts
+            split across ``torch.get_num_threads()`` worker threads (CPU); "grouped" one
+            ``torch._grouped_mm`` per projection; "auto" takes grouped for bf16 on CUDA, threads
+            on a multi-threaded CPU and the loop otherwise (measured in benchmarks/).
 
     Shape:
         forward(x_AD, counts): x (A, D) grouped by expert with ``counts[e]`` rows for expert e,
@@ -143,8 +146,21 @@ class Experts(nn.Module):
             biases = tuple(b.to(dtype) if b is not None else None for b in biases)
         with torch.autocast(x_AD.device.type, enabled=False):
             return sliced_ffn(
-                x_AD, w1, w2, w3, counts, self.activation, self.grad_pool, biases=biases
+                x_AD,
+                w1,
+                w2,
+                w3,
+                counts,
+                self.activation,
+                self.grad_pool,
+                biases=biases,
+                threads=self._threads(x_AD),
             )
+
+    def _threads(self, x_AD: torch.Tensor) -> int:
+        """Worker threads for whole experts (1: the plain loop on intra-op threads)."""
+        use = self.impl == "threads" or (self.impl == "auto" and AUTO_THREADS)
+        return torch.get_num_threads() if use and x_AD.device.type == "cpu" else 1
 
     def _grouped(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         counts_E = torch.tensor(counts, device=x_AD.device)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from moesaic.experts.threads import expert_groups, run_groups
+
 __all__ = ["sliced_ffn"]
 
 
@@ -37,13 +39,13 @@ def _act_backward(name: str, grad: torch.Tensor, pre: torch.Tensor) -> torch.Ten
     return torch.ops.aten.silu_backward(grad, pre)
 
 
-def _slices(counts: list[int]):
-    """(expert, row slice) for every expert that received rows."""
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            yield e, slice(start, start + n)
-            start += n
+def _starts(counts: list[int]) -> list[int]:
+    """Row offset of each expert's slice."""
+    out, start = [], 0
+    for n in counts:
+        out.append(start)
+        start += n
+    return out
 
 
 def _linear(x, w, b, out=None):
@@ -53,18 +55,22 @@ def _linear(x, w, b, out=None):
     return torch.addmm(b, x, w, out=out)
 
 
-def _forward(x_AD, w1, w2, w3, biases, counts, act, keep):
+def _forward(x_AD, w1, w2, w3, biases, counts, act, keep, threads=1):
     """The expert FFNs; with ``keep`` also what backward needs, per expert: the pre-activation
     x w1 + b1, the hidden h that enters w2 and, for gated experts, x w3 + b3. ``biases`` is
-    (b1, b2, b3) with None for absent ones.
+    (b1, b2, b3) with None for absent ones. ``threads`` > 1 runs groups of whole experts on
+    that many worker threads (moesaic/experts/threads.py).
 
     Per-expert temporaries (not one (A, F) buffer) keep every allocation small enough for the
     allocator to recycle between steps instead of mapping fresh pages each time.
     """
     b1, b2, b3 = biases
     y_AD = x_AD.new_empty(x_AD.shape[0], w2.shape[2])
-    saved = []
-    for e, s in _slices(counts):
+    starts = _starts(counts)
+    saved: dict[int, tuple] = {}
+
+    def expert(e: int) -> None:
+        s = slice(starts[e], starts[e] + counts[e])
         x = x_AD[s]
         pre = _linear(x, w1[e], _at(b1, e))
         h = _act(act, pre)
@@ -73,9 +79,11 @@ def _forward(x_AD, w1, w2, w3, biases, counts, act, keep):
             lin = _linear(x, w3[e], _at(b3, e))
             h = h * lin
         if keep:
-            saved.append((pre, h, lin))
+            saved[e] = (pre, h, lin)
         _linear(h, w2[e], _at(b2, e), out=y_AD[s])
-    return y_AD, saved
+
+    run_groups(expert, expert_groups(counts, threads))
+    return y_AD, [saved[e] for e in sorted(saved)]
 
 
 def _at(b: torch.Tensor | None, e: int) -> torch.Tensor | None:
@@ -87,12 +95,12 @@ class _SlicedFFN(torch.autograd.Function):
     (gated: the hidden is multiplied by x[s_e] w3[e] + b3[e]); absent biases count as zero."""
 
     @staticmethod
-    def forward(ctx, x_AD, w1, w2, w3, b1, b2, b3, counts, activation, pool):
+    def forward(ctx, x_AD, w1, w2, w3, b1, b2, b3, counts, activation, pool, threads):
         act = "silu" if w3 is not None else activation
-        y_AD, saved = _forward(x_AD, w1, w2, w3, (b1, b2, b3), counts, act, keep=True)
+        y_AD, saved = _forward(x_AD, w1, w2, w3, (b1, b2, b3), counts, act, True, threads)
         flat = [t for triple in saved for t in triple if t is not None]
         ctx.save_for_backward(x_AD, w1, w2, w3, b1, b2, b3, *flat)
-        ctx.counts, ctx.act, ctx.pool = counts, act, pool
+        ctx.counts, ctx.act, ctx.pool, ctx.threads = counts, act, pool, threads
         return y_AD
 
     @staticmethod
@@ -109,7 +117,11 @@ class _SlicedFFN(torch.autograd.Function):
         gb1 = _grad_buffer(b1, ctx.counts, None) if need_b1 else None
         gb2 = _grad_buffer(b2, ctx.counts, None) if need_b2 else None
         gb3 = _grad_buffer(b3, ctx.counts, None) if need_b3 else None
-        for i, (e, s) in enumerate(_slices(ctx.counts)):
+        starts = _starts(ctx.counts)
+        index = {e: i for i, e in enumerate(e for e, n in enumerate(ctx.counts) if n)}
+
+        def expert(e: int) -> None:
+            s, i = slice(starts[e], starts[e] + ctx.counts[e]), index[e]
             x, gy = x_AD[s], gy_AD[s]
             pre, h = flat[per_expert * i], flat[per_expert * i + 1]
             gh = gy @ w2[e].t()
@@ -135,7 +147,9 @@ class _SlicedFFN(torch.autograd.Function):
                 torch.mm(gpre, w1[e].t(), out=gx[s])
                 if glin is not None:
                     gx[s].addmm_(glin, w3[e].t())
-        return gx, gw1, gw2, gw3, gb1, gb2, gb3, None, None, None
+
+        run_groups(expert, expert_groups(ctx.counts, ctx.threads))
+        return gx, gw1, gw2, gw3, gb1, gb2, gb3, None, None, None, None
 
 
 def _grad_buffer(w: torch.Tensor, counts: list[int], pool) -> torch.Tensor:
@@ -158,15 +172,17 @@ def sliced_ffn(
     activation: str,
     pool=None,
     biases: tuple[torch.Tensor | None, ...] = (None, None, None),
+    threads: int = 1,
 ) -> torch.Tensor:
     """Run expert e on rows ``x_AD[sum(counts[:e]) : sum(counts[:e+1])]``; returns (A, D).
 
-    ``biases`` is (b1 (E, F), b2 (E, D), b3 (E, F)), each None when absent.
+    ``biases`` is (b1 (E, F), b2 (E, D), b3 (E, F)), each None when absent. ``threads`` > 1
+    runs whole experts on that many worker threads (moesaic/experts/threads.py).
     Without autograd (inference mode, no_grad, or nothing requiring grad) this is a plain loop
     that keeps nothing for backward.
     """
     tensors = (x_AD, w1, w2, w3, *biases)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _SlicedFFN.apply(x_AD, w1, w2, w3, *biases, counts, activation, pool)
+        return _SlicedFFN.apply(x_AD, w1, w2, w3, *biases, counts, activation, pool, threads)
     act = "silu" if w3 is not None else activation
-    return _forward(x_AD, w1, w2, w3, biases, counts, act, keep=False)[0]
+    return _forward(x_AD, w1, w2, w3, biases, counts, act, False, threads)[0]

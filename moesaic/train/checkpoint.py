@@ -42,6 +42,7 @@ __all__ = [
     "latest_checkpoint",
     "resumable_checkpoint",
     "CheckpointError",
+    "write_atomic",
 ]
 
 WEIGHTS, STATE, MANIFEST, LATEST = "model.safetensors", "state.pt", "manifest.json", "latest"
@@ -78,7 +79,7 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync(checkpoint_dir)
-        _write_atomic(checkpoint_dir / LATEST, final.name)
+        write_atomic(checkpoint_dir / LATEST, final.name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -244,8 +245,10 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so readers see the old file or the whole new one, never a part
+    (a temporary file unique to this process, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     _fsync(tmp)
     os.replace(tmp, path)

@@ -14,6 +14,7 @@ from moesaic.data import (
     split_documents,
     tokenizer_from_json,
 )
+from moesaic.train.checkpoint import write_atomic
 from moesaic.train.config import DataConfig
 
 __all__ = ["PreparedData", "prepare_data"]
@@ -78,7 +79,7 @@ def prepare_data(cfg: DataConfig, run_dir: Path | None = None) -> PreparedData:
         )
         if saved is not None:
             saved.parent.mkdir(parents=True, exist_ok=True)
-            saved.write_text(tokenizer.to_json())
+            write_atomic(saved, tokenizer.to_json())  # other ranks may be reading it
     train = TokenStream.from_documents(train_docs, tokenizer)
     val = TokenStream.from_documents(val_docs, tokenizer, domains=train.domains)
     return PreparedData(tokenizer=tokenizer, train=train, val=val)

@@ -38,7 +38,12 @@ from moesaic.parallel import (
     single_process,
     sync_gradients,
 )
-from moesaic.train.checkpoint import check_fits, resumable_checkpoint, save_checkpoint
+from moesaic.train.checkpoint import (
+    check_fits,
+    resumable_checkpoint,
+    save_checkpoint,
+    write_atomic,
+)
 from moesaic.train.config import RunConfig, config_to_dict
 from moesaic.train.data import TOKENIZER_FILE, PreparedData, prepare_data
 from moesaic.train.guard import CollapseWatch, TrainingGuard
@@ -122,7 +127,7 @@ class Trainer:
         self.data = data or prepare_data(cfg.data, self.run_dir)
         tokenizer_file = self.run_dir / TOKENIZER_FILE
         if groups.is_main and not tokenizer_file.exists():
-            tokenizer_file.write_text(self.data.tokenizer.to_json())
+            write_atomic(tokenizer_file, self.data.tokenizer.to_json())
         self.model = build_model(cfg, self.data.tokenizer.vocab_size, groups.expert_group)
         self.optimizer = _adamw(self.model, cfg)
         self.guard = TrainingGuard(cfg.guard)

@@ -5,11 +5,12 @@ import moesaic as ms
 from moesaic.experts.reference import reference_ffn
 
 
+@pytest.mark.parametrize("impl", ["loop", "threads"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "silu", "swiglu"])
 @pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 0, 0, 4], [0, 0, 0, 0], [1, 1, 1, 1]])
-def test_sliced_experts_equal_the_per_token_reference(activation, counts, bias):
-    experts = ms.Experts(4, 6, 10, activation, bias=bias)
+def test_sliced_experts_equal_the_per_token_reference(activation, counts, bias, impl):
+    experts = ms.Experts(4, 6, 10, activation, bias=bias, impl=impl)
     x = torch.randn(sum(counts), 6, requires_grad=True)
     y = experts(x, counts)
     owner = torch.repeat_interleave(torch.arange(4), torch.tensor(counts)).tolist()
