@@ -31,6 +31,16 @@ IMPLS = ("auto", "loop", "threads", "grouped")
 AUTO_THREADS = True  # "auto" on CPU: experts on worker threads (benchmarks/moe_layer.py)
 
 
+def _modes_active() -> bool:
+    """A dispatch or function mode (FlopCounterMode, fake tensors, ...) or a tracer is active:
+    these are thread-local, so worker threads would escape them."""
+    return bool(
+        torch._C._len_torch_dispatch_stack()
+        or torch._C._len_torch_function_stack()
+        or torch.jit.is_tracing()
+    )
+
+
 class Experts(nn.Module):
     """E independent FFNs ``y = act(x w1[e]) w2[e]`` (swiglu: ``(silu(x w1[e]) * x w3[e]) w2[e]``).
 
@@ -160,7 +170,9 @@ class Experts(nn.Module):
     def _threads(self, x_AD: torch.Tensor) -> int:
         """Worker threads for whole experts (1: the plain loop on intra-op threads)."""
         use = self.impl == "threads" or (self.impl == "auto" and AUTO_THREADS)
-        return torch.get_num_threads() if use and x_AD.device.type == "cpu" else 1
+        if not use or x_AD.device.type != "cpu" or _modes_active():
+            return 1
+        return torch.get_num_threads()
 
     def _grouped(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         counts_E = torch.tensor(counts, device=x_AD.device)

@@ -66,3 +66,16 @@ def test_an_error_in_a_worker_reaches_the_caller():
 
     with pytest.raises(RuntimeError, match="expert 1 failed"):
         run_groups(fail, [[0], [1]])
+
+
+def test_thread_local_modes_see_every_expert_matmul():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = [8, 8, 8, 8]
+    flops = {}
+    for impl in ("loop", "threads"):
+        experts = ms.Experts(4, 16, 32, impl=impl)
+        with FlopCounterMode(display=False) as counter:
+            experts(torch.randn(32, 16), counts)
+        flops[impl] = counter.get_total_flops()
+    assert flops["threads"] == flops["loop"] == 2 * 2 * 32 * 16 * 32
