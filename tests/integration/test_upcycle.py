@@ -66,3 +66,16 @@ def test_bad_upcycle_arguments_are_one_line_errors(dense_run, tmp_path, capsys):
     assert main([*base, "--router", "nope"]) == 2
     assert "model.router='nope' is not one of" in capsys.readouterr().err
     assert not (tmp_path / "z").exists()
+
+
+def test_upcycle_benchmark_runs_in_quick_mode(tmp_path, capsys):
+    from moesaic.bench.upcycle import main as bench
+
+    argv = ["--recipe", "lm-moe-test", "--set", "model.num_experts=0", "--dense-steps", "2"]
+    assert bench([*argv, "--steps", "2", "--eval-every", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| step | upcycle | scratch | dense-continued |" in out and "| 2 | " in out
+    summary = json.loads((tmp_path / "upcycle_bench.json").read_text())
+    evals = {name: dict(run["evals"]) for name, run in summary["runs"].items()}
+    # step 0 of the upcycled run is the dense model's loss (top-2 renormalised router)
+    assert evals["upcycle"][0] == pytest.approx(evals["dense"][2], abs=1e-5)
