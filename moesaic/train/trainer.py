@@ -41,7 +41,7 @@ from moesaic.parallel import (
 from moesaic.train.checkpoint import check_fits, resumable_checkpoint, save_checkpoint
 from moesaic.train.config import RunConfig, config_to_dict
 from moesaic.train.data import TOKENIZER_FILE, PreparedData, prepare_data
-from moesaic.train.guard import CollapseWatch, TrainingGuard
+from moesaic.train.guard import CollapseWatch, TrainingGuard, TrainingHalted
 
 __all__ = ["Trainer", "TrainResult", "build_model", "evaluate", "lr_factor"]
 
@@ -203,6 +203,9 @@ class Trainer:
             bar.close()
             if not self.groups.distributed:  # a collective save could wait on a dead peer
                 self.save()
+            raise
+        except TrainingHalted as err:  # the report goes into the metrics too
+            self._log({"step": self.step + 1, "event": "halted", "reason": str(err)})
             raise
         finally:
             bar.close()

@@ -151,3 +151,5 @@ def test_stop_mode_halts_before_the_update_and_keeps_the_last_checkpoint(tmp_pat
         trainer.fit()
     assert trainer.step == 4
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-000003"
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["event"] == "halted" and last["step"] == 5 and "loss=nan" in last["reason"]
