@@ -81,7 +81,7 @@ def test_torchrun_restarts_after_a_rank_is_killed_and_ends_bit_identical(tmp_pat
     )
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    assert f"local_rank: {rank}" in err and "exitcode: -9" in err  # the kill was seen
+    assert out.count("run directory:") == 2, "rank 0 starts twice: torchrun restarted the job"
     assert out.count("validation loss:") == 1, f"rank {rank} killed at step {seen}"
     assert ref_proc.wait(timeout=300) == 0, ref_proc.stderr.read()[-3000:]
     _assert_identical(run, ref)
