@@ -4,7 +4,7 @@ import moesaic as ms
 layer = ms.MoE(d_model=512, d_ff=2048, num_experts=8, router="switch")
 """
 
-from moesaic import metrics, models, parallel
+from moesaic import convert, metrics, models, parallel
 from moesaic.context import RoutingContext, current_context, routing_context
 from moesaic.experts import Experts
 from moesaic.layer import MoE, aux_loss
@@ -19,6 +19,8 @@ from moesaic.routing import (
     register_router,
 )
 from moesaic.routing.stats import RoutingStats
+
+moefy = convert.moefy
 
 __version__ = "0.1.0"
 
@@ -38,6 +40,8 @@ __all__ = [
     "expert_capacity",
     "register_router",
     "routing_context",
+    "moefy",
+    "convert",
     "metrics",
     "models",
     "parallel",

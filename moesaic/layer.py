@@ -38,7 +38,9 @@ class MoE(nn.Module):
         drop_policy: which assignments keep their slot when an expert overflows: "position"
             (earliest tokens) or "priority" (highest gate weight, Batch Prioritized Routing).
             Either way every first choice goes before any second choice.
-        activation: "gelu" | "relu" | "silu" | "swiglu".
+        activation: "gelu" | "gelu_tanh" | "relu" | "silu" | "swiglu".
+        expert_bias: give every expert (and the shared expert) biases ``experts.b1``/``b2``
+            (``b3`` for swiglu), as ``moefy`` needs for dense FFNs that have them.
         shared_d_ff: > 0 adds a dense always-on expert of that width (residual MoE / PR-MoE:
             ``y = MoE(x) + MLP(x)``).
         aux_loss_weight: alpha, the weight of the router's load-balancing loss.
@@ -79,6 +81,7 @@ class MoE(nn.Module):
         capacity_factor: float | None = None,
         drop_policy: str = "position",
         activation: str = "gelu",
+        expert_bias: bool = False,
         shared_d_ff: int = 0,
         aux_loss_weight: float = 0.01,
         z_loss_weight: float = 0.0,
@@ -116,7 +119,7 @@ class MoE(nn.Module):
             options=router_options,
         ).to(device=device)
         self.top_k = self.router.top_k
-        kw = {"impl": expert_impl, "device": device, "dtype": dtype}
+        kw = {"bias": expert_bias, "impl": expert_impl, "device": device, "dtype": dtype}
         self.experts = Experts(num_experts, d_model, d_ff, activation, **kw)
         self.expert_group = None
         self._mark_experts()
@@ -139,7 +142,7 @@ class MoE(nn.Module):
                 f"size {world}"
             )
         local = self.num_experts // world
-        for name in ("w1", "w2", "w3"):
+        for name in ("w1", "w2", "w3", "b1", "b2", "b3"):
             w = getattr(self.experts, name)
             if w is not None:
                 shard = w.detach()[index * local : (index + 1) * local].clone()

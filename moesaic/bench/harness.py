@@ -10,11 +10,11 @@ import gc
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["time_interleaved", "environment"]
+__all__ = ["time_interleaved", "environment", "saved_for_backward_bytes"]
 
 
 def time_interleaved(
@@ -40,3 +40,19 @@ def environment() -> str:
         f"torch {torch.__version__}, python {platform.python_version()}, "
         f"{torch.get_num_threads()} threads, {platform.machine()} {platform.processor() or ''}"
     ).strip()
+
+
+def saved_for_backward_bytes(fn: Callable[[], object], exclude: Sequence[torch.Tensor]) -> int:
+    """Bytes autograd keeps for backward while running ``fn`` (activation memory), counting each
+    storage once and leaving out the storages of ``exclude`` (parameters, the input)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(n for ptr, n in seen.items() if ptr not in skip)

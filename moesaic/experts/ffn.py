@@ -6,6 +6,7 @@ E experts.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -21,6 +22,7 @@ __all__ = ["Experts", "ACTIVATIONS"]
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),  # GPT-2's "gelu_new"
     "relu": F.relu,
     "silu": F.silu,
     "swiglu": F.silu,  # silu(x w1) * (x w3), Shazeer 2020 "GLU Variants Improve Transformer"
@@ -35,7 +37,9 @@ class Experts(nn.Module):
         num_experts: E.
         d_model: D.
         d_ff: F, hidden width of each expert.
-        activation: "gelu" | "relu" | "silu" | "swiglu".
+        activation: "gelu" | "gelu_tanh" | "relu" | "silu" | "swiglu".
+        bias: add per-expert biases ``b1`` (E, F), ``b2`` (E, D) and for swiglu ``b3`` (E, F):
+            ``y = act(x w1[e] + b1[e]) w2[e] + b2[e]`` (for upcycling dense FFNs with biases).
         impl: "loop" runs one matmul per expert on its slice; "grouped" one ``torch._grouped_mm``
             per projection; "auto" takes grouped for bf16 on CUDA and the loop elsewhere (on CPU
             the loop is faster, measured in benchmarks/moe_layer.py).
@@ -44,7 +48,8 @@ class Experts(nn.Module):
         forward(x_AD, counts): x (A, D) grouped by expert with ``counts[e]`` rows for expert e,
         sum(counts) == A. Output (A, D).
 
-    Parameters ``w1`` (E, D, F), ``w2`` (E, F, D) and for swiglu ``w3`` (E, D, F) are public names.
+    Parameters ``w1`` (E, D, F), ``w2`` (E, F, D) and for swiglu ``w3`` (E, D, F) are public names,
+    as are ``b1``, ``b2``, ``b3`` (None without ``bias``).
     """
 
     def __init__(
@@ -54,6 +59,7 @@ class Experts(nn.Module):
         d_ff: int,
         activation: str = "gelu",
         *,
+        bias: bool = False,
         impl: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -72,6 +78,13 @@ class Experts(nn.Module):
         self.w3 = (
             nn.Parameter(torch.empty(num_experts, d_model, d_ff, **kw)) if self.gated else None
         )
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias={bias!r} must be a bool")
+        self.b1 = nn.Parameter(torch.empty(num_experts, d_ff, **kw)) if bias else None
+        self.b2 = nn.Parameter(torch.empty(num_experts, d_model, **kw)) if bias else None
+        self.b3 = (
+            nn.Parameter(torch.empty(num_experts, d_ff, **kw)) if bias and self.gated else None
+        )
         self.reset_parameters()
         self.grad_pool = GradPool()
 
@@ -79,18 +92,24 @@ class Experts(nn.Module):
     def gated(self) -> bool:
         return self.activation == "swiglu"
 
+    @property
+    def biases(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        return self.b1, self.b2, self.b3
+
     def reset_parameters(self) -> None:
         # Each expert like a fresh nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), so an MoE and a
         # dense FFN of the same widths start at the same scale.
-        for w, fan_in in ((self.w1, self.d_model), (self.w2, self.d_ff), (self.w3, self.d_model)):
-            if w is not None:
-                bound = 1.0 / math.sqrt(fan_in)
-                nn.init.uniform_(w, -bound, bound)
+        fans = ((self.w1, self.b1, self.d_model), (self.w2, self.b2, self.d_ff))
+        for w, b, fan_in in (*fans, (self.w3, self.b3, self.d_model)):
+            bound = 1.0 / math.sqrt(fan_in)
+            for p in (w, b):
+                if p is not None:
+                    nn.init.uniform_(p, -bound, bound)
 
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
-            f"activation={self.activation!r}, impl={self.impl!r}"
+            f"activation={self.activation!r}, bias={self.b1 is not None}, impl={self.impl!r}"
         )
 
     def forward(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -127,7 +146,7 @@ class Experts(nn.Module):
         )
 
     def _loop(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        w1, w2, w3 = self.w1, self.w2, self.w3
+        w1, w2, w3, biases = self.w1, self.w2, self.w3, self.biases
         if self.grad_pool is not None and torch.is_grad_enabled():
             for w in (w1, w2, w3):
                 if w is not None:
@@ -137,12 +156,23 @@ class Experts(nn.Module):
             dtype = torch.get_autocast_dtype(x_AD.device.type)
             x_AD, w1, w2 = x_AD.to(dtype), w1.to(dtype), w2.to(dtype)
             w3 = w3.to(dtype) if w3 is not None else None
+            biases = tuple(b.to(dtype) if b is not None else None for b in biases)
         with torch.autocast(x_AD.device.type, enabled=False):
-            return sliced_ffn(x_AD, w1, w2, w3, counts, self.activation, self.grad_pool)
+            return sliced_ffn(
+                x_AD, w1, w2, w3, counts, self.activation, self.grad_pool, biases=biases
+            )
 
     def _grouped(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        offs = torch.tensor(counts, device=x_AD.device).cumsum(0).to(torch.int32)
-        h = self.act(torch._grouped_mm(x_AD, self.w1, offs=offs))
+        counts_E = torch.tensor(counts, device=x_AD.device)
+        offs = counts_E.cumsum(0).to(torch.int32)
+        # expert of each row, only to index the biases
+        expert_A = torch.repeat_interleave(torch.arange(len(counts), device=x_AD.device), counts_E)
+
+        def linear(x, w, b):
+            y = torch._grouped_mm(x, w, offs=offs)
+            return y if b is None else y + b[expert_A]
+
+        h = self.act(linear(x_AD, self.w1, self.b1))
         if self.w3 is not None:
-            h = h * torch._grouped_mm(x_AD, self.w3, offs=offs)
-        return torch._grouped_mm(h, self.w2, offs=offs)
+            h = h * linear(x_AD, self.w3, self.b3)
+        return linear(h, self.w2, self.b2)

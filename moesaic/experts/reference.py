@@ -65,13 +65,20 @@ def reference_keep(
 
 
 def reference_ffn(x_D: torch.Tensor, experts, e: int) -> torch.Tensor:
-    """Expert e of an ``Experts`` module applied to one token vector."""
-    h = x_D @ experts.w1[e]
+    """Expert e of an ``Experts`` module applied to one token vector (biases when it has them)."""
+
+    def bias(name: str) -> torch.Tensor | float:
+        b = getattr(experts, name, None)
+        return 0.0 if b is None else b[e]
+
+    h = x_D @ experts.w1[e] + bias("b1")
     if experts.activation == "swiglu":
-        h = F.silu(h) * (x_D @ experts.w3[e])
+        h = F.silu(h) * (x_D @ experts.w3[e] + bias("b3"))
+    elif experts.activation == "gelu_tanh":
+        h = F.gelu(h, approximate="tanh")
     else:
         h = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[experts.activation](h)
-    return h @ experts.w2[e]
+    return h @ experts.w2[e] + bias("b2")
 
 
 def reference_moe(

@@ -22,12 +22,16 @@ __all__ = ["sliced_ffn"]
 
 
 def _act(name: str, pre: torch.Tensor) -> torch.Tensor:
+    if name == "gelu_tanh":
+        return F.gelu(pre, approximate="tanh")
     return {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[name](pre)
 
 
 def _act_backward(name: str, grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     if name == "gelu":
         return torch.ops.aten.gelu_backward(grad, pre)
+    if name == "gelu_tanh":
+        return torch.ops.aten.gelu_backward(grad, pre, approximate="tanh")
     if name == "relu":
         return grad * (pre > 0)
     return torch.ops.aten.silu_backward(grad, pre)
@@ -42,51 +46,69 @@ def _slices(counts: list[int]):
             start += n
 
 
-def _forward(x_AD, w1, w2, w3, counts, act, keep):
+def _linear(x, w, b, out=None):
+    """x w (+ b): one matmul or one addmm, written into ``out`` when given."""
+    if b is None:
+        return torch.mm(x, w, out=out)
+    return torch.addmm(b, x, w, out=out)
+
+
+def _forward(x_AD, w1, w2, w3, biases, counts, act, keep):
     """The expert FFNs; with ``keep`` also what backward needs, per expert: the pre-activation
-    x w1, the hidden h that enters w2 and, for gated experts, x w3.
+    x w1 + b1, the hidden h that enters w2 and, for gated experts, x w3 + b3. ``biases`` is
+    (b1, b2, b3) with None for absent ones.
 
     Per-expert temporaries (not one (A, F) buffer) keep every allocation small enough for the
     allocator to recycle between steps instead of mapping fresh pages each time.
     """
+    b1, b2, b3 = biases
     y_AD = x_AD.new_empty(x_AD.shape[0], w2.shape[2])
     saved = []
     for e, s in _slices(counts):
         x = x_AD[s]
-        pre = x @ w1[e]
+        pre = _linear(x, w1[e], _at(b1, e))
         h = _act(act, pre)
         lin = None
         if w3 is not None:
-            lin = x @ w3[e]
+            lin = _linear(x, w3[e], _at(b3, e))
             h = h * lin
         if keep:
             saved.append((pre, h, lin))
-        torch.mm(h, w2[e], out=y_AD[s])
+        _linear(h, w2[e], _at(b2, e), out=y_AD[s])
     return y_AD, saved
 
 
+def _at(b: torch.Tensor | None, e: int) -> torch.Tensor | None:
+    return None if b is None else b[e]
+
+
 class _SlicedFFN(torch.autograd.Function):
-    """y[s_e] = act(x[s_e] w1[e]) w2[e] for each expert's row slice s_e (gated: * x[s_e] w3[e])."""
+    """y[s_e] = act(x[s_e] w1[e] + b1[e]) w2[e] + b2[e] for each expert's row slice s_e
+    (gated: the hidden is multiplied by x[s_e] w3[e] + b3[e]); absent biases count as zero."""
 
     @staticmethod
-    def forward(ctx, x_AD, w1, w2, w3, counts, activation, pool):
+    def forward(ctx, x_AD, w1, w2, w3, b1, b2, b3, counts, activation, pool):
         act = "silu" if w3 is not None else activation
-        y_AD, saved = _forward(x_AD, w1, w2, w3, counts, act, keep=True)
+        y_AD, saved = _forward(x_AD, w1, w2, w3, (b1, b2, b3), counts, act, keep=True)
         flat = [t for triple in saved for t in triple if t is not None]
-        ctx.save_for_backward(x_AD, w1, w2, w3, *flat)
+        ctx.save_for_backward(x_AD, w1, w2, w3, b1, b2, b3, *flat)
         ctx.counts, ctx.act, ctx.pool = counts, act, pool
         return y_AD
 
     @staticmethod
     def backward(ctx, gy_AD):
-        x_AD, w1, w2, w3, *flat = ctx.saved_tensors
+        x_AD, w1, w2, w3, b1, b2, b3, *flat = ctx.saved_tensors
         per_expert = 2 if w3 is None else 3
         gy_AD = gy_AD.contiguous()
-        need_x, need_w1, need_w2, need_w3 = ctx.needs_input_grad[:4]
+        need_x, need_w1, need_w2, need_w3, need_b1, need_b2, need_b3 = ctx.needs_input_grad[:7]
         gx = torch.empty_like(x_AD) if need_x else None
         gw1 = _grad_buffer(w1, ctx.counts, ctx.pool) if need_w1 else None
         gw2 = _grad_buffer(w2, ctx.counts, ctx.pool) if need_w2 else None
         gw3 = _grad_buffer(w3, ctx.counts, ctx.pool) if need_w3 else None
+        # bias gradients: the column sums of the matching pre-activation gradients
+        gb1 = _grad_buffer(b1, ctx.counts, None) if need_b1 else None
+        gb2 = _grad_buffer(b2, ctx.counts, None) if need_b2 else None
+        gb3 = _grad_buffer(b3, ctx.counts, None) if need_b3 else None
         for i, (e, s) in enumerate(_slices(ctx.counts)):
             x, gy = x_AD[s], gy_AD[s]
             pre, h = flat[per_expert * i], flat[per_expert * i + 1]
@@ -99,15 +121,21 @@ class _SlicedFFN(torch.autograd.Function):
                 glin = gh * _act(ctx.act, pre)
                 if gw3 is not None:
                     torch.mm(x.t(), glin, out=gw3[e])
+                if gb3 is not None:
+                    torch.sum(glin, dim=0, out=gb3[e])
             if gw2 is not None:
                 torch.mm(h.t(), gy, out=gw2[e])
+            if gb2 is not None:
+                torch.sum(gy, dim=0, out=gb2[e])
             if gw1 is not None:
                 torch.mm(x.t(), gpre, out=gw1[e])
+            if gb1 is not None:
+                torch.sum(gpre, dim=0, out=gb1[e])
             if gx is not None:
                 torch.mm(gpre, w1[e].t(), out=gx[s])
                 if glin is not None:
                     gx[s].addmm_(glin, w3[e].t())
-        return gx, gw1, gw2, gw3, None, None, None
+        return gx, gw1, gw2, gw3, gb1, gb2, gb3, None, None, None
 
 
 def _grad_buffer(w: torch.Tensor, counts: list[int], pool) -> torch.Tensor:
@@ -129,14 +157,16 @@ def sliced_ffn(
     counts: list[int],
     activation: str,
     pool=None,
+    biases: tuple[torch.Tensor | None, ...] = (None, None, None),
 ) -> torch.Tensor:
     """Run expert e on rows ``x_AD[sum(counts[:e]) : sum(counts[:e+1])]``; returns (A, D).
 
+    ``biases`` is (b1 (E, F), b2 (E, D), b3 (E, F)), each None when absent.
     Without autograd (inference mode, no_grad, or nothing requiring grad) this is a plain loop
     that keeps nothing for backward.
     """
-    tensors = (x_AD, w1, w2, w3)
+    tensors = (x_AD, w1, w2, w3, *biases)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _SlicedFFN.apply(x_AD, w1, w2, w3, counts, activation, pool)
+        return _SlicedFFN.apply(x_AD, w1, w2, w3, *biases, counts, activation, pool)
     act = "silu" if w3 is not None else activation
-    return _forward(x_AD, w1, w2, w3, counts, act, keep=False)[0]
+    return _forward(x_AD, w1, w2, w3, biases, counts, act, keep=False)[0]

@@ -39,6 +39,9 @@ class LMConfig:
     d_ff: int = 1024  # hidden width of the dense FFN, and of each expert
     activation: str = "gelu"
     positions: str = "rope"  # "rope" | "learned"
+    rope_theta: float = 10000.0  # rotary base: channel pair i turns by position * theta^(-2i/hd)
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm" (LLaMA / Mixtral)
+    norm_eps: float = 1e-5
     tie_embeddings: bool = True
     dropout: float = 0.0
     num_experts: int = 0  # 0: dense model
@@ -61,6 +64,11 @@ class LMConfig:
         check_positive_int("model.top_k", self.top_k)
         check_choice("model.activation", self.activation, ACTIVATIONS)
         check_choice("model.positions", self.positions, ("rope", "learned"))
+        check_choice("model.norm", self.norm, NORMS)
+        for name in ("rope_theta", "norm_eps"):
+            check_nonnegative_float(f"model.{name}", getattr(self, name))
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be > 0")
         check_choice("model.router", self.router, ROUTERS)
         check_choice("model.drop_policy", self.drop_policy, DROP_POLICIES)
         if self.capacity_factor is not None:
@@ -135,9 +143,11 @@ class KVCache:
         return k, v
 
 
-def _rope_tables(max_len: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # RoFormer (Su et al. 2021): rotate pairs of channels by position * 10000^(-2i/d).
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+def _rope_tables(
+    max_len: int, head_dim: int, theta: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # RoFormer (Su et al. 2021): rotate pairs of channels by position * theta^(-2i/d).
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
     angles = torch.outer(torch.arange(max_len).float(), inv_freq)  # (S, head_dim / 2)
     return angles.cos(), angles.sin()
 
@@ -199,10 +209,20 @@ class DenseFFN(nn.Module):
         return self.w2(h * self.w3(x) if self.w3 is not None else h)
 
 
+NORMS = ("layernorm", "rmsnorm")
+
+
+def make_norm(cfg: LMConfig) -> nn.Module:
+    """The model's normalisation layer: LayerNorm (with bias) or RMSNorm (weight only)."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: LMConfig, index: int) -> None:
         super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.ln1, self.ln2 = make_norm(cfg), make_norm(cfg)
         self.attn = Attention(cfg)
         if cfg.moe_layer(index):
             self.ffn: nn.Module = MoE(
@@ -247,11 +267,11 @@ class MoELM(nn.Module):
             nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
         )
         if cfg.positions == "rope":
-            cos, sin = _rope_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads)
+            cos, sin = _rope_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.ln_f = make_norm(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.reset_parameters()

@@ -36,6 +36,9 @@ class Routing:
         choice: LongTensor (A,), 0 for a token's first choice, 1 for its second, ...
         priority: (A,) the token's priority for Batch Prioritized Routing (its largest gate
             weight), or None to use ``weight``.
+        dense_k: K when the assignments are exactly ``a = j * T + t`` for every choice j < K and
+            token t (what ``from_topk`` builds), which lets dispatch un-permute by gathers alone;
+            None for any other layout.
         probs_TE: (T, E) the routing distribution the router used (for statistics).
         aux_loss: scalar, the router's unweighted load-balancing loss (0 when it has none).
         z_loss: scalar, mean squared logsumexp of the logits (0 for routers without logits).
@@ -49,6 +52,7 @@ class Routing:
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
     priority: torch.Tensor | None = None
+    dense_k: int | None = None
 
     @property
     def num_assignments(self) -> int:
@@ -74,6 +78,7 @@ class Routing:
             aux_loss=aux_loss,
             z_loss=z_loss,
             priority=weight_TK.detach().amax(dim=1).repeat(K),
+            dense_k=K,
         )
 
     def select(self, keep_A: torch.Tensor) -> Routing:
@@ -84,7 +89,25 @@ class Routing:
             if f.name in ("token", "expert", "weight", "choice", "priority")
             and getattr(self, f.name) is not None
         }
-        return dataclasses.replace(self, **pick)
+        return dataclasses.replace(self, **pick, dense_k=None)
+
+
+class _UpcastLinear(torch.autograd.Function):
+    """``x @ w.T`` in ``dtype``; saves x and w as given and casts again in backward."""
+
+    @staticmethod
+    def forward(ctx, x, w, dtype):
+        ctx.save_for_backward(x, w)
+        ctx.dtype = dtype
+        return nn.functional.linear(x.to(dtype), w.to(dtype))
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        g = g.to(ctx.dtype)
+        gx = (g @ w.to(ctx.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        gw = (g.t() @ x.to(ctx.dtype)).to(w.dtype) if ctx.needs_input_grad[1] else None
+        return gx, gw, None
 
 
 class Router(nn.Module, abc.ABC):
@@ -167,18 +190,22 @@ class LearnedRouter(Router):
         nn.init.trunc_normal_(self.gate.weight, std=std, a=-2 * std, b=2 * std)
 
     def router_input(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """x cast to ``router_dtype``, with multiplicative jitter in training.
+        """x with multiplicative jitter in training (then cast to ``router_dtype``), else x as is:
+        ``linear`` casts it.
 
         Call under ``torch.autocast(..., enabled=False)`` so bf16 never reaches the softmax.
         """
-        x = x_TD.to(self.router_dtype)
         if self.training and self.jitter > 0:
-            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        return x
+            x = x_TD.to(self.router_dtype)
+            return x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        return x_TD
 
     def linear(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-        """``layer(x)`` computed in ``router_dtype``, whatever dtype the weights are stored in."""
-        return nn.functional.linear(x, layer.weight.to(self.router_dtype))
+        """``layer(x)`` computed in ``router_dtype``, whatever dtype x and the weights are stored
+        in; backward keeps x in its own dtype (no (T, D) fp32 copy of bf16 activations)."""
+        if x.dtype == layer.weight.dtype == self.router_dtype:
+            return nn.functional.linear(x, layer.weight)
+        return _UpcastLinear.apply(x, layer.weight, self.router_dtype)
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """Gate logits (T, E) in ``router_dtype``."""

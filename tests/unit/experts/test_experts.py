@@ -5,10 +5,11 @@ import moesaic as ms
 from moesaic.experts.reference import reference_ffn
 
 
-@pytest.mark.parametrize("activation", ["gelu", "relu", "silu", "swiglu"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "silu", "swiglu"])
 @pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 0, 0, 4], [0, 0, 0, 0], [1, 1, 1, 1]])
-def test_sliced_experts_equal_the_per_token_reference(activation, counts):
-    experts = ms.Experts(4, 6, 10, activation)
+def test_sliced_experts_equal_the_per_token_reference(activation, counts, bias):
+    experts = ms.Experts(4, 6, 10, activation, bias=bias)
     x = torch.randn(sum(counts), 6, requires_grad=True)
     y = experts(x, counts)
     owner = torch.repeat_interleave(torch.arange(4), torch.tensor(counts)).tolist()
@@ -28,10 +29,11 @@ def test_sliced_experts_equal_the_per_token_reference(activation, counts):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_grouped_mm_path_equals_the_loop(activation):
-    experts = ms.Experts(4, 16, 32, activation, impl="loop")
-    grouped = ms.Experts(4, 16, 32, activation, impl="grouped")
+def test_grouped_mm_path_equals_the_loop(activation, bias):
+    experts = ms.Experts(4, 16, 32, activation, bias=bias, impl="loop")
+    grouped = ms.Experts(4, 16, 32, activation, bias=bias, impl="grouped")
     grouped.load_state_dict(experts.state_dict())
     counts = [5, 0, 7, 4]
     x = torch.randn(16, 16)
@@ -60,3 +62,19 @@ def test_parameter_names_and_shapes_are_the_public_contract():
         "w3": (3, 4, 5),
     }
     assert "w3" not in dict(ms.Experts(3, 4, 5).named_parameters())
+
+
+def test_bias_names_and_shapes_are_public_and_a_non_bool_bias_is_rejected():
+    e = ms.Experts(3, 4, 5, "swiglu", bias=True)
+    shapes = {n: tuple(p.shape) for n, p in e.named_parameters()}
+    assert (shapes["b1"], shapes["b2"], shapes["b3"]) == ((3, 5), (3, 4), (3, 5))
+    assert "b3" not in dict(ms.Experts(3, 4, 5, bias=True).named_parameters())
+    with pytest.raises(TypeError, match="bias=1 must be a bool"):
+        ms.Experts(3, 4, 5, bias=1)
+
+
+def test_empty_experts_get_zero_bias_gradients():
+    e = ms.Experts(3, 4, 5, bias=True)
+    e(torch.randn(4, 4), [4, 0, 0]).sum().backward()
+    assert e.b1.grad[1:].abs().sum() == 0 and e.b2.grad[1:].abs().sum() == 0
+    assert e.b2.grad[0].abs().sum() > 0

@@ -1,0 +1,324 @@
+"""moesaic's MoE layer against peer libraries, side by side in one process.
+
+For each cell (T tokens, E experts, top-k) every implementation runs forward+backward and
+forward-only, interleaved round-robin, on the same input. Implementations come in FFN families
+with different FLOPs per expert (GELU and ReLU experts: 2 matmuls; SwiGLU: 3), and each is
+compared with the token-blocked dense FFN of its own family and hidden width k*F (the limit an
+MoE layer can reach: same active FLOPs, cache-friendly token blocks) and with moesaic's layer of
+the same family:
+
+- gelu: moesaic, naive loop (nn.ModuleList + masks), DeepSpeed ``deepspeed.moe.layer.MoE``
+  (1-process gloo group, ``drop_tokens=False``), dense and blocked dense FFN;
+- relu (top-1 only): moesaic, transformers ``SwitchTransformersSparseMLP``;
+- swiglu: moesaic, transformers ``MixtralSparseMoeBlock`` with its "eager" and "grouped_mm"
+  expert paths (its "batched_mm" path copies the weights once per token, meant for decoding: tens
+  of GB here), ``Qwen2MoeSparseMoeBlock`` with "grouped_mm" (a shared expert of width 0 is not
+  allowed, so it has one of width F and its dense limit is k*F + F wide).
+
+Peers are built from configs with random weights (no downloads). Needs the ``bench`` extra
+(transformers) and DeepSpeed, whose build imports torch: ``pip install --no-build-isolation
+deepspeed``. A missing peer is reported and skipped, never silently.
+
+Shape legend (docs/shapes.md): T tokens, D model dim, F expert hidden, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from moesaic.bench.harness import environment, saved_for_backward_bytes, time_interleaved
+from moesaic.bench.layer import NaiveMoE
+from moesaic.layer import MoE
+from moesaic.parallel.launch import free_port
+
+__all__ = ["main", "BlockedDense"]
+
+
+class DenseFFN(nn.Module):
+    """``w2(act(w1 x))`` or, for swiglu, ``w2(silu(w1 x) * w3 x)``; no biases."""
+
+    def __init__(self, d_model: int, d_hidden: int, family: str) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_hidden, bias=False)
+        self.w2 = nn.Linear(d_hidden, d_model, bias=False)
+        self.w3 = nn.Linear(d_model, d_hidden, bias=False) if family == "swiglu" else None
+        self.act = {"gelu": F.gelu, "relu": F.relu, "swiglu": F.silu}[family]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.w1(x))
+        return self.w2(h * self.w3(x) if self.w3 is not None else h)
+
+
+class BlockedDense(DenseFFN):
+    """The dense FFN over blocks of ``block`` tokens, so each block's hidden stays in cache."""
+
+    def __init__(self, d_model: int, d_hidden: int, family: str, block: int = 512) -> None:
+        super().__init__(d_model, d_hidden, family)
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([super(BlockedDense, self).forward(c) for c in x.split(self.block)])
+
+
+@dataclasses.dataclass
+class Impl:
+    name: str
+    family: str
+    module: nn.Module
+    call: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+def _plain(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module(x)
+
+
+def _first(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = module(x.unsqueeze(0))
+    return (out[0] if isinstance(out, tuple) else out).squeeze(0)
+
+
+def _transformers_impls(D: int, Fh: int, E: int, K: int) -> tuple[list[Impl], list[str]]:
+    try:
+        from transformers import MixtralConfig, Qwen2MoeConfig, SwitchTransformersConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+        from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+        from transformers.models.switch_transformers.modeling_switch_transformers import (
+            SwitchTransformersSparseMLP,
+        )
+    except ImportError as err:
+        return [], [f"transformers: not installed ({err}); pip install 'moesaic[bench]'"]
+    impls, skipped = [], []
+    for path in ("eager", "grouped_mm"):  # batched_mm gathers T*k weight copies: decode only
+        cfg = MixtralConfig(
+            hidden_size=D,
+            intermediate_size=Fh,
+            num_local_experts=E,
+            num_experts_per_tok=K,
+            router_jitter_noise=0.0,
+        )
+        cfg._experts_implementation = path
+        block = MixtralSparseMoeBlock(cfg)
+        _init(block)
+        impls.append(Impl(f"mixtral-{path}", "swiglu", block, _first))
+    qcfg = Qwen2MoeConfig(
+        hidden_size=D,
+        moe_intermediate_size=Fh,
+        num_experts=E,
+        num_experts_per_tok=K,
+        shared_expert_intermediate_size=Fh,
+        norm_topk_prob=True,
+    )
+    qcfg._experts_implementation = "grouped_mm"
+    qwen = Qwen2MoeSparseMoeBlock(qcfg)
+    _init(qwen)
+    impls.append(Impl("qwen2-moe", "swiglu+shared", qwen, _first))
+    if K == 1:
+        scfg = SwitchTransformersConfig(
+            d_model=D,
+            d_ff=Fh,
+            num_experts=E,
+            expert_capacity=10**9,
+            router_jitter_noise=0.0,
+            dense_act_fn="relu",
+        )
+        switch = SwitchTransformersSparseMLP(scfg)
+        _init(switch)
+        impls.append(Impl("transformers-switch", "relu", switch, _first))
+    else:
+        skipped.append("transformers-switch: top-1 only")
+    return impls, skipped
+
+
+def _deepspeed_impl(D: int, Fh: int, E: int, K: int) -> tuple[list[Impl], list[str]]:
+    try:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+            dist.init_process_group("gloo", rank=0, world_size=1)
+        from deepspeed.moe.layer import MoE as DeepSpeedMoE
+    except Exception as err:  # deepspeed raises more than ImportError when half-installed
+        return [], [f"deepspeed: unavailable ({type(err).__name__}: {err})"]
+    if K > 2:
+        return [], ["deepspeed: top-1 and top-2 only"]
+    expert = DenseFFN(D, Fh, "gelu")
+    layer = DeepSpeedMoE(
+        hidden_size=D,
+        expert=expert,
+        num_experts=E,
+        ep_size=1,
+        k=K,
+        capacity_factor=1.0,
+        eval_capacity_factor=1.0,
+        min_capacity=0,
+        drop_tokens=False,
+        use_rts=False,
+    )
+    return [Impl("deepspeed", "gelu", layer, _first)], []
+
+
+def _init(module: nn.Module) -> None:
+    # Peers built from configs have uninitialised parameters until a model's _init_weights runs.
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.02)
+
+
+PEERS = ("transformers", "deepspeed")
+
+
+def build(
+    T: int, D: int, Fh: int, E: int, K: int, peers: Sequence[str] = PEERS
+) -> tuple[list[Impl], list[str]]:
+    torch.manual_seed(0)
+    impls = [
+        Impl("moesaic", "gelu", MoE(D, Fh, E, router="topk", top_k=K), _plain),
+        Impl("naive", "gelu", NaiveMoE(D, Fh, E, K), _plain),
+        Impl(
+            "moesaic", "swiglu", MoE(D, Fh, E, router="topk", top_k=K, activation="swiglu"), _plain
+        ),
+    ]
+    if K == 1:
+        impls.append(
+            Impl(
+                "moesaic", "relu", MoE(D, Fh, E, router="topk", top_k=1, activation="relu"), _plain
+            )
+        )
+    skipped: list[str] = []
+    makers = {"transformers": _transformers_impls, "deepspeed": _deepspeed_impl}
+    for extra in (makers[p](D, Fh, E, K) for p in peers):
+        impls += extra[0]
+        skipped += extra[1]
+    for family, width in (
+        ("gelu", K * Fh),
+        ("swiglu", K * Fh),
+        ("relu", Fh),
+        ("swiglu+shared", K * Fh + Fh),
+    ):
+        if any(i.family == family for i in impls):
+            impls.append(Impl("dense", family, DenseFFN(D, width, family.split("+")[0]), _plain))
+            impls.append(
+                Impl("blocked-dense", family, BlockedDense(D, width, family.split("+")[0]), _plain)
+            )
+    return impls, skipped
+
+
+def _saved_bytes(impl: Impl, x: torch.Tensor) -> int:
+    x = x.clone().requires_grad_()
+    params = list(impl.module.parameters())
+    return saved_for_backward_bytes(lambda: impl.call(impl.module, x), [*params, x])
+
+
+def run_cell(T, D, Fh, E, K, repeats, dtype, peers=PEERS):
+    impls, skipped = build(T, D, Fh, E, K, peers)
+    x = torch.randn(T, D)
+    g = torch.randn(T, D)
+    if dtype != torch.float32:
+        for i in impls:
+            i.module.to(dtype)
+        x, g = x.to(dtype), g.to(dtype)
+
+    def train(i: Impl):
+        def step():
+            for p in i.module.parameters():
+                p.grad = None
+            i.call(i.module, x).backward(g)
+
+        return step
+
+    def infer(i: Impl):
+        def fwd():
+            with torch.inference_mode():
+                i.call(i.module, x)
+
+        return fwd
+
+    key = [f"{i.name}/{i.family}" for i in impls]
+    tr = time_interleaved({k: train(i) for k, i in zip(key, impls)}, repeats)
+    fw = time_interleaved({k: infer(i) for k, i in zip(key, impls)}, repeats)
+    mem = {k: _saved_bytes(i, x) for k, i in zip(key, impls)}
+    return impls, key, tr, fw, mem, skipped
+
+
+def report_cell(T, D, Fh, E, K, impls, key, tr, fw, mem) -> list[str]:
+    mats = {"gelu": 2, "relu": 2, "swiglu": 3, "swiglu+shared": 3}
+    lines = []
+    for k, i in zip(key, impls):
+        limit = f"blocked-dense/{i.family}"
+        ours = f"moesaic/{i.family.split('+')[0]}"
+        width = K * Fh + (Fh if i.family == "swiglu+shared" else 0)
+        if i.family == "relu":
+            width = Fh
+        flops = 3 * 2 * mats[i.family] * T * D * width  # fwd+bwd, active
+        vs_ours = f"{tr[k] / tr[ours]:.2f}" if ours in tr and i.family != "swiglu+shared" else "-"
+        lines.append(
+            f"| {T} | {E} | {K} | {i.family} | {i.name} | {1e3 * tr[k]:.1f} | "
+            f"{tr[k] / tr[limit]:.2f} | {vs_ours} | {1e3 * fw[k]:.1f} | "
+            f"{fw[k] / fw[limit]:.2f} | {flops / tr[k] / 1e9:.0f} | {mem[k] / 2**20:.0f} |"
+        )
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/peers.py", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="T=2048, E=8, k=1 only")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--top-k", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--d-ff", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(
+        "--peers", nargs="*", choices=PEERS, default=list(PEERS), help="peer libraries to run"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.tokens, args.experts, args.top_k, args.repeats = [2048], [8], [1], 2
+    dtype = getattr(torch, args.dtype)
+    versions = _versions()
+    print(
+        f"MoE layer vs peers, D={args.d_model}, F={args.d_ff}, {args.dtype}, dropless, "
+        f"median of {args.repeats} interleaved rounds\n{environment()}; {versions}\n"
+    )
+    print(
+        "| T | E | k | family | impl | fwd+bwd ms | / blocked dense | / moesaic | fwd ms | "
+        "/ blocked dense | fwd+bwd GFLOP/s | saved for backward MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    notes: set[str] = set()
+    for T in args.tokens:
+        for E in args.experts:
+            for K in args.top_k:
+                if K > E:
+                    continue
+                impls, key, tr, fw, mem, skipped = run_cell(
+                    T, args.d_model, args.d_ff, E, K, args.repeats, dtype, args.peers
+                )
+                notes.update(skipped)
+                for line in report_cell(T, args.d_model, args.d_ff, E, K, impls, key, tr, fw, mem):
+                    print(line, flush=True)
+    for note in sorted(notes):
+        print(f"- skipped {note}")
+    return 0
+
+
+def _versions() -> str:
+    out = [f"torch {torch.__version__}"]
+    for name in ("transformers", "deepspeed"):
+        try:
+            module = __import__(name)
+            out.append(f"{name} {module.__version__}")
+        except Exception:
+            out.append(f"{name} absent")
+    return ", ".join(out)

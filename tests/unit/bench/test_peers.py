@@ -1,0 +1,30 @@
+"""benchmarks/peers.py runs and its dense limit computes the dense FFN (speed lives there)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from moesaic.bench.peers import BlockedDense, DenseFFN, main
+
+
+@pytest.mark.parametrize("family", ["gelu", "relu", "swiglu"])
+def test_blocked_dense_equals_the_dense_ffn(family):
+    torch.manual_seed(0)
+    dense, blocked = DenseFFN(16, 48, family), BlockedDense(16, 48, family, block=7)
+    blocked.load_state_dict(dense.state_dict())
+    x = torch.randn(30, 16)
+    torch.testing.assert_close(blocked(x), dense(x))
+
+
+def test_peers_table_has_every_family_limit_and_names_missing_peers(capsys):
+    args = "--tokens 64 --experts 4 --top-k 1 --d-model 16 --d-ff 32 --repeats 1 --peers"
+    assert main([*args.split(), "transformers"]) == 0
+    out = capsys.readouterr().out
+    for row in ("| moesaic | ", "| naive | ", "| blocked-dense | ", "| dense | "):
+        assert row in out
+    if importlib.util.find_spec("transformers") is None:
+        assert "skipped transformers: not installed" in out
+    else:
+        for peer in ("mixtral-eager", "mixtral-grouped_mm", "qwen2-moe", "transformers-switch"):
+            assert f"| {peer} | " in out
