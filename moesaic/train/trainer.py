@@ -4,7 +4,9 @@
 (moesaic/train/checkpoint.py shows the layout). ``resume=True`` continues from the newest
 checkpoint and, on the same machine and thread count, produces bit-identical losses and weights
 to a run that was never interrupted: weights, optimizer, scheduler, RNG and the data cursor are
-all part of the checkpoint.
+all part of the checkpoint. Resuming takes the newest checkpoint that verifies (falling back past
+damaged ones, and saying so). The guard (moesaic/train/guard.py) skips or stops on non-finite
+steps and logs loss spikes and router collapse as metrics events.
 """
 
 from __future__ import annotations
