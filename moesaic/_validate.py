@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["check_positive_int", "check_choice", "check_nonnegative_float"]
+import torch
+
+__all__ = ["check_positive_int", "check_choice", "check_nonnegative_float", "check_tokens"]
 
 
 def check_positive_int(name: str, value: object) -> None:
@@ -25,3 +27,15 @@ def check_choice(name: str, value: object, valid: object) -> None:
     names = sorted(valid)
     if not isinstance(value, str) or value not in names:
         raise ValueError(f"{name}={value!r} is not one of {names}")
+
+
+def check_tokens(name: str, x: object, d_model: int, like: torch.Tensor) -> None:
+    """``x`` must be a floating (T, d_model) tensor on ``like``'s device."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name}.dtype={x.dtype} must be a floating point dtype")
+    if x.dim() != 2 or x.shape[1] != d_model:
+        raise ValueError(f"{name}.shape={tuple(x.shape)} must be (tokens, d_model={d_model})")
+    if x.device != like.device:
+        raise ValueError(f"{name}.device={x.device} must match the module's device {like.device}")

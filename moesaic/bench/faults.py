@@ -40,6 +40,7 @@ __all__ = [
     "train_command",
     "torchrun_command",
     "start",
+    "stop",
     "kill_at_step",
     "logged_steps",
     "outcome",
@@ -108,8 +109,23 @@ def start(cmd: list[str]) -> subprocess.Popen:
     """Start ``cmd`` with this checkout importable, output captured."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: ``stop`` ends torchrun's workers too
     )
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` and everything it started (its process group), and reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.communicate()
 
 
 def logged_steps(run_dir: Path) -> int:
@@ -139,7 +155,7 @@ def kill_at_step(
         if proc.poll() is not None:
             raise RuntimeError(f"the run ended before step {step}: {proc.stderr.read()[-2000:]}")
         if time.monotonic() > deadline:
-            proc.kill()
+            stop(proc)
             raise TimeoutError(f"step {step} was not reached in {timeout} s")
         time.sleep(0.005)
     os.kill(victim() if victim else proc.pid, signal.SIGKILL)
@@ -199,7 +215,11 @@ def _dir_bytes(path: Path) -> int:
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300.0) -> subprocess.CompletedProcess:
-    out, err = proc.communicate(timeout=timeout)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 

@@ -21,10 +21,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=40, help="0 = sample from all tokens")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1 = all")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not args.prompt:
         parser.error("--prompt must not be empty")
+    for flag, value, ok in (
+        ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 0),
+        ("--temperature", args.temperature, args.temperature >= 0),  # also refuses nan
+        ("--top-k", args.top_k, args.top_k >= 0),
+        ("--top-p", args.top_p, 0 < args.top_p <= 1),
+    ):
+        if not ok:
+            rule = {"--top-p": "in (0, 1]"}.get(flag, ">= 0")
+            parser.error(f"{flag}={value} must be {rule}")
     run = load_run(args.run)
     prompt = [int(i) for i in run.tokenizer.encode(args.prompt)]
     room = run.cfg.model.max_seq_len - len(prompt)
@@ -39,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             min(args.max_new_tokens, room),
             temperature=args.temperature,
             top_k=args.top_k or None,
+            top_p=args.top_p,
             seed=args.seed,
         )
     except ValueError as err:

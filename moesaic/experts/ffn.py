@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from moesaic._validate import check_choice, check_positive_int
+from moesaic._validate import check_choice, check_positive_int, check_tokens
 from moesaic.experts.gradpool import GradPool
 from moesaic.experts.sliced import sliced_ffn
 
@@ -126,9 +126,25 @@ class Experts(nn.Module):
         )
 
     def forward(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Expert e's FFN on rows ``sum(counts[:e]) .. sum(counts[:e + 1])`` of ``x_AD`` (A, D)."""
+        self._check(x_AD, counts)
         if self._use_grouped(x_AD):
             return self._grouped(x_AD, counts)
         return self._loop(x_AD, counts)
+
+    def _check(self, x_AD: torch.Tensor, counts: list[int]) -> None:
+        check_tokens("x_AD", x_AD, self.d_model, self.w1)
+        E = self.w1.shape[0]  # the local experts under expert parallelism
+        if isinstance(counts, torch.Tensor):
+            counts = counts.tolist()
+        if (
+            not isinstance(counts, (list, tuple))
+            or len(counts) != E
+            or not all(isinstance(c, int) and c >= 0 for c in counts)
+        ):
+            raise ValueError(f"counts={counts!r} must be {E} ints >= 0 (one per expert)")
+        if sum(counts) != x_AD.shape[0]:
+            raise ValueError(f"sum(counts)={sum(counts)} must equal x_AD.shape[0]={x_AD.shape[0]}")
 
     def _use_grouped(self, x_AD: torch.Tensor) -> bool:
         if self.impl != "auto":

@@ -20,6 +20,7 @@ def generate_ids(
     *,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float | None = None,
     seed: int = 0,
     use_cache: bool = True,
 ) -> list[int]:
@@ -28,9 +29,11 @@ def generate_ids(
     Args:
         temperature: 0 picks the most likely token (greedy); > 0 divides the logits.
         top_k: sample only among the k most likely tokens (None: all).
+        top_p: nucleus sampling (Holtzman et al. 2020): only the most likely tokens whose
+            probabilities sum to at least ``top_p``, in (0, 1] (None: all).
         use_cache: False recomputes the whole prefix each step (the reference for the cache).
     """
-    _check(model, prompt_ids, max_new_tokens, temperature, top_k)
+    _check(model, prompt_ids, max_new_tokens, temperature, top_k, top_p)
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
@@ -43,7 +46,7 @@ def generate_ids(
             logits_BSV = (
                 model(pending, cache) if use_cache else model(torch.tensor([ids], device=device))
             )
-            nxt = _sample(logits_BSV[0, -1].float().cpu(), temperature, top_k, gen)
+            nxt = _sample(logits_BSV[0, -1].float().cpu(), temperature, top_k, top_p, gen)
             ids.append(nxt)
             pending = torch.tensor([[nxt]], device=device)
     finally:
@@ -51,17 +54,23 @@ def generate_ids(
     return ids[len(prompt_ids) :]
 
 
-def _sample(logits_V: torch.Tensor, temperature: float, top_k: int | None, gen) -> int:
+def _sample(logits_V: torch.Tensor, temperature: float, top_k: int | None, top_p, gen) -> int:
     if temperature == 0:
         return int(logits_V.argmax())
     logits_V = logits_V / temperature
     if top_k is not None and top_k < logits_V.numel():
         kth = logits_V.topk(top_k).values[-1]
         logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
-    return int(torch.multinomial(logits_V.softmax(-1), 1, generator=gen))
+    probs_V = logits_V.softmax(-1)
+    if top_p is not None and top_p < 1:
+        sorted_V, order_V = probs_V.sort(descending=True)
+        # keep a token when the mass before it is < top_p (so the most likely one always stays)
+        drop_V = (sorted_V.cumsum(-1) - sorted_V) >= top_p
+        probs_V = probs_V.scatter(0, order_V, sorted_V.masked_fill(drop_V, 0.0))
+    return int(torch.multinomial(probs_V, 1, generator=gen))
 
 
-def _check(model, prompt_ids, max_new_tokens, temperature, top_k) -> None:
+def _check(model, prompt_ids, max_new_tokens, temperature, top_k, top_p) -> None:
     if not prompt_ids:
         raise ValueError("prompt is empty: give at least one token")
     if (
@@ -80,3 +89,7 @@ def _check(model, prompt_ids, max_new_tokens, temperature, top_k) -> None:
         raise ValueError(f"temperature={temperature!r} must be a number >= 0")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k={top_k!r} must be an int >= 1 (or None)")
+    if top_p is not None and (
+        isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1
+    ):
+        raise ValueError(f"top_p={top_p!r} must be a number in (0, 1] (or None)")

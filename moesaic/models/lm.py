@@ -308,6 +308,11 @@ class MoELM(nn.Module):
     def loss(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy (the aux losses are read with ``ms.aux_loss(model)``)."""
         logits = self(idx_BS)
+        if not isinstance(targets_BS, torch.Tensor) or targets_BS.shape != idx_BS.shape:
+            got = tuple(targets_BS.shape) if isinstance(targets_BS, torch.Tensor) else targets_BS
+            raise ValueError(f"targets.shape={got} must equal idx.shape={tuple(idx_BS.shape)}")
+        if targets_BS.dtype != torch.int64:
+            raise TypeError(f"targets.dtype={targets_BS.dtype} must be torch.int64 (token ids)")
         return F.cross_entropy(logits.flatten(0, 1).float(), targets_BS.flatten())
 
     def _check(self, idx_BS: torch.Tensor, cache: KVCache | None) -> None:
@@ -319,6 +324,11 @@ class MoELM(nn.Module):
         if end > self.cfg.max_seq_len:
             raise ValueError(
                 f"sequence length {end} exceeds model.max_seq_len={self.cfg.max_seq_len}"
+            )
+        if idx_BS.device != self.embed.weight.device:
+            raise ValueError(
+                f"idx.device={idx_BS.device} must match the model's device "
+                f"{self.embed.weight.device}"
             )
         if idx_BS.numel() and (int(idx_BS.min()) < 0 or int(idx_BS.max()) >= self.cfg.vocab_size):
             raise ValueError(f"token ids must be in [0, vocab_size={self.cfg.vocab_size})")

@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from moesaic._validate import check_positive_int
+from moesaic._validate import check_positive_int, check_tokens
 from moesaic.context import RoutingContext
 
 __all__ = ["Routing", "Router", "LearnedRouter"]
@@ -152,6 +152,7 @@ class Router(nn.Module, abc.ABC):
             raise ValueError(f"jitter={jitter!r} must be a float in [0, 1)")
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.router_dtype, self.jitter = router_dtype, float(jitter)
+        self.register_forward_pre_hook(_check_input, with_kwargs=True)
 
     @abc.abstractmethod
     def forward(self, x_TD: torch.Tensor, context: RoutingContext) -> Routing:
@@ -164,6 +165,14 @@ class Router(nn.Module, abc.ABC):
 
     def _zero(self, x_TD: torch.Tensor) -> torch.Tensor:
         return torch.zeros((), device=x_TD.device, dtype=self.router_dtype)
+
+
+def _check_input(router: Router, args: tuple, kwargs: dict) -> None:
+    """Every router's ``forward`` gets a (T, D) float tensor on its device (when it has weights)."""
+    x = args[0] if args else kwargs.get("x_TD")
+    like = next(router.parameters(), None)
+    like = like if like is not None else next(router.buffers(), x)
+    check_tokens("x_TD", x, router.d_model, like if isinstance(like, torch.Tensor) else x)
 
 
 class LearnedRouter(Router):

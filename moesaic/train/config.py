@@ -16,9 +16,12 @@ import types
 import typing
 from typing import Any
 
+import torch
+
 from moesaic._validate import check_nonnegative_float, check_positive_int
 from moesaic.data.corpora import CORPORA
 from moesaic.models.lm import LMConfig
+from moesaic.routing.registry import build_router
 from moesaic.train.guard import GuardConfig
 
 __all__ = [
@@ -53,6 +56,12 @@ class DataConfig:
     def __post_init__(self) -> None:
         for name in ("bpe_vocab_size", "seq_len", "batch_size", "eval_batches"):
             check_positive_int(f"data.{name}", getattr(self, name))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"data.seed={self.seed!r} must be an int >= 0")
+        if self.tokenizer == "bpe" and self.bpe_vocab_size <= 256:
+            raise ValueError(
+                f"data.bpe_vocab_size={self.bpe_vocab_size} must be > 256 (the byte alphabet)"
+            )
         check_nonnegative_float("data.val_fraction", self.val_fraction)
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
@@ -107,6 +116,13 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"train.{name}={value!r} must be an int >= 0")
+        if not isinstance(self.sample_prompt, str) or (
+            self.sample_tokens and not self.sample_prompt
+        ):
+            raise ValueError(
+                f"train.sample_prompt={self.sample_prompt!r} must be a non-empty str "
+                f"(or train.sample_tokens=0)"
+            )
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -128,6 +144,8 @@ class RunConfig:
     guard: GuardConfig = dataclasses.field(default_factory=GuardConfig)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.recipe, str) or not self.recipe or "/" in self.recipe:
+            raise ValueError(f"recipe={self.recipe!r} must be a non-empty name without '/'")
         if self.model.max_seq_len < self.data.seq_len:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} must be <= model.max_seq_len="
@@ -138,6 +156,23 @@ class RunConfig:
                 f"model.num_experts={self.model.num_experts} must be divisible by "
                 f"parallel.expert={self.parallel.expert}"
             )
+        if self.model.is_moe:  # router_options are checked by building one router now
+            try:
+                build_router(
+                    self.model.router,
+                    d_model=self.model.d_model,
+                    num_experts=self.model.num_experts,
+                    top_k=self.model.top_k,
+                    router_dtype=torch.float32,
+                    jitter=None,
+                    capacity_factor=self.model.capacity_factor,
+                    options=self.model.router_options,
+                )
+            except (TypeError, ValueError) as err:
+                raise ValueError(
+                    f"model.router={self.model.router!r} with model.router_options="
+                    f"{self.model.router_options}: {err}"
+                ) from None
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -161,7 +196,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     data = config_to_dict(cfg)
     for item in overrides:
         path, sep, raw = item.partition("=")
-        if not sep or not path:
+        if not sep or not path or not path.isprintable():
             raise ConfigError(f"--set {item!r} must look like section.field=value")
         cls, node, keys = RunConfig, data, path.split(".")
         for depth, key in enumerate(keys):

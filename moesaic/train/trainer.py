@@ -4,7 +4,9 @@
 (moesaic/train/checkpoint.py shows the layout). ``resume=True`` continues from the newest
 checkpoint and, on the same machine and thread count, produces bit-identical losses and weights
 to a run that was never interrupted: weights, optimizer, scheduler, RNG and the data cursor are
-all part of the checkpoint.
+all part of the checkpoint. Resuming takes the newest checkpoint that verifies (falling back past
+damaged ones, and saying so). The guard (moesaic/train/guard.py) skips or stops on non-finite
+steps and logs loss spikes and router collapse as metrics events.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from moesaic.train.checkpoint import (
 )
 from moesaic.train.config import RunConfig, config_to_dict
 from moesaic.train.data import TOKENIZER_FILE, PreparedData, prepare_data
-from moesaic.train.guard import CollapseWatch, TrainingGuard
+from moesaic.train.guard import CollapseWatch, TrainingGuard, TrainingHalted
 
 __all__ = ["Trainer", "TrainResult", "build_model", "evaluate", "lr_factor"]
 
@@ -208,6 +210,9 @@ class Trainer:
             bar.close()
             if not self.groups.distributed:  # a collective save could wait on a dead peer
                 self.save()
+            raise
+        except TrainingHalted as err:  # the report goes into the metrics too
+            self._log({"step": self.step + 1, "event": "halted", "reason": str(err)})
             raise
         finally:
             bar.close()

@@ -16,6 +16,7 @@ from moesaic.bench.faults import (
     STEPS,
     kill_at_step,
     start,
+    stop,
     torchrun_command,
     train_command,
     worker_pid,
@@ -44,7 +45,7 @@ def reference(tmp_path_factory):
     run = tmp_path_factory.mktemp("reference") / "run"
     proc = start(train_command(run))
     yield run, proc
-    proc.kill()
+    stop(proc)
 
 
 @pytest.mark.parametrize("damage", [None, "truncate"], ids=["kill", "kill-then-truncate"])
@@ -59,7 +60,10 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, referen
         data = (newest / "model.safetensors").read_bytes()
         (newest / "model.safetensors").write_bytes(data[: random.randrange(len(data))])
     resumed = start(train_command(run, "--resume"))
-    out, err = resumed.communicate(timeout=300)
+    try:
+        out, err = resumed.communicate(timeout=300)
+    finally:
+        stop(resumed)
     assert resumed.returncode == 0, err[-3000:]
     if damage:
         assert f"checkpoint {newest.name} is unusable (" in err and "model.safetensors" in err
@@ -75,13 +79,17 @@ def test_torchrun_restarts_after_a_rank_is_killed_and_ends_bit_identical(tmp_pat
     ref, run = tmp_path / "ref", tmp_path / "run"
     ref_proc = start(torchrun_command(ref, restarts=0))
     proc = start(torchrun_command(run, restarts=1))
-    rank = random.randint(0, 1)
-    seen = kill_at_step(
-        proc, run, random.randint(EVERY + 1, STEPS - 2), lambda: worker_pid(proc.pid, rank)
-    )
-    out, err = proc.communicate(timeout=300)
+    try:
+        rank = random.randint(0, 1)
+        seen = kill_at_step(
+            proc, run, random.randint(EVERY + 1, STEPS - 2), lambda: worker_pid(proc.pid, rank)
+        )
+        out, err = proc.communicate(timeout=300)
+        assert ref_proc.wait(timeout=300) == 0, ref_proc.stderr.read()[-3000:]
+    finally:  # nothing outlives the test, whatever failed
+        stop(proc)
+        stop(ref_proc)
     assert proc.returncode == 0, err[-3000:]
-    assert f"local_rank: {rank}" in err and "exitcode: -9" in err  # the kill was seen
+    assert out.count("run directory:") == 2, "rank 0 starts twice: torchrun restarted the job"
     assert out.count("validation loss:") == 1, f"rank {rank} killed at step {seen}"
-    assert ref_proc.wait(timeout=300) == 0, ref_proc.stderr.read()[-3000:]
     _assert_identical(run, ref)

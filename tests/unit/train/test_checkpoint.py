@@ -160,3 +160,34 @@ def test_the_next_save_removes_what_a_killed_save_left(tmp_path):
     (tmp_path / ".tmp-step-000002-abc" / "model.safetensors").write_bytes(b"partial")
     save_checkpoint(tmp_path, 2, model, {"step": 2})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000001", "step-000002"]
+
+
+@pytest.mark.parametrize("nth", range(1, 8))  # a save makes 7 fsyncs: a kill before each
+def test_a_sigkill_anywhere_in_a_save_leaves_a_loadable_checkpoint(tmp_path, nth):
+    import os
+    import signal
+
+    from moesaic.train import checkpoint
+
+    old, new = {"w": torch.zeros(64)}, {"w": torch.ones(64)}
+    save_checkpoint(tmp_path, 1, old, {"step": 1})
+    pid = os.fork()
+    if pid == 0:  # the child dies by SIGKILL at its nth fsync
+        calls, real = [0], checkpoint._fsync
+
+        def fsync(path):
+            calls[0] += 1
+            if calls[0] == nth:
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(path)
+
+        checkpoint._fsync = fsync
+        save_checkpoint(tmp_path, 2, new, {"step": 2})
+        os._exit(0)  # never reached
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    said = []
+    _, weights, state = resumable_checkpoint(tmp_path, said.append)
+    assert not said, said  # nothing half-written is ever taken for a checkpoint
+    assert torch.equal(weights["w"], (old, new)[state["step"] - 1]["w"])
+    assert state["step"] == (2 if nth >= 5 else 1)  # complete once renamed (before the 5th)

@@ -151,3 +151,27 @@ def test_stop_mode_halts_before_the_update_and_keeps_the_last_checkpoint(tmp_pat
         trainer.fit()
     assert trainer.step == 4
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-000003"
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["event"] == "halted" and last["step"] == 5 and "loss=nan" in last["reason"]
+
+
+def test_the_trainer_logs_spikes_and_collapse_as_metrics_events(tmp_path, capfd):
+    # any expert holds >= 1/4 of a 4-expert layer's tokens, so a 1% share limit always trips
+    trainer = _trainer(
+        tmp_path,
+        "guard.spike_window=3",
+        "guard.spike_z=1",
+        "guard.collapse_share=0.01",
+        "guard.collapse_evals=2",
+    )
+    real = trainer.model.loss
+    trainer.model.loss = lambda x, y: real(x, y) * (5.0 if trainer.step + 1 == 5 else 1.0)
+    trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    events = [(r["step"], r["event"]) for r in rows if "event" in r]
+    assert events == [(5, "loss_spike"), (6, "router_collapse")]
+    collapse = rows[-1]
+    assert collapse["layer"] == "blocks.1.ffn" and collapse["evals"] == 2
+    assert 0.25 <= collapse["share"] <= 1
+    err = capfd.readouterr().err
+    assert "step 5: loss spike" in err and "step 6: router collapse in blocks.1.ffn" in err

@@ -1,0 +1,136 @@
+"""Every config field, set to a bad value from the command line, fails with one line that names
+the field; so do wrong types and incompatible combinations."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import pytest
+
+from moesaic.train.config import ConfigError, RunConfig, apply_overrides
+from moesaic.train.recipes import get_recipe
+
+# field path: (bad value as typed after --set path=, a piece of the expected message)
+BAD = {
+    "recipe": ("a/b", "recipe='a/b' must be a non-empty name without '/'"),
+    "model.vocab_size": ("0", "model.vocab_size=0 must be >= 1"),
+    "model.max_seq_len": ("-4", "model.max_seq_len=-4 must be >= 1"),
+    "model.d_model": ("0", "model.d_model=0 must be >= 1"),
+    "model.n_layers": ("0", "model.n_layers=0 must be >= 1"),
+    "model.n_heads": ("0", "model.n_heads=0 must be >= 1"),
+    "model.d_ff": ("-1", "model.d_ff=-1 must be >= 1"),
+    "model.activation": ("tanh", "model.activation='tanh' is not one of"),
+    "model.positions": ("alibi", "model.positions='alibi' is not one of"),
+    "model.rope_theta": ("0", "model.rope_theta=0.0 must be > 0"),
+    "model.norm": ("batchnorm", "model.norm='batchnorm' is not one of"),
+    "model.norm_eps": ("-1e-5", "model.norm_eps=-1e-05 must be a finite float >= 0"),
+    "model.tie_embeddings": ("maybe", "--set model.tie_embeddings='maybe': expected bool"),
+    "model.dropout": ("1.5", "model.dropout=1.5 must be < 1"),
+    "model.num_experts": ("-2", "model.num_experts=-2 must be >= 0"),
+    "model.moe_every": ("0", "model.moe_every=0 must be >= 1"),
+    "model.top_k": ("0", "model.top_k=0 must be >= 1"),
+    "model.router": ("nope", "model.router='nope' is not one of"),
+    "model.capacity_factor": ("0", "model.capacity_factor=0.0 must be > 0"),
+    "model.drop_policy": ("random", "model.drop_policy='random' is not one of"),
+    "model.aux_loss_weight": ("-0.1", "model.aux_loss_weight=-0.1 must be a finite float >= 0"),
+    "model.z_loss_weight": ("nan", "model.z_loss_weight=nan must be a finite float >= 0"),
+    "model.router_options": (
+        '{"bogus": 1}',
+        "model.router_options={'bogus': 1}: router_options for",
+    ),
+    "model.matched_d_ff": ("0", "model.matched_d_ff=0 must be >= 1"),
+    "data.corpus": ("wiki", "data.corpus='wiki' is not one of"),
+    "data.tokenizer": ("word", "data.tokenizer='word' is not one of"),
+    "data.bpe_vocab_size": ("0", "data.bpe_vocab_size=0 must be >= 1"),
+    "data.seq_len": ("0", "data.seq_len=0 must be >= 1"),
+    "data.batch_size": ("0", "data.batch_size=0 must be >= 1"),
+    "data.val_fraction": ("1.0", "data.val_fraction=1.0 must be in (0, 1)"),
+    "data.eval_batches": ("0", "data.eval_batches=0 must be >= 1"),
+    "data.seed": ("-1", "data.seed=-1 must be an int >= 0"),
+    "optim.lr": ("0", "optim.lr=0.0 must be > 0"),
+    "optim.min_lr_ratio": ("2", "optim.min_lr_ratio=2.0 must be <= 1"),
+    "optim.warmup_steps": ("-1", "optim.warmup_steps=-1 must be >= 0"),
+    "optim.weight_decay": ("-1", "optim.weight_decay=-1.0 must be a finite float >= 0"),
+    "optim.beta1": ("1", "optim.beta1=1.0 must be < 1"),
+    "optim.beta2": ("inf", "optim.beta2=inf must be a finite float >= 0"),
+    "optim.grad_clip": ("-1", "optim.grad_clip=-1.0 must be a finite float >= 0"),
+    "train.steps": ("0", "train.steps=0 must be >= 1"),
+    "train.eval_every": ("0", "train.eval_every=0 must be >= 1"),
+    "train.checkpoint_every": ("-5", "train.checkpoint_every=-5 must be >= 1"),
+    "train.keep_checkpoints": ("0", "train.keep_checkpoints=0 must be >= 1"),
+    "train.log_every": ("0", "train.log_every=0 must be >= 1"),
+    "train.seed": ("-1", "train.seed=-1 must be an int >= 0"),
+    "train.threads": ("-2", "train.threads=-2 must be an int >= 0"),
+    "train.sample_tokens": ("-1", "train.sample_tokens=-1 must be an int >= 0"),
+    "train.sample_prompt": ("", "train.sample_prompt='' must be a non-empty str"),
+    "parallel.expert": ("0", "parallel.expert=0 must be >= 1"),
+    "guard.nonfinite": ("ignore", "guard.nonfinite='ignore' is not one of ['skip', 'stop']"),
+    "guard.max_skipped": ("-1", "guard.max_skipped=-1 must be >= 0"),
+    "guard.spike_window": ("1", "guard.spike_window=1 must be >= 2"),
+    "guard.spike_z": ("-3", "guard.spike_z=-3.0 must be a finite float >= 0"),
+    "guard.collapse_share": ("1.5", "guard.collapse_share=1.5 must be in (0, 1]"),
+    "guard.collapse_evals": ("0", "guard.collapse_evals=0 must be >= 1"),
+}
+
+# Combinations each field allows alone but not together (the message names both fields).
+INCOMPATIBLE = [
+    (["parallel.expert=3"], "model.num_experts=4 must be divisible by parallel.expert=3"),
+    (["model.top_k=5"], "model.top_k=5 must be <= model.num_experts=4"),
+    (["model.max_seq_len=16"], "data.seq_len=32 must be <= model.max_seq_len=16"),
+    (["model.d_model=33"], "model.d_model=33 must be divisible by model.n_heads=2"),
+    (["model.n_heads=8", "model.d_model=24"], "model.positions='rope' needs an even head dim"),
+    (["model.matched_d_ff=128"], "model.matched_d_ff is for dense models (num_experts=0)"),
+    (["data.tokenizer=bpe", "data.bpe_vocab_size=200"], "data.bpe_vocab_size=200 must be > 256"),
+    (["model.router=task"], "missing 1 required keyword-only argument: 'num_tasks'"),
+    (
+        ["model.router=gshard", "model.top_k=1"],
+        "model.router='gshard' with model.router_options={}: top_k=1 must be 2",
+    ),
+]
+
+
+def _leaves(cls: type, prefix: str = "") -> list[tuple[str, typing.Any]]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            out += _leaves(kind, f"{prefix}{f.name}.")
+        else:
+            out.append((f"{prefix}{f.name}", kind))
+    return out
+
+
+def _fails(overrides: list[str]) -> str:
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(get_recipe("lm-moe-test"), overrides)
+    text = str(err.value)
+    assert "\n" not in text, text
+    return text
+
+
+def test_the_table_covers_every_config_field():
+    assert sorted(BAD) == sorted(path for path, _ in _leaves(RunConfig))
+
+
+@pytest.mark.parametrize("path", sorted(BAD))
+def test_a_bad_value_fails_in_one_line_naming_the_field(path):
+    raw, message = BAD[path]
+    text = _fails([f"{path}={raw}"])
+    assert message in text and path in text
+
+
+@pytest.mark.parametrize(
+    "path", [p for p, kind in _leaves(RunConfig) if kind not in (str, typing.Any)]
+)
+def test_a_value_of_the_wrong_type_fails_naming_the_field_and_type(path):
+    text = _fails([f"{path}=[oops]"])
+    assert text.startswith(f"--set {path}='[oops]': expected "), text
+
+
+@pytest.mark.parametrize(
+    "overrides,message", INCOMPATIBLE, ids=[" ".join(o) for o, _ in INCOMPATIBLE]
+)
+def test_incompatible_combinations_fail_naming_the_fields(overrides, message):
+    assert message in _fails(overrides)
