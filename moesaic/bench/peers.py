@@ -10,6 +10,7 @@ the same family:
 - gelu: moesaic, naive loop (nn.ModuleList + masks), DeepSpeed ``deepspeed.moe.layer.MoE``
   (1-process gloo group, ``drop_tokens=False``), dense and blocked dense FFN;
 - relu (top-1 only): moesaic, transformers ``SwitchTransformersSparseMLP``;
+- swiglu+shared: moesaic with ``shared_d_ff=F`` and ``Qwen2MoeSparseMoeBlock`` (see below);
 - swiglu: moesaic, transformers ``MixtralSparseMoeBlock`` with its "eager" and "grouped_mm"
   expert paths (its "batched_mm" path copies the weights once per token, meant for decoding: tens
   of GB here), ``Qwen2MoeSparseMoeBlock`` with "grouped_mm" (a shared expert of width 0 is not
@@ -179,19 +180,17 @@ def build(
     T: int, D: int, Fh: int, E: int, K: int, peers: Sequence[str] = PEERS
 ) -> tuple[list[Impl], list[str]]:
     torch.manual_seed(0)
-    impls = [
-        Impl("moesaic", "gelu", MoE(D, Fh, E, router="topk", top_k=K), _plain),
-        Impl("naive", "gelu", NaiveMoE(D, Fh, E, K), _plain),
-        Impl(
-            "moesaic", "swiglu", MoE(D, Fh, E, router="topk", top_k=K, activation="swiglu"), _plain
-        ),
-    ]
-    if K == 1:
-        impls.append(
-            Impl(
-                "moesaic", "relu", MoE(D, Fh, E, router="topk", top_k=1, activation="relu"), _plain
-            )
+
+    def ours(family: str, k: int = K, **kw) -> Impl:
+        act = family.split("+")[0]
+        return Impl(
+            "moesaic", family, MoE(D, Fh, E, router="topk", top_k=k, activation=act, **kw), _plain
         )
+
+    impls = [ours("gelu"), Impl("naive", "gelu", NaiveMoE(D, Fh, E, K), _plain), ours("swiglu")]
+    impls.append(ours("swiglu+shared", shared_d_ff=Fh))
+    if K == 1:
+        impls.append(ours("relu"))
     skipped: list[str] = []
     makers = {"transformers": _transformers_impls, "deepspeed": _deepspeed_impl}
     for extra in (makers[p](D, Fh, E, K) for p in peers):
@@ -253,18 +252,40 @@ def report_cell(T, D, Fh, E, K, impls, key, tr, fw, mem) -> list[str]:
     lines = []
     for k, i in zip(key, impls):
         limit = f"blocked-dense/{i.family}"
-        ours = f"moesaic/{i.family.split('+')[0]}"
+        ours = f"moesaic/{i.family}"
         width = K * Fh + (Fh if i.family == "swiglu+shared" else 0)
         if i.family == "relu":
             width = Fh
         flops = 3 * 2 * mats[i.family] * T * D * width  # fwd+bwd, active
-        vs_ours = f"{tr[k] / tr[ours]:.2f}" if ours in tr and i.family != "swiglu+shared" else "-"
+        vs_ours = f"{tr[k] / tr[ours]:.2f}" if ours in tr else "-"
         lines.append(
             f"| {T} | {E} | {K} | {i.family} | {i.name} | {1e3 * tr[k]:.1f} | "
             f"{tr[k] / tr[limit]:.2f} | {vs_ours} | {1e3 * fw[k]:.1f} | "
             f"{fw[k] / fw[limit]:.2f} | {flops / tr[k] / 1e9:.0f} | {mem[k] / 2**20:.0f} |"
         )
     return lines
+
+
+def verdict_cell(T: int, E: int, K: int, impls, key, times: dict, what: str) -> str:
+    """Issue #9's targets for one cell and one timing (fwd+bwd or fwd): moesaic at most 1.10x
+    its blocked dense limit where tokens per expert >= 512 (1.35x elsewhere), and at least 10%
+    faster than the fastest other implementation (peers and the naive loop), each compared on
+    the FFN family it implements."""
+    per_expert = T * K // E
+    cap = 1.10 if per_expert >= 512 else 1.35
+    ours = max(times[f"moesaic/{f}"] / times[f"blocked-dense/{f}"] for f in ("gelu", "swiglu"))
+    rivals = [
+        (times[k] / times[f"moesaic/{i.family}"], i.name, i.family)
+        for k, i in zip(key, impls)
+        if i.name not in ("moesaic", "dense", "blocked-dense") and f"moesaic/{i.family}" in times
+    ]
+    rel, name, family = min(rivals)  # the rival closest to (or ahead of) moesaic
+    ok_limit, ok_peer = ours <= cap, rel >= 1.10
+    return (
+        f"| {T} | {E} | {K} | {what} | {per_expert} | {ours:.2f} (<= {cap:.2f}) "
+        f"{'PASS' if ok_limit else 'MISS'} | {name}/{family} {rel:.2f}x moesaic (>= 1.10) "
+        f"{'PASS' if ok_peer else 'MISS'} |"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -297,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     notes: set[str] = set()
+    verdicts: list[str] = []
     for T in args.tokens:
         for E in args.experts:
             for K in args.top_k:
@@ -308,8 +330,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 notes.update(skipped)
                 for line in report_cell(T, args.d_model, args.d_ff, E, K, impls, key, tr, fw, mem):
                     print(line, flush=True)
+                verdicts += [verdict_cell(T, E, K, impls, key, tr, "fwd+bwd")]
+                verdicts += [verdict_cell(T, E, K, impls, key, fw, "fwd")]
     for note in sorted(notes):
         print(f"- skipped {note}")
+    print(
+        "\nTargets (moesaic's worse of gelu and swiglu vs its blocked dense limit; the nearest "
+        "rival's time over moesaic's on the same FFN family):\n"
+    )
+    print("| T | E | k | timing | tokens/expert | moesaic / limit | nearest rival |")
+    print("|---|---|---|---|---|---|---|")
+    for line in verdicts:
+        print(line)
     return 0
 
 

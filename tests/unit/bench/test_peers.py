@@ -23,6 +23,7 @@ def test_peers_table_has_every_family_limit_and_names_missing_peers(capsys):
     out = capsys.readouterr().out
     for row in ("| moesaic | ", "| naive | ", "| blocked-dense | ", "| dense | "):
         assert row in out
+    assert "| 64 | 4 | 1 | fwd+bwd | 16 | " in out and "| 64 | 4 | 1 | fwd | 16 | " in out
     if importlib.util.find_spec("transformers") is None:
         assert "skipped transformers: not installed" in out
     else:
