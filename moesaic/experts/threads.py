@@ -12,6 +12,7 @@ Worker threads are created once per thread count; each sets its own intra-op thr
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,16 @@ MAX_IMBALANCE = 1.25  # largest group's rows / the even share, beyond which one 
 
 _lock = threading.Lock()
 _pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _forget_pools_in_child() -> None:
+    # A forked child has none of the parent's worker threads: start afresh, never wait on them.
+    global _lock
+    _lock = threading.Lock()
+    _pools.clear()
+
+
+os.register_at_fork(after_in_child=_forget_pools_in_child)
 
 
 def split_by_rows(counts: Sequence[int], groups: int) -> list[list[int]]:

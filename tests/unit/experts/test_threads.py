@@ -79,3 +79,24 @@ def test_thread_local_modes_see_every_expert_matmul():
             experts(torch.randn(32, 16), counts)
         flops[impl] = counter.get_total_flops()
     assert flops["threads"] == flops["loop"] == 2 * 2 * 32 * 16 * 32
+
+
+def test_a_forked_child_runs_experts_on_its_own_threads():
+    import multiprocessing as mp
+
+    experts = ms.Experts(4, 8, 16, impl="threads")
+    counts = [4, 4, 4, 4]
+    x = torch.randn(16, 8)
+    want = experts(x, counts)  # the parent's worker threads exist now
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+
+    def child():
+        queue.put(experts(x, counts).tolist())
+
+    proc = ctx.Process(target=child)
+    proc.start()
+    got = queue.get(timeout=60)
+    proc.join(timeout=60)
+    assert proc.exitcode == 0
+    torch.testing.assert_close(torch.tensor(got), want)
