@@ -17,6 +17,10 @@ COMMANDS = {
     "eval": ("moesaic.cli.eval", "validation loss of a trained run"),
     "bench": ("moesaic.bench.layer", "time the MoE layer against a naive loop and a dense FFN"),
     "report": ("moesaic.cli.report", "parameters, FLOPs, energy, routing and plots of a run"),
+    "skillnet": (
+        "moesaic.cli.skillnet",
+        "SkillNet on text, image, sound, video, code: train|eval|retrieve",
+    ),
 }
 
 
