@@ -9,6 +9,7 @@ load_spoken_words  spoken digits (en / zh) and words (sound) Debian espeak-ng
 load_moving_digits moving-digit clips <-> captions (video)   generated, fonts-dejavu-core
 load_doc_code      docstring -> stdlib function (code)       the Python install
 load_number_pairs  two-digit images <-> en / zh numerals     generated, fonts-dejavu-core
+load_emoji_pairs   emoji images <-> en / zh names            fonts-noto-color-emoji, emoji
 =================  ========================================  ==============================
 
 Generated data is cached under ``data_dir`` (default ``$MOESAIC_DATA_DIR`` or
@@ -25,6 +26,7 @@ from moesaic.data.skillnet.common import (
     default_data_dir,
     encode_bytes,
 )
+from moesaic.data.skillnet.emoji_pairs import load_emoji_pairs
 from moesaic.data.skillnet.image import load_fashion_mnist
 from moesaic.data.skillnet.pairs import load_number_pairs
 from moesaic.data.skillnet.sound import load_spoken_words
@@ -39,6 +41,7 @@ __all__ = [
     "default_data_dir",
     "encode_bytes",
     "load_doc_code",
+    "load_emoji_pairs",
     "load_fashion_mnist",
     "load_moving_digits",
     "load_number_pairs",

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from moesaic.data import skillnet as sd
-from moesaic.data.skillnet import code, glyphs, image, sound, text
+from moesaic.data.skillnet import code, emoji_pairs, glyphs, image, sound, text
 from moesaic.data.skillnet.common import require_module
 
 MISSING = Path("/nonexistent/moesaic-test")
@@ -37,6 +37,7 @@ GENERATORS = {
     "numbers": (sd.load_number_pairs, {"n_train": 120, "n_eval": 40}, "item"),
     "video": (sd.load_moving_digits, {"n_train": 100, "n_eval": 30}, "item"),
     "code": (sd.load_doc_code, {"n_train": 100, "n_eval": 30}, "item"),
+    "emoji": (sd.load_emoji_pairs, {"limit": 80}, "text"),
 }
 
 
@@ -84,6 +85,22 @@ def test_number_words_in_english_and_chinese():
         assert (glyphs.number_en(n), glyphs.number_zh(n)) == (en, zh)
     with pytest.raises(ValueError, match="n=100"):
         glyphs.number_zh(100)
+
+
+def test_emoji_pairs_name_each_image_in_english_and_chinese(tmp_path):
+    import emoji
+
+    d = sd.load_emoji_pairs(limit=40, data_dir=tmp_path)
+    names = {sd.decode_bytes(r) for s in sd.SPLITS for r in d[s]["text"]}
+    assert sum(len(d[s]["item"]) for s in sd.SPLITS) == 40
+    emoji.config.load_language("zh")
+    by_en = {v["en"].strip(":").replace("_", " "): v for v in emoji.EMOJI_DATA.values()}
+    for s in sd.SPLITS:
+        for en, zh in zip(d[s]["text"], d[s]["text_zh"]):
+            assert by_en[sd.decode_bytes(en)]["zh"].strip(":").replace("_", " ") == sd.decode_bytes(
+                zh
+            )
+    assert not any("skin tone" in n for n in names)
 
 
 def test_number_pairs_captions_match_labels(tmp_path):
@@ -139,6 +156,9 @@ def test_missing_sources_name_the_install_line(monkeypatch, tmp_path):
     monkeypatch.setattr(glyphs, "FONT_DIR", MISSING)
     with pytest.raises(sd.SourceMissingError, match="apt-get install -y fonts-dejavu-core"):
         sd.load_number_pairs(data_dir=tmp_path)
+    monkeypatch.setattr(emoji_pairs, "EMOJI_FONT", MISSING)
+    with pytest.raises(sd.SourceMissingError, match="apt-get install -y fonts-noto-color-emoji"):
+        sd.load_emoji_pairs(limit=5, data_dir=tmp_path)
     monkeypatch.setattr(sound, "ESPEAK", "no-such-espeak-program")
     with pytest.raises(sd.SourceMissingError, match="apt-get install -y espeak-ng"):
         sound.synthesize("one", "en-us", 150, 50)
