@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from moesaic.models.lm import LMConfig, MoELM
+from moesaic.models.skillnet import SkillNet, SkillNetConfig
 
 __all__ = ["MODELS", "register_model", "create", "model_config"]
 
@@ -95,3 +96,17 @@ def lm_moe_test() -> LMConfig:
         top_k=1,
         router="switch",
     )
+
+
+@register_model("skillnet-tiny", SkillNet)
+def skillnet_tiny() -> SkillNetConfig:
+    """SkillNet with one FFN skill per modality (text, image, sound, video, code): D=64, 2
+    layers, the default six tasks. Small enough to train every task in minutes on 2 CPU cores."""
+    return SkillNetConfig()
+
+
+@register_model("skillnet-dense-tiny", SkillNet)
+def skillnet_dense_tiny() -> SkillNetConfig:
+    """``skillnet-tiny``'s dense multitask baseline: every site shared by all modalities, the
+    same parameters activated per example."""
+    return SkillNetConfig(skill_sites=frozenset())
