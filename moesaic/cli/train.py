@@ -75,7 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = trainer.fit()
     text = summary(result, trainer)  # every rank: sampling runs collective forwards
     if groups.is_main:
-        print(text)
+        print(text, flush=True)
+    if groups.distributed:
+        # Leave together and tear the group down: a rank exiting with a live gloo group can
+        # abort in its destructors ("terminate called without an active exception").
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 
