@@ -242,6 +242,9 @@ def run_cell(T, D, Fh, E, K, repeats, dtype, peers=PEERS):
 
     key = [f"{i.name}/{i.family}" for i in impls]
     tr = time_interleaved({k: train(i) for k, i in zip(key, impls)}, repeats)
+    for i in impls:  # forward-only runs as inference does: no gradients held
+        for p in i.module.parameters():
+            p.grad = None
     fw = time_interleaved({k: infer(i) for k, i in zip(key, impls)}, repeats)
     mem = {k: _saved_bytes(i, x) for k, i in zip(key, impls)}
     return impls, key, tr, fw, mem, skipped

@@ -32,6 +32,10 @@ def test_a_skewed_routing_stays_on_one_team():
     assert expert_groups([30, 0, 30], 1) == [[0, 2]]
 
 
+def test_large_experts_stay_on_one_team():
+    assert expert_groups([1000, 1000, 1000, 1000], 2) == [[0, 1, 2, 3]]
+
+
 def test_workers_inherit_inference_and_grad_mode():
     seen = []
 
