@@ -156,23 +156,29 @@ class RunConfig:
                 f"model.num_experts={self.model.num_experts} must be divisible by "
                 f"parallel.expert={self.parallel.expert}"
             )
-        if self.model.is_moe:  # router_options are checked by building one router now
+        if self.model.is_moe:  # router_options are checked by building one router now,
+            # without touching the global RNG (the model's initial weights must not depend on it)
             try:
-                build_router(
-                    self.model.router,
-                    d_model=self.model.d_model,
-                    num_experts=self.model.num_experts,
-                    top_k=self.model.top_k,
-                    router_dtype=torch.float32,
-                    jitter=None,
-                    capacity_factor=self.model.capacity_factor,
-                    options=self.model.router_options,
-                )
+                with torch.random.fork_rng(devices=[]):
+                    _check_router(self.model)
             except (TypeError, ValueError) as err:
                 raise ValueError(
                     f"model.router={self.model.router!r} with model.router_options="
                     f"{self.model.router_options}: {err}"
                 ) from None
+
+
+def _check_router(model) -> None:
+    build_router(
+        model.router,
+        d_model=model.d_model,
+        num_experts=model.num_experts,
+        top_k=model.top_k,
+        router_dtype=torch.float32,
+        jitter=None,
+        capacity_factor=model.capacity_factor,
+        options=model.router_options,
+    )
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -65,3 +65,15 @@ def test_parse_value_handles_optional_and_rejects_unsupported_types():
     assert parse_value("a", "2", float | None) == 2.0
     with pytest.raises(ConfigError, match="cannot be set"):
         parse_value("a", "1", list)
+
+
+def test_building_and_checking_a_config_leaves_the_global_rng_alone():
+    # the model's initial weights come from the global RNG right after the config is built
+    import torch
+
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    for name in RECIPES:
+        apply_overrides(get_recipe(name), ["train.steps=7"])
+    assert torch.equal(torch.rand(3), want)
