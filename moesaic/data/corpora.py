@@ -16,7 +16,7 @@ import re
 import shutil
 import subprocess
 import sysconfig
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -145,7 +145,7 @@ def load_pydocs() -> list[Document]:
 
 
 # WordNet's 45 lexicographer files, indexed by the number in each data line (lexnames(5WN)).
-_WORDNET_LEXNAMES = (
+WORDNET_LEXNAMES = (
     "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute "
     "noun.body noun.cognition noun.communication noun.event noun.feeling noun.food noun.group "
     "noun.location noun.motive noun.object noun.person noun.phenomenon noun.plant "
@@ -161,17 +161,23 @@ def load_wordnet() -> list[Document]:
     _require("wordnet", ["wordnet-base"])
     lines: dict[int, list[str]] = {}
     for pos in ("noun", "verb", "adj", "adv"):
-        text = (WORDNET_ROOT / f"data.{pos}").read_text(encoding="latin-1")
-        for line in text.splitlines():
-            if line.startswith("  ") or " | " not in line:
-                continue  # the licence header
-            head, gloss = line.split(" | ", 1)
-            lexfile, lemmas = _wordnet_lemmas(head.split())
+        for fields, gloss in wordnet_synsets(WORDNET_ROOT / f"data.{pos}"):
+            lexfile, lemmas = _wordnet_lemmas(fields)
             lines.setdefault(lexfile, []).append(f"{', '.join(lemmas)}: {gloss.strip()}")
     return [
-        Document(f"wordnet/{_WORDNET_LEXNAMES[n]}", "\n".join(lines[n]) + "\n", "wordnet")
+        Document(f"wordnet/{WORDNET_LEXNAMES[n]}", "\n".join(lines[n]) + "\n", "wordnet")
         for n in sorted(lines)
     ]
+
+
+def wordnet_synsets(path: Path) -> Iterator[tuple[list[str], str]]:
+    """(header fields "offset lexfile pos ...", gloss) of every synset line of a WordNet
+    ``data.<pos>`` file, the licence header skipped."""
+    for line in path.read_text(encoding="latin-1").splitlines():
+        if line.startswith("  ") or " | " not in line:
+            continue  # the licence header
+        head, gloss = line.split(" | ", 1)
+        yield head.split(), gloss
 
 
 def _wordnet_lemmas(fields: list[str]) -> tuple[int, list[str]]:

@@ -14,22 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
+from moesaic.data.corpora import WORDNET_LEXNAMES, wordnet_synsets
 from moesaic.data.skillnet.common import Splits, cached, encode_bytes, require_file, split_by_key
 
 __all__ = ["LEXNAMES", "load_supersense", "read_glosses"]
 
 WORDNET_ROOT = Path("/usr/share/wordnet")
 
-# The 45 lexicographer files in their standard order (WordNet's lexnames(5WN)).
-LEXNAMES = (
-    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute "
-    "noun.body noun.cognition noun.communication noun.event noun.feeling noun.food noun.group "
-    "noun.location noun.motive noun.object noun.person noun.phenomenon noun.plant "
-    "noun.possession noun.process noun.quantity noun.relation noun.shape noun.state "
-    "noun.substance noun.time verb.body verb.change verb.cognition verb.communication "
-    "verb.competition verb.consumption verb.contact verb.creation verb.emotion verb.motion "
-    "verb.perception verb.possession verb.social verb.stative verb.weather adj.ppl"
-).split()
+LEXNAMES = WORDNET_LEXNAMES  # the label names, by lexicographer file number
 
 
 def read_glosses(root: Path | None = None) -> list[tuple[str, int]]:
@@ -42,13 +34,10 @@ def _read_glosses(root: Path) -> tuple[tuple[str, int], ...]:
     out = []
     for pos in ("noun", "verb"):
         path = require_file("supersense", root / f"data.{pos}", "wordnet-base")
-        for line in path.read_text(encoding="latin-1").splitlines():
-            if line.startswith("  ") or " | " not in line:
-                continue  # the licence header
-            head, gloss = line.split(" | ", 1)
+        for fields, gloss in wordnet_synsets(path):
             clause = gloss.split(";")[0].strip()
             if clause:
-                out.append((clause, int(head.split()[1])))
+                out.append((clause, int(fields[1])))
     return tuple(out)
 
 
