@@ -19,11 +19,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from moesaic.bench.harness import environment, time_interleaved
 from moesaic.layer import MoE
 
-__all__ = ["NaiveMoE", "dense_ffn", "run", "main"]
+__all__ = ["NaiveMoE", "DenseFFN", "run", "main"]
 
 TARGETS = {8: 1.2, 32: 1.3}  # issue #2: moesaic / dense fwd+bwd at E=8 and E=32
 
@@ -35,7 +36,7 @@ class NaiveMoE(nn.Module):
         super().__init__()
         self.top_k = top_k
         self.gate = nn.Linear(d_model, num_experts, bias=False)
-        self.experts = nn.ModuleList(dense_ffn(d_model, d_ff) for _ in range(num_experts))
+        self.experts = nn.ModuleList(DenseFFN(d_model, d_ff, "gelu") for _ in range(num_experts))
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         weight_TK, expert_TK = self.gate(x_TD).softmax(dim=-1).topk(self.top_k, dim=-1)
@@ -49,12 +50,19 @@ class NaiveMoE(nn.Module):
         return y_TD
 
 
-def dense_ffn(d_model: int, d_hidden: int) -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(d_model, d_hidden, bias=False),
-        nn.GELU(),
-        nn.Linear(d_hidden, d_model, bias=False),
-    )
+class DenseFFN(nn.Module):
+    """``w2(act(w1 x))`` or, for swiglu, ``w2(silu(w1 x) * w3 x)``; no biases."""
+
+    def __init__(self, d_model: int, d_hidden: int, family: str) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_hidden, bias=False)
+        self.w2 = nn.Linear(d_hidden, d_model, bias=False)
+        self.w3 = nn.Linear(d_model, d_hidden, bias=False) if family == "swiglu" else None
+        self.act = {"gelu": F.gelu, "relu": F.relu, "swiglu": F.silu}[family]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.w1(x))
+        return self.w2(h * self.w3(x) if self.w3 is not None else h)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +101,7 @@ def run(
         impls = {
             "moesaic": MoE(d_model, d_ff, E, router="topk", top_k=K),
             "naive": NaiveMoE(d_model, d_ff, E, K),
-            "dense": dense_ffn(d_model, K * d_ff),
+            "dense": DenseFFN(d_model, K * d_ff, "gelu"),
         }
         x = torch.randn(tokens, d_model)
         grad = torch.randn(tokens, d_model)
