@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from moesaic.experts.reference import reference_keep, reference_moe
@@ -37,6 +37,8 @@ FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthChe
     seed=st.integers(0, 999),
 )
 def test_every_router_and_capacity_matches_the_reference(case, E, T, cf, policy, seed):
+    # prototype routing needs E divisible by its k groups (the refusal is tested on its own)
+    assume(case.router != "prototype" or E % case.top_k == 0)
     torch.manual_seed(seed)
     layer = case.layer(d_model=6, d_ff=10, num_experts=E, capacity_factor=cf, drop_policy=policy)
     seen = capture_routing(layer)

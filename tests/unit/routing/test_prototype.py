@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import moesaic as ms
@@ -42,3 +43,8 @@ def test_experts_must_divide_into_groups():
 
     with pytest.raises(ValueError, match="divisible by top_k=3"):
         ms.MoE(8, 16, 8, router="prototype", top_k=3)
+
+
+def test_experts_not_divisible_into_the_k_groups_are_refused():
+    with pytest.raises(ValueError, match="num_experts=5 must be divisible by top_k=2"):
+        ms.MoE(6, 10, 5, router="prototype", top_k=2)
