@@ -49,7 +49,13 @@ WEIGHTS, STATE, MANIFEST, LATEST = "model.safetensors", "state.pt", "manifest.js
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or corrupted; the message names the file."""
+    """A checkpoint is missing, incomplete or corrupted; the message names the file.
+
+    The message is one line: wrapped errors from torch or safetensors can span several.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(line.strip() for line in message.splitlines() if line.strip()))
 
 
 def save_checkpoint(
