@@ -1,6 +1,7 @@
 """``moesaic skillnet train|eval|retrieve``: SkillNet on text, image, sound, video and code.
 
-moesaic skillnet train --run runs/skillnet              # the smoke recipe, all six tasks
+moesaic skillnet train --run runs/skillnet              # smoke recipe: pretrain, fine-tune
+moesaic skillnet compare --preset default               # the report table (about 20 minutes)
 moesaic skillnet eval --run runs/skillnet               # test metrics, chance, parameters
 moesaic skillnet retrieve --run runs/skillnet --task t2i_zh --query 三十七
 """
@@ -18,9 +19,10 @@ from moesaic.cli.common import friendly_errors
 from moesaic.data.skillnet import decode_bytes
 from moesaic.data.skillnet.common import encode_bytes
 from moesaic.models.skillnet import SKILL_SITES
-from moesaic.skillnet.compare import compare, comparison_table
+from moesaic.skillnet.compare import DEFAULT_MODELS, MODELS, compare, comparison_table
+from moesaic.skillnet.pretrain_data import load_pretrain_data
 from moesaic.skillnet.run import evaluate_run, format_table, load_run, train_run
-from moesaic.skillnet.tasks import PRESETS, load_task_data
+from moesaic.skillnet.tasks import PRESET_STEPS, PRESETS, load_task_data
 from moesaic.skillnet.train import SkillNetRecipe, queries_and_gallery
 
 __all__ = ["main"]
@@ -34,7 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--model", default="skillnet-tiny", help="a registered SkillNet model")
     train.add_argument("--preset", default="smoke", choices=sorted(PRESETS), help="data sizes")
     train.add_argument("--tasks", default=None, help="comma-separated subset of the tasks")
-    train.add_argument("--steps", type=int, default=300)
+    train.add_argument("--steps", type=int, default=None, help="fine-tuning steps (preset's)")
+    train.add_argument(
+        "--pretrain-steps", type=int, default=None,
+        help="sparse self-supervised pretraining steps before fine-tuning (preset's; 0: none)",
+    )  # fmt: skip
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--lr", type=float, default=3e-3)
     train.add_argument("--seed", type=int, default=0)
@@ -47,7 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--out", type=Path, default=Path("runs/skillnet-compare"))
     cmp.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
     cmp.add_argument("--tasks", default=None, help="comma-separated subset of the tasks")
-    cmp.add_argument("--steps", type=int, default=300)
+    cmp.add_argument("--steps", type=int, default=None, help="fine-tuning steps (preset's)")
+    cmp.add_argument("--pretrain-steps", type=int, default=None, help="(preset's; 0: none)")
+    cmp.add_argument("--workers", type=int, default=2, help="models trained side by side")
+    cmp.add_argument(
+        "--models", default=",".join(DEFAULT_MODELS),
+        help=f"comma-separated subset of {','.join(MODELS)}",
+    )  # fmt: skip
     cmp.add_argument("--batch-size", type=int, default=32)
     cmp.add_argument("--seed", type=int, default=0)
     cmp.add_argument("--data-dir", type=Path, default=None, help="dataset cache folder")
@@ -73,26 +85,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _recipes(args: argparse.Namespace) -> tuple[SkillNetRecipe, SkillNetRecipe | None]:
+    """(fine-tuning recipe, pretraining recipe or None) from the flags and the preset."""
+    pre_steps, steps = PRESET_STEPS[args.preset]
+    steps = steps if args.steps is None else args.steps
+    pre_steps = pre_steps if args.pretrain_steps is None else args.pretrain_steps
+    if isinstance(pre_steps, int) and pre_steps < 0:
+        raise ValueError(f"--pretrain-steps={pre_steps} must be >= 0")
+    kw = {"batch_size": args.batch_size, "lr": getattr(args, "lr", 3e-3), "seed": args.seed}
+    recipe = SkillNetRecipe(steps=steps, **kw)
+    return recipe, (SkillNetRecipe(steps=pre_steps, **kw) if pre_steps else None)
+
+
 def _train(args: argparse.Namespace) -> int:
-    recipe = SkillNetRecipe(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed
-    )
+    recipe, pretrain = _recipes(args)
     overrides = {"general_skill": args.general_skill} if args.general_skill else {}
     if args.skill_sites is not None:
         sites = args.skill_sites.split(",") if args.skill_sites != "none" else []
         overrides["skill_sites"] = frozenset(s.strip() for s in sites)
-    every = max(1, args.steps // 10)
 
     def log(record: dict) -> None:
-        if record["step"] % every == 0 or record["step"] == args.steps:
+        steps = (pretrain if record["phase"] == "pretrain" else recipe).steps
+        if record["step"] % max(1, steps // 10) == 0 or record["step"] == steps:
             losses = " ".join(f"{k[5:]}={v:.3f}" for k, v in record.items() if k[:5] == "loss/")
-            print(f"step {record['step']}/{args.steps} {record['seconds']:.0f}s {losses}",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(f"{record['phase']} step {record['step']}/{steps} {record['seconds']:.0f}s "
+                  f"{losses}", file=sys.stderr, flush=True)  # fmt: skip
 
     tasks = tuple(t.strip() for t in args.tasks.split(",")) if args.tasks else None
     result = train_run(
         args.run, model_name=args.model, model_overrides=overrides, recipe=recipe,
-        preset=args.preset, tasks=tasks, data_dir=args.data_dir, log=log,
+        pretrain=pretrain, preset=args.preset, tasks=tasks, data_dir=args.data_dir, log=log,
     )  # fmt: skip
     print(format_table(result))
     print(f"wrote {args.run}/model.safetensors, metrics.jsonl, eval.json, report.md")
@@ -100,10 +122,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    recipe = SkillNetRecipe(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    recipe, pretrain = _recipes(args)
     tasks = tuple(t.strip() for t in args.tasks.split(",")) if args.tasks else None
     data = load_task_data(tasks, args.preset, args.seed, args.data_dir)
-    result = compare(data, recipe, args.out)
+    if pretrain is not None:
+        pretrain = (pretrain, load_pretrain_data(data, args.preset, args.seed, args.data_dir))
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    result = compare(data, recipe, args.out, pretrain, workers=args.workers, models=models)
     print(comparison_table(result, data))
     print(f"wrote {args.out}/compare.json, compare.md, skills.png")
     return 0

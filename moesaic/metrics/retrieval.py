@@ -3,7 +3,7 @@
 A query is answered correctly by any gallery item with the same label (captions shared by several
 images, say); the rank of a query is that of its best-placed correct item. Ties count against
 the query (a correct item tied with a wrong one ranks after it), so a constant similarity scores
-at or below chance, never above.
+at or below chance, never above; a NaN similarity ranks last.
 
 Shape legend: Q queries, G gallery items.
 """
@@ -28,6 +28,8 @@ def retrieval_ranks(
         raise ValueError(
             f"sim_QG.shape={tuple(sim_QG.shape)} must be (len(query_labels), len(gallery_labels))"
         )
+    # a NaN similarity (a diverged model) ranks last; compared as is it would rank first
+    sim_QG = sim_QG.nan_to_num(nan=float("-inf"))
     correct_QG = query_labels[:, None] == gallery_labels[None, :]
     if not bool(correct_QG.any(1).all()):
         raise ValueError("every query label must occur among the gallery labels")

@@ -36,7 +36,9 @@ from moesaic.models.skillnet_parts import (
     SoundFrontEnd,
 )
 
-__all__ = ["MODALITIES", "SKILL_SITES", "DEFAULT_TASKS", "SkillNetConfig", "SkillNet"]
+__all__ = [
+    "MODALITIES", "SKILL_SITES", "DEFAULT_TASKS", "SkillNetConfig", "SkillNet", "PairHead",
+]  # fmt: skip
 
 MODALITIES = ("text", "image", "sound", "video", "code")
 SKILL_SITES = ("ffn", "attn_qkv")
@@ -156,18 +158,39 @@ class SkillNet(nn.Module):
             if cfg.task_kind(task) == "classify":
                 self.heads[task] = nn.Linear(D, spec[1])
             else:
-                self.heads[task] = _PairHead(D, cfg.proj_dim)
+                self.heads[task] = PairHead(D, cfg.proj_dim)
 
-    def encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+    def encode(
+        self, modality: str, x: torch.Tensor, hide: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Mean-pooled trunk output of a batch of one modality, with that modality's skills
-        active. Shape: x (B, ...) -> (B, D)."""
+        active (``hide``: see ``encode_tokens``). Shape: x (B, ...) -> (B, D)."""
+        h, mask = self.encode_tokens(modality, x, hide)
+        w = mask.unsqueeze(-1).to(h.dtype)
+        return self.norm((h * w).sum(1) / w.sum(1))
+
+    def encode_tokens(
+        self, modality: str, x: torch.Tensor, hide: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token trunk output of a batch of one modality, with that modality's skills active,
+        and the padding mask. ``hide`` (bool (B, S), S tokens after the front-end) replaces those
+        tokens' content by nothing, keeping only their position: the input of masked prediction
+        (sparse pretraining). Shape: x (B, ...) -> ((B, S, D), bool (B, S))."""
         check_choice("modality", modality, MODALITIES)
-        h, mask = self.frontends[modality](x)
+        frontend = self.frontends[modality]
+        h, mask = frontend(x)
+        if hide is not None:
+            if hide.shape != h.shape[:2]:
+                raise ValueError(
+                    f"hide has shape {tuple(hide.shape)}; {modality} input x gives "
+                    f"{tuple(h.shape[:2])} tokens (see frontends[{modality!r}].token_targets)"
+                )
+            pos = frontend.positions(h.shape[1]).to(h.dtype)
+            h = torch.where(hide.unsqueeze(-1), pos, h)
         with routing_context(task=MODALITIES.index(modality)):
             for block in self.blocks:
                 h = block(h, mask)
-        w = mask.unsqueeze(-1).to(h.dtype)
-        return self.norm((h * w).sum(1) / w.sum(1))
+        return h, mask
 
     def classify(self, task: str, x: torch.Tensor) -> torch.Tensor:
         """Class logits (B, num_classes) of a classification task."""
@@ -221,7 +244,7 @@ class SkillNet(nn.Module):
         return total, total - inactive
 
 
-class _PairHead(nn.Module):
+class PairHead(nn.Module):
     """Query and item projections into a P-dim joint space, and a learned logit scale
     (CLIP's temperature, initialised to 1 / 0.07)."""
 

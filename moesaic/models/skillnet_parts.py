@@ -31,18 +31,26 @@ class BytesFrontEnd(nn.Module):
         self.pos = nn.Parameter(torch.randn(max_len, d_model) * 0.02)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.token_targets(x)
+        mask = x != 0
+        mask[:, 0] = True  # an empty text still has one token to pool
+        return self.embed(x) + self.pos[: x.shape[1]], mask
+
+    def token_targets(self, x: torch.Tensor) -> torch.Tensor:
+        """The byte ids the tokens stand for: long (B, S), where the columns that are padding in
+        every row are dropped (masked tokens change nothing)."""
         x = x.long()
-        # drop the columns that are padding in every row: masked tokens change nothing
         width = int((x != 0).any(0).nonzero().max()) + 1 if bool((x != 0).any()) else 1
-        x = x[:, :width]
         if width > self.pos.shape[0]:
             raise ValueError(
                 f"input holds {width} bytes per row, more than this front-end's "
                 f"max_len={self.pos.shape[0]} (model.text_len / model.code_len)"
             )
-        mask = x != 0
-        mask[:, 0] = True  # an empty text still has one token to pool
-        return self.embed(x) + self.pos[: x.shape[1]], mask
+        return x[:, :width]
+
+    def positions(self, S: int) -> torch.Tensor:
+        """The position embedding of each of S tokens: (S, D)."""
+        return self.pos[:S]
 
 
 class PatchFrontEnd(nn.Module):
@@ -73,6 +81,18 @@ class PatchFrontEnd(nn.Module):
         tokens = (p_BFPD + self.pos + self.time_pos).reshape(B, -1, p_NDP.shape[1])
         return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=x.device)
 
+    def token_targets(self, x: torch.Tensor) -> torch.Tensor:
+        """The pixels (0..1) each token covers, in token order: (B, S, tubelet * patch**2)."""
+        B, (H, W) = x.shape[0], x.shape[-2:]
+        x_NtHW = x.float().div(255).reshape(B * self.steps, self.tubelet, H, W)
+        patch = self.conv.kernel_size[0]
+        p_NKL = F.unfold(x_NtHW, patch, stride=patch)
+        return p_NKL.transpose(1, 2).reshape(B, -1, p_NKL.shape[1])
+
+    def positions(self, S: int) -> torch.Tensor:
+        """The position embedding (space + time) of each of the S tokens: (S, D)."""
+        return (self.pos + self.time_pos).reshape(-1, self.pos.shape[1])[:S]
+
 
 class SoundFrontEnd(nn.Module):
     """Log-mel spectrogram frames -> tokens of ``stack`` consecutive frames each, per-example
@@ -87,11 +107,18 @@ class SoundFrontEnd(nn.Module):
         self.pos = nn.Parameter(torch.randn(frames // stack, d_model) * 0.02)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.proj(self.token_targets(x)) + self.pos
+        return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=x.device)
+
+    def token_targets(self, x: torch.Tensor) -> torch.Tensor:
+        """The standardised frames each token stacks: (B, S, stack * M)."""
         x = x.float()
         x = (x - x.mean(dim=(1, 2), keepdim=True)) / (x.std(dim=(1, 2), keepdim=True) + 1e-5)
-        x_BSK = x.reshape(x.shape[0], -1, self.stack * x.shape[2])
-        tokens = self.proj(x_BSK) + self.pos
-        return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=x.device)
+        return x.reshape(x.shape[0], -1, self.stack * x.shape[2])
+
+    def positions(self, S: int) -> torch.Tensor:
+        """The position embedding of each of the S tokens: (S, D)."""
+        return self.pos[:S]
 
 
 class SkillLinear(nn.Module):

@@ -1,4 +1,5 @@
-"""A SkillNet run directory: config.json, model.safetensors, metrics.jsonl, eval.json, report.md.
+"""A SkillNet run directory: config.json, model.safetensors, metrics.jsonl (pretraining and
+fine-tuning steps, each with its ``phase``), eval.json, report.md.
 
 ``train_run`` trains and evaluates one model and writes all of it; ``load_run`` rebuilds the
 model and its data from the directory.
@@ -16,6 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from moesaic.models.registry import create
 from moesaic.models.skillnet import SkillNet, SkillNetConfig
+from moesaic.skillnet.pretrain import pretrain_skillnet
+from moesaic.skillnet.pretrain_data import load_pretrain_data
 from moesaic.skillnet.tasks import TaskData, load_task_data
 from moesaic.skillnet.train import SkillNetRecipe, chance, evaluate, train_skillnet
 
@@ -35,12 +38,14 @@ def train_run(
     model_name: str = "skillnet-tiny",
     model_overrides: dict | None = None,
     recipe: SkillNetRecipe | None = None,
+    pretrain: SkillNetRecipe | None = None,
     preset: str = "smoke",
     tasks: tuple[str, ...] | None = None,
     data_dir: str | Path | None = None,
     log: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Train ``model_name`` on ``tasks`` at data ``preset``; write the run; return eval.json."""
+    """Train ``model_name`` on ``tasks`` at data ``preset`` (after sparse pretraining on the
+    preset's pretraining data when ``pretrain`` is given); write the run; return eval.json."""
     recipe = recipe or SkillNetRecipe()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -54,6 +59,7 @@ def train_run(
     config = {
         "model": _config_dict(model.cfg),
         "recipe": dataclasses.asdict(recipe),
+        "pretrain": None if pretrain is None else dataclasses.asdict(pretrain),
         "preset": preset,
         "tasks": list(data),
         "data_dir": None if data_dir is None else str(data_dir),
@@ -61,12 +67,19 @@ def train_run(
     (run_dir / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     with open(run_dir / "metrics.jsonl", "w") as f:
 
-        def write(record: dict) -> None:
-            f.write(json.dumps(record) + "\n")
-            if log is not None:
-                log(record)
+        def logger(phase: str) -> Callable[[dict], None]:
+            def write(record: dict) -> None:
+                record = {"phase": phase, **record}
+                f.write(json.dumps(record) + "\n")
+                if log is not None:
+                    log(record)
 
-        train_skillnet(model, data, recipe, write)
+            return write
+
+        if pretrain is not None:
+            pdata = load_pretrain_data(data, preset, recipe.seed, data_dir, model.cfg.image_size)
+            pretrain_skillnet(model, pdata, pretrain, logger("pretrain"))
+        train_skillnet(model, data, recipe, logger("finetune"))
     save_file(model.state_dict(), str(run_dir / "model.safetensors"))
     return evaluate_run(run_dir, model, data)
 

@@ -15,7 +15,7 @@ import torch
 
 from moesaic.data import skillnet as sd
 
-__all__ = ["TaskData", "PRESETS", "load_task_data"]
+__all__ = ["TaskData", "PRESETS", "PRESET_STEPS", "load_task_data"]
 
 # preset -> loader keyword arguments per data source; "smoke" builds in seconds
 PRESETS: dict[str, dict[str, dict]] = {
@@ -34,6 +34,10 @@ PRESETS: dict[str, dict[str, dict]] = {
         "code": {"n_train": 3000, "n_eval": 300},
     },
 }
+
+
+# preset -> (pretraining steps, fine-tuning steps) of the CLI's recipe at that preset
+PRESET_STEPS: dict[str, tuple[int, int]] = {"smoke": (300, 300), "default": (1500, 1500)}
 
 
 @dataclasses.dataclass(frozen=True)

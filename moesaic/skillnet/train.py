@@ -20,7 +20,10 @@ from moesaic.metrics.retrieval import accuracy, retrieval_metrics
 from moesaic.models.skillnet import SkillNet
 from moesaic.skillnet.tasks import TaskData, distinct_label_batch
 
-__all__ = ["SkillNetRecipe", "task_loss", "train_skillnet", "evaluate", "chance"]
+__all__ = [
+    "SkillNetRecipe", "task_loss", "contrastive_loss", "train_skillnet", "optimize", "evaluate",
+    "chance",
+]  # fmt: skip
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -48,8 +51,13 @@ def task_loss(model: SkillNet, task: str, batch: dict[str, torch.Tensor]) -> tor
     if model.cfg.task_kind(task) == "classify":
         return F.cross_entropy(model.classify(task, batch["inputs"]), batch["labels"])
     q_BP, k_BP = model.embed_pair(task, batch["query"], batch["item"])
-    logits_BB = model.heads[task].scale() * q_BP @ k_BP.t()
-    target = torch.arange(q_BP.shape[0])
+    return contrastive_loss(q_BP, k_BP, model.heads[task].scale())
+
+
+def contrastive_loss(q_BP: torch.Tensor, k_BP: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric in-batch InfoNCE of unit-norm pairs: row i of ``q`` matches row i of ``k``."""
+    logits_BB = scale * q_BP @ k_BP.t()
+    target = torch.arange(q_BP.shape[0], device=q_BP.device)
     return (F.cross_entropy(logits_BB, target) + F.cross_entropy(logits_BB.t(), target)) / 2
 
 
@@ -73,22 +81,37 @@ def train_skillnet(
     (``step``, ``loss`` per task, ``lr``, ``seconds``)."""
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+    def losses() -> dict[str, torch.Tensor]:
+        return {t: task_loss(model, t, _batch(d, recipe.batch_size, rng)) for t, d in data.items()}
+
+    return optimize(model, list(model.parameters()), losses, recipe, log)
+
+
+def optimize(
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    losses: Callable[[], dict[str, torch.Tensor]],
+    recipe: SkillNetRecipe,
+    log: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """``recipe.steps`` AdamW steps on the sum of ``losses()`` (one fresh batch per term per
+    call), warmup then cosine; returns one record per step (``step``, ``loss/<term>``, ``lr``,
+    ``seconds``)."""
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     history, start = [], time.perf_counter()
     model.train()
     for step in range(recipe.steps):
         lr = recipe.lr * _schedule(step, recipe)
         for group in opt.param_groups:
             group["lr"] = lr
-        losses = {
-            t: task_loss(model, t, _batch(d, recipe.batch_size, rng)) for t, d in data.items()
-        }
+        terms = losses()
         opt.zero_grad(set_to_none=True)
-        torch.stack(list(losses.values())).sum().backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.stack(list(terms.values())).sum().backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         record = {"step": step + 1, "lr": lr, "seconds": time.perf_counter() - start}
-        record.update({f"loss/{t}": float(v.detach()) for t, v in losses.items()})
+        record.update({f"loss/{t}": float(v.detach()) for t, v in terms.items()})
         history.append(record)
         if log is not None:
             log(record)

@@ -28,9 +28,12 @@ def one_thread():
 
 
 def test_smoke_recipe_beats_chance_on_every_task(data_dir, one_thread):
+    # the CLI's smoke recipe: sparse pretraining, then joint fine-tuning, 300 steps each
     data = sk.load_task_data(preset="smoke", data_dir=data_dir)
     torch.manual_seed(0)
     model = ms.models.create("skillnet-tiny")
+    pre = sk.load_pretrain_data(data, "smoke", data_dir=data_dir)
+    sk.pretrain_skillnet(model, pre, sk.SkillNetRecipe(steps=300, batch_size=24))
     sk.train_skillnet(model, data, sk.SkillNetRecipe(steps=300, batch_size=24))
     result, chance = sk.evaluate(model, data), sk.chance(data)
     for task, d in data.items():
@@ -44,10 +47,15 @@ def test_smoke_recipe_beats_chance_on_every_task(data_dir, one_thread):
 def test_cli_trains_evaluates_and_retrieves(tmp_path, data_dir, capsys):
     run = tmp_path / "run"
     args = ["skillnet", "train", "--run", str(run), "--steps", "2", "--batch-size", "4"]
+    args += ["--pretrain-steps", "3"]
     args += ["--tasks", "text_cls,t2i_zh", "--skill-sites", "ffn,attn_qkv"]
     assert main(args + ["--data-dir", str(data_dir)]) == 0
     for name in ("config.json", "model.safetensors", "metrics.jsonl", "eval.json", "report.md"):
         assert (run / name).is_file()
+    phases = [
+        json.loads(line)["phase"] for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert phases == ["pretrain"] * 3 + ["finetune"] * 2
     written = json.loads((run / "eval.json").read_text())
     assert set(written["metrics"]) == {"text_cls", "t2i_zh"}
     assert written["params"]["text_cls"]["skills"] == ["text"]
@@ -68,13 +76,15 @@ def test_cli_trains_evaluates_and_retrieves(tmp_path, data_dir, capsys):
 def test_compare_writes_the_table_and_the_skill_heatmap(tmp_path, data_dir, capsys):
     out = tmp_path / "cmp"
     args = ["skillnet", "compare", "--out", str(out), "--steps", "2", "--batch-size", "4"]
+    args += ["--pretrain-steps", "0", "--workers", "1"]
     assert main(args + ["--tasks", "sound_cls,t2v", "--data-dir", str(data_dir)]) == 0
     result = json.loads((out / "compare.json").read_text())
     assert set(result["metrics"]) == {"skillnet", "dense-multitask", "dense-single", "chance"}
     assert set(result["metrics"]["dense-single"]) == {"sound_cls", "t2v"}
     assert result["skills"] == {"sound_cls": ["sound"], "t2v": ["text", "video"]}
     table = (out / "compare.md").read_text().splitlines()
-    assert len(table) == 2 + 2 and table[2].startswith("| sound_cls | accuracy |")
+    assert len(table) == 2 + 2 + 1 and table[2].startswith("| sound_cls | accuracy |")
+    assert table[-1].startswith("| mean |")
     assert (out / "skills.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

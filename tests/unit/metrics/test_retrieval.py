@@ -41,3 +41,13 @@ def test_bad_shapes_and_unanswerable_queries_are_rejected():
         retrieval_ranks(torch.zeros(2, 3), torch.tensor([0]), torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="every query label"):
         retrieval_ranks(torch.zeros(1, 2), torch.tensor([5]), torch.tensor([0, 1]))
+
+
+def test_nan_similarities_rank_last_not_first():
+    labels = torch.arange(4)
+    sim = torch.eye(4)
+    sim[0] = float("nan")  # query 0's scores diverged
+    sim[1, 1] = float("nan")  # query 1's correct item diverged
+    assert retrieval_ranks(sim, labels, labels).tolist() == [4, 4, 1, 1]
+    nan = torch.full((4, 4), float("nan"))
+    assert retrieval_metrics(nan, labels, labels)["R@1"] == 0.0
