@@ -19,10 +19,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from moesaic.bench.harness import environment, time_interleaved
 from moesaic.layer import MoE
+from moesaic.models.lm import DenseFFN  # the dense limit is the LM's own dense FFN
 
 __all__ = ["NaiveMoE", "DenseFFN", "run", "main"]
 
@@ -48,21 +48,6 @@ class NaiveMoE(nn.Module):
                 continue
             y_TD = y_TD.index_add(0, token, expert(x_TD[token]) * weight_TK[token, slot, None])
         return y_TD
-
-
-class DenseFFN(nn.Module):
-    """``w2(act(w1 x))`` or, for swiglu, ``w2(silu(w1 x) * w3 x)``; no biases."""
-
-    def __init__(self, d_model: int, d_hidden: int, family: str) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(d_model, d_hidden, bias=False)
-        self.w2 = nn.Linear(d_hidden, d_model, bias=False)
-        self.w3 = nn.Linear(d_model, d_hidden, bias=False) if family == "swiglu" else None
-        self.act = {"gelu": F.gelu, "relu": F.relu, "swiglu": F.silu}[family]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.w1(x))
-        return self.w2(h * self.w3(x) if self.w3 is not None else h)
 
 
 @dataclasses.dataclass(frozen=True)

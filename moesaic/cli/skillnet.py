@@ -90,9 +90,11 @@ def _recipes(args: argparse.Namespace) -> tuple[SkillNetRecipe, SkillNetRecipe |
     pre_steps, steps = PRESET_STEPS[args.preset]
     steps = steps if args.steps is None else args.steps
     pre_steps = pre_steps if args.pretrain_steps is None else args.pretrain_steps
-    if isinstance(pre_steps, int) and pre_steps < 0:
+    if pre_steps < 0:
         raise ValueError(f"--pretrain-steps={pre_steps} must be >= 0")
-    kw = {"batch_size": args.batch_size, "lr": getattr(args, "lr", 3e-3), "seed": args.seed}
+    kw = {"batch_size": args.batch_size, "seed": args.seed}
+    if hasattr(args, "lr"):  # `compare` keeps the recipe's default
+        kw["lr"] = args.lr
     recipe = SkillNetRecipe(steps=steps, **kw)
     return recipe, (SkillNetRecipe(steps=pre_steps, **kw) if pre_steps else None)
 

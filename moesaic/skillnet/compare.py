@@ -102,7 +102,7 @@ def compare(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks = {t: v for t, v in create("skillnet-tiny").cfg.tasks.items() if t in data}
-    jobs, built = {}, {}
+    jobs, built, cost = {}, {}, {}
     for m in models:
         kind = m.removesuffix("-pretrained")
         kw = _overrides(m, model_overrides)
@@ -113,7 +113,13 @@ def compare(
         else:
             pre = pretrain if m.endswith("-pretrained") else None
             jobs[m] = (_BASE[kind], tasks, data, recipe, pre, kw)
-    metrics = _run_jobs(jobs, workers, progress)
+    for key, job in jobs.items():
+        # relative cost: parameters activated over the job's tasks (each step runs every task
+        # once), about 2.5 times that with pretraining (which runs more passes per step)
+        model = built[key.split("/")[0].removesuffix("-pretrained")]
+        active = sum(model.parameter_counts(t)[1] for t in job[1])
+        cost[key] = active * (2.5 if job[4] is not None else 1)
+    metrics = _run_jobs(jobs, workers, progress, cost)
     result: dict = {"metrics": {}, "params": {}}
     for m in models:
         if m == "dense-single":
@@ -122,15 +128,16 @@ def compare(
             result["metrics"][m] = metrics[m]
     result["metrics"]["chance"] = chance(data)
     for kind, model in built.items():
+        counts = {t: model.parameter_counts(t) for t in data}
+        if kind == "dense-single":  # a specialist holds only its own task's front-ends and head
+            counts = {t: (active, active) for t, (_, active) in counts.items()}
         result["params"][kind] = {
-            t: dict(zip(("total", "activated"), model.parameter_counts(t))) for t in data
+            t: dict(zip(("total", "activated"), c)) for t, c in counts.items()
         }
-    if "dense-single" in built:  # a specialist holds only its own task's front-ends and head
-        result["params"]["dense-single"] = {
-            t: {"total": a, "activated": a}
-            for t, a in ((t, built["dense-single"].parameter_counts(t)[1]) for t in data)
-        }
-    skill = create("skillnet-tiny", tasks=tasks, **model_overrides)
+    if "skillnet" in built:
+        skill = built["skillnet"]
+    else:
+        skill = create("skillnet-tiny", tasks=tasks, **model_overrides)
     result["skills"] = {t: skill.skill_usage(t) for t in data}
     result["recipe"] = {"finetune": vars(recipe), "pretrain": pretrain and vars(pretrain[0])}
     (out_dir / "compare.json").write_text(json.dumps(result, indent=2))
@@ -169,15 +176,9 @@ def _train_from_arrays(job: tuple, threads: int) -> dict:
     return train_one(name, tasks, data, recipe, pretrain, threads, overrides)
 
 
-def _cost(job: tuple) -> float:
-    """Relative cost of a job: parameters activated over its tasks (each step runs every task
-    once), about doubled by pretraining (which runs more passes per step)."""
-    name, tasks, _, _, pretrain, kw = job
-    model = create(name, tasks=tasks, **kw)
-    return sum(model.parameter_counts(t)[1] for t in tasks) * (2.5 if pretrain else 1)
-
-
-def _run_jobs(jobs: dict[str, tuple], workers: int, progress: bool) -> dict[str, dict]:
+def _run_jobs(
+    jobs: dict[str, tuple], workers: int, progress: bool, cost: dict[str, float]
+) -> dict[str, dict]:
     bar = tqdm(total=len(jobs), desc="skillnet compare", unit="model", disable=not progress,
                miniters=1)  # fmt: skip
     out = {}
@@ -189,7 +190,7 @@ def _run_jobs(jobs: dict[str, tuple], workers: int, progress: bool) -> dict[str,
         threads = max(1, (os.cpu_count() or 1) // workers)
         ctx = multiprocessing.get_context("spawn")  # never fork a process holding OpenMP threads
         # the biggest jobs first, so no worker is left with a long job at the end
-        order = sorted(jobs, key=lambda k: -_cost(jobs[k]))
+        order = sorted(jobs, key=lambda k: -cost[k])
         with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
             futures = {k: pool.submit(_train_from_arrays, _arrays(jobs[k]), threads) for k in order}
             for f in as_completed(futures.values()):
