@@ -50,7 +50,9 @@ class MoE(nn.Module):
         router_dtype: dtype of the router math, fp32 by default even for bf16 activations.
         router_options: extra keyword arguments of the router class (e.g. ``num_tasks`` for
             "task", ``task_skills`` for "skill", ``normalize`` for "topk").
-        expert_impl: "auto" | "loop" | "grouped", see ``Experts``.
+        expert_impl: "auto" | "loop" | "threads" | "grouped", see ``Experts``.
+        expert_gemm: "auto" | "onednn" | "torch": the experts' matrix products on CPU, see
+            ``Experts``.
         expert_group: a ``torch.distributed`` process group for expert parallelism: each of its
             W ranks keeps E / W experts (``experts.w1`` is then (E / W, D, F)) and tokens travel
             to them by all-to-all. Routing and capacity stay per rank over its local tokens.
@@ -89,6 +91,7 @@ class MoE(nn.Module):
         router_dtype: torch.dtype = torch.float32,
         router_options: dict[str, Any] | None = None,
         expert_impl: str = "auto",
+        expert_gemm: str = "auto",
         expert_group: object | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -119,7 +122,8 @@ class MoE(nn.Module):
             options=router_options,
         ).to(device=device)
         self.top_k = self.router.top_k
-        kw = {"bias": expert_bias, "impl": expert_impl, "device": device, "dtype": dtype}
+        kw = {"bias": expert_bias, "impl": expert_impl, "gemm": expert_gemm}
+        kw |= {"device": device, "dtype": dtype}
         self.experts = Experts(num_experts, d_model, d_ff, activation, **kw)
         self.expert_group = None
         self._mark_experts()

@@ -5,7 +5,9 @@ For each (E, k): forward+backward and forward-only time of
 - ``naive``: the same softmax top-k gate, then a Python loop over experts that finds each
   expert's tokens with a mask, runs its FFN and adds the weighted result back;
 - ``dense``: ``Linear(D, k*F) -> GELU -> Linear(k*F, D)``, the FLOPs an MoE layer with k active
-  experts of width F spends per token (the router's D*E extra is not counted).
+  experts of width F spends per token (the router's D*E extra is not counted);
+- ``dense-onednn``: the same dense FFN with its products on oneDNN, as moesaic's experts run
+  theirs on CPU (moesaic/experts/gemm.py): moesaic's ratio to it is shown beside the targets.
 Gradients are set to None between steps, as ``optimizer.zero_grad()`` does.
 
 Shape legend (docs/shapes.md): T tokens, D model dim, F expert hidden, E experts, K top-k.
@@ -21,10 +23,13 @@ import torch
 from torch import nn
 
 from moesaic.bench.harness import environment, time_interleaved
+from moesaic.experts.ffn import Experts
 from moesaic.layer import MoE
 from moesaic.models.lm import DenseFFN  # the dense limit is the LM's own dense FFN
 
-__all__ = ["NaiveMoE", "DenseFFN", "run", "main"]
+__all__ = ["NaiveMoE", "DenseFFN", "OneDNNBlockedDense", "run", "main"]
+
+BLOCK = 512  # tokens per block of the blocked dense FFNs
 
 TARGETS = {8: 1.2, 32: 1.3}  # issue #2: moesaic / dense fwd+bwd at E=8 and E=32
 
@@ -48,6 +53,20 @@ class NaiveMoE(nn.Module):
                 continue
             y_TD = y_TD.index_add(0, token, expert(x_TD[token]) * weight_TK[token, slot, None])
         return y_TD
+
+
+class OneDNNBlockedDense(nn.Module):
+    """The dense FFN (``DenseFFN``'s math) over blocks of ``block`` tokens with its products on
+    oneDNN: one expert of width ``d_hidden`` on every block, each product on all intra-op
+    threads."""
+
+    def __init__(self, d_model: int, d_hidden: int, family: str, block: int = BLOCK) -> None:
+        super().__init__()
+        self.ffn = Experts(1, d_model, d_hidden, family, impl="loop", gemm="onednn")
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.ffn(c, [c.shape[0]]) for c in x.split(self.block)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +106,7 @@ def run(
             "moesaic": MoE(d_model, d_ff, E, router="topk", top_k=K),
             "naive": NaiveMoE(d_model, d_ff, E, K),
             "dense": DenseFFN(d_model, K * d_ff, "gelu"),
+            "dense-onednn": OneDNNBlockedDense(d_model, K * d_ff, "gelu", block=tokens),
         }
         x = torch.randn(tokens, d_model)
         grad = torch.randn(tokens, d_model)
@@ -119,9 +139,11 @@ def report(rows: list[Row], header: str) -> str:
         target = TARGETS.get(E)
         vs_dense = ours.train_s / d.train_s
         ok = (target is None or vs_dense <= target) and ours.train_s <= naive.train_s
+        onednn = next(r for r in rows if (r.experts, r.top_k, r.impl) == (E, K, "dense-onednn"))
         lines.append(
             f"- E={E} k={K}: {vs_dense:.3f}x dense (target {target}), "
-            f"{ours.train_s / naive.train_s:.3f}x naive -> {'PASS' if ok else 'MISS'}"
+            f"{ours.train_s / naive.train_s:.3f}x naive -> {'PASS' if ok else 'MISS'}; "
+            f"{ours.train_s / onednn.train_s:.3f}x dense-onednn"
         )
     return "\n".join(lines)
 

@@ -3,10 +3,10 @@
 Why not plain autograd over ``w1[e]``: each indexed weight's backward either materialises a full
 (E, D, F) zero tensor per expert (``select``) or stacks E gradients at the end (``unbind``); the
 stack alone cost ~25% of a layer's backward on CPU at E=32. Here every matmul writes straight into
-its slice of a preallocated output or weight gradient (``torch.mm(..., out=...)``), the forward
-runs without autograd bookkeeping, and backward keeps what a dense FFN keeps: the
-pre-activation and the hidden state per expert (recomputing the activation instead measured
-1-2% slower at k=2 for one (A, F) tensor less).
+its slice of a preallocated output or weight gradient (on CPU through oneDNN, see
+moesaic/experts/gemm.py), the forward runs without autograd bookkeeping, and backward keeps what
+a dense FFN keeps: the pre-activation and the hidden state per expert (recomputing the
+activation instead measured 1-2% slower at k=2 for one (A, F) tensor less).
 Weight gradients reuse last step's memory when ``Experts.grad_pool`` says nobody holds it
 (moesaic/experts/gradpool.py).
 
@@ -16,17 +16,11 @@ Shape legend (docs/shapes.md): A assignments grouped by expert, D model dim, F e
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
 
-from moesaic.experts.threads import expert_groups, run_groups
+from moesaic.experts.gemm import ACT, matmul, matmul_add, matmul_mul
+from moesaic.experts.threads import run_experts
 
 __all__ = ["sliced_ffn"]
-
-
-def _act(name: str, pre: torch.Tensor) -> torch.Tensor:
-    if name == "gelu_tanh":
-        return F.gelu(pre, approximate="tanh")
-    return {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[name](pre)
 
 
 def _act_backward(name: str, grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
@@ -48,18 +42,13 @@ def _starts(counts: list[int]) -> list[int]:
     return out
 
 
-def _linear(x, w, b, out=None):
-    """x w (+ b): one matmul or one addmm, written into ``out`` when given."""
-    if b is None:
-        return torch.mm(x, w, out=out)
-    return torch.addmm(b, x, w, out=out)
-
-
-def _forward(x_AD, w1, w2, w3, biases, counts, act, keep, threads=1):
+def _forward(x_AD, w1, w2, w3, biases, counts, act, keep, threads=1, onednn=False):
     """The expert FFNs; with ``keep`` also what backward needs, per expert: the pre-activation
     x w1 + b1, the hidden h that enters w2 and, for gated experts, x w3 + b3. ``biases`` is
-    (b1, b2, b3) with None for absent ones. ``threads`` > 1 runs groups of whole experts on
-    that many worker threads (moesaic/experts/threads.py).
+    (b1, b2, b3) with None for absent ones. ``threads`` > 1 runs whole experts on that many
+    worker threads (moesaic/experts/threads.py); ``onednn`` runs the products on oneDNN
+    (moesaic/experts/gemm.py), which fuses the activation into the first one when nothing is
+    kept.
 
     Per-expert temporaries (not one (A, F) buffer) keep every allocation small enough for the
     allocator to recycle between steps instead of mapping fresh pages each time.
@@ -72,17 +61,23 @@ def _forward(x_AD, w1, w2, w3, biases, counts, act, keep, threads=1):
     def expert(e: int) -> None:
         s = slice(starts[e], starts[e] + counts[e])
         x = x_AD[s]
-        pre = _linear(x, w1[e], _at(b1, e))
-        h = _act(act, pre)
+        if keep:
+            pre = matmul(x, w1[e], _at(b1, e), onednn=onednn)
+            h = ACT[act](pre)
+        else:
+            pre, h = None, matmul(x, w1[e], _at(b1, e), act=act, onednn=onednn)
         lin = None
         if w3 is not None:
-            lin = _linear(x, w3[e], _at(b3, e))
-            h = h * lin
+            if keep:
+                lin = matmul(x, w3[e], _at(b3, e), onednn=onednn)
+                h = h * lin
+            else:
+                h = matmul_mul(x, w3[e], _at(b3, e), h, onednn=onednn)
         if keep:
             saved[e] = (pre, h, lin)
-        _linear(h, w2[e], _at(b2, e), out=y_AD[s])
+        matmul(h, w2[e], _at(b2, e), onednn=onednn, out=y_AD[s])
 
-    run_groups(expert, expert_groups(counts, threads))
+    run_experts(expert, counts, threads)
     return y_AD, [saved[e] for e in sorted(saved)]
 
 
@@ -95,12 +90,13 @@ class _SlicedFFN(torch.autograd.Function):
     (gated: the hidden is multiplied by x[s_e] w3[e] + b3[e]); absent biases count as zero."""
 
     @staticmethod
-    def forward(ctx, x_AD, w1, w2, w3, b1, b2, b3, counts, activation, pool, threads):
+    def forward(ctx, x_AD, w1, w2, w3, b1, b2, b3, counts, activation, pool, threads, onednn):
         act = "silu" if w3 is not None else activation
-        y_AD, saved = _forward(x_AD, w1, w2, w3, (b1, b2, b3), counts, act, True, threads)
+        y_AD, saved = _forward(x_AD, w1, w2, w3, (b1, b2, b3), counts, act, True, threads, onednn)
         flat = [t for triple in saved for t in triple if t is not None]
         ctx.save_for_backward(x_AD, w1, w2, w3, b1, b2, b3, *flat)
         ctx.counts, ctx.act, ctx.pool, ctx.threads = counts, act, pool, threads
+        ctx.onednn = onednn
         return y_AD
 
     @staticmethod
@@ -119,37 +115,42 @@ class _SlicedFFN(torch.autograd.Function):
         gb3 = _grad_buffer(b3, ctx.counts, None) if need_b3 else None
         starts = _starts(ctx.counts)
         index = {e: i for i, e in enumerate(e for e, n in enumerate(ctx.counts) if n)}
+        onednn = ctx.onednn
+
+        def mm(a, b, out=None):
+            return matmul(a, b, onednn=onednn, out=out)
 
         def expert(e: int) -> None:
             s, i = slice(starts[e], starts[e] + ctx.counts[e]), index[e]
             x, gy = x_AD[s], gy_AD[s]
             pre, h = flat[per_expert * i], flat[per_expert * i + 1]
-            gh = gy @ w2[e].t()
+            gh = mm(gy, w2[e].t())
             if w3 is None:
                 gpre, glin = _act_backward(ctx.act, gh, pre), None
             else:  # h = silu(pre) * lin
                 lin = flat[per_expert * i + 2]
                 gpre = _act_backward(ctx.act, gh * lin, pre)
-                glin = gh * _act(ctx.act, pre)
+                glin = gh * ACT[ctx.act](pre)
                 if gw3 is not None:
-                    torch.mm(x.t(), glin, out=gw3[e])
+                    mm(x.t(), glin, out=gw3[e])
                 if gb3 is not None:
                     torch.sum(glin, dim=0, out=gb3[e])
             if gw2 is not None:
-                torch.mm(h.t(), gy, out=gw2[e])
+                mm(h.t(), gy, out=gw2[e])
             if gb2 is not None:
                 torch.sum(gy, dim=0, out=gb2[e])
             if gw1 is not None:
-                torch.mm(x.t(), gpre, out=gw1[e])
+                mm(x.t(), gpre, out=gw1[e])
             if gb1 is not None:
                 torch.sum(gpre, dim=0, out=gb1[e])
             if gx is not None:
-                torch.mm(gpre, w1[e].t(), out=gx[s])
-                if glin is not None:
-                    gx[s].addmm_(glin, w3[e].t())
+                if glin is None:
+                    mm(gpre, w1[e].t(), out=gx[s])
+                else:
+                    matmul_add(glin, w3[e].t(), mm(gpre, w1[e].t()), onednn=onednn, out=gx[s])
 
-        run_groups(expert, expert_groups(ctx.counts, ctx.threads))
-        return gx, gw1, gw2, gw3, gb1, gb2, gb3, None, None, None, None
+        run_experts(expert, ctx.counts, ctx.threads)
+        return gx, gw1, gw2, gw3, gb1, gb2, gb3, None, None, None, None, None
 
 
 def _grad_buffer(w: torch.Tensor, counts: list[int], pool) -> torch.Tensor:
@@ -173,16 +174,20 @@ def sliced_ffn(
     pool=None,
     biases: tuple[torch.Tensor | None, ...] = (None, None, None),
     threads: int = 1,
+    onednn: bool = False,
 ) -> torch.Tensor:
     """Run expert e on rows ``x_AD[sum(counts[:e]) : sum(counts[:e+1])]``; returns (A, D).
 
     ``biases`` is (b1 (E, F), b2 (E, D), b3 (E, F)), each None when absent. ``threads`` > 1
-    runs whole experts on that many worker threads (moesaic/experts/threads.py).
+    runs whole experts on that many worker threads (moesaic/experts/threads.py); ``onednn`` runs
+    the products on oneDNN (moesaic/experts/gemm.py).
     Without autograd (inference mode, no_grad, or nothing requiring grad) this is a plain loop
     that keeps nothing for backward.
     """
     tensors = (x_AD, w1, w2, w3, *biases)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _SlicedFFN.apply(x_AD, w1, w2, w3, *biases, counts, activation, pool, threads)
+        return _SlicedFFN.apply(
+            x_AD, w1, w2, w3, *biases, counts, activation, pool, threads, onednn
+        )
     act = "silu" if w3 is not None else activation
-    return _forward(x_AD, w1, w2, w3, biases, counts, act, False, threads)[0]
+    return _forward(x_AD, w1, w2, w3, biases, counts, act, False, threads, onednn)[0]

@@ -2,16 +2,25 @@
 
 With few tokens per expert, splitting every small matmul and activation across the intra-op
 threads costs a fork/join barrier per kernel (and, on a busy machine, a stall whenever one of the
-team is descheduled). Here the experts are divided into one contiguous group per thread, groups
-balanced by rows, and each worker thread runs its group's kernels with one intra-op thread.
-Results are per expert, so they do not depend on the split.
+team is descheduled). Here whole experts are handed to worker threads that each run their kernels
+with one intra-op thread. The experts wait in one queue, largest first, and each worker takes the
+next one as soon as it is free (longest-processing-time-first list scheduling): the workers finish
+within about one small expert of each other whatever the routing, and a worker that the OS
+descheduled simply takes fewer experts. Results are per expert, so they do not depend on which
+worker ran what.
 
-Worker threads are created once per thread count; each sets its own intra-op thread count to 1
-(an OpenMP/MKL per-thread setting), after which the process default is restored.
+The calling thread is one of the workers: for the call it runs single-threaded too
+(``torch.set_num_threads(1)``, restored afterwards), so only ``threads - 1`` pool threads wake up
+and the caller's core never idles while they work (measured on 2 threads, T=2048, E=32, k=1,
+interleaved with dense FFNs: forward 35.6 ms instead of 46.0 ms with two pool threads and a
+waiting caller). The pool threads are created once per thread count; each sets its own intra-op
+thread count to 1 (an OpenMP per-thread setting), after which the process default is restored.
 """
 
 from __future__ import annotations
 
+import collections
+import heapq
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -19,14 +28,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-__all__ = ["split_by_rows", "expert_groups", "run_groups"]
+__all__ = ["expert_order", "makespan", "run_experts"]
 
-MAX_IMBALANCE = 1.25  # largest group's rows / the even share, beyond which one team is faster
-# Mean rows per expert above which one team of intra-op threads per kernel is faster (measured
-# side by side on 2 threads, D=512, F=2048, fwd+bwd / fwd as a ratio to the blocked dense FFN:
-# 64 rows 1.23/1.38 threads vs 1.27/1.46 loop, 128 rows 1.07/1.11 vs 1.22/1.28; 256 rows
-# 1.07-1.11 vs 1.08 (a tie or worse), 2048 rows 1.15/1.21 vs 1.00/1.00).
-MAX_MEAN_ROWS = 192
+MAX_IMBALANCE = 1.25  # busiest worker's rows / the even share, beyond which one team is faster
+# When one team of intra-op threads per kernel is faster (measured side by side on 2 threads,
+# D=512, F=2048, oneDNN products, gelu and swiglu; benchmarks/gemm.py workers):
+# mean rows per expert strictly inside LOOP_ROWS on fewer than LOOP_MAX_TOTAL rows in all. Forward
+# time, workers vs loop: 64 and 128 rows a tie (+-3%); 256 rows at T=2048, E=8 +9-12%, 512 rows at
+# T=4096, E=8 +6-14% (the loop wins); 256 rows at T=8192, E=32 -2-5%, 2048 rows -4-5% (the
+# workers win; fwd+bwd -7 to -15% at 2048 rows).
+LOOP_ROWS = (128, 1024)
+LOOP_MAX_TOTAL = 8192
 
 _lock = threading.Lock()
 _pools: dict[int, ThreadPoolExecutor] = {}
@@ -42,50 +54,45 @@ def _forget_pools_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_pools_in_child)
 
 
-def split_by_rows(counts: Sequence[int], groups: int) -> list[list[int]]:
-    """Experts with rows, in order, cut into at most ``groups`` contiguous runs of ~equal rows."""
-    total = sum(counts)
-    out: list[list[int]] = [[]]
-    done = 0
-    for e, n in enumerate(counts):
-        if not n:
-            continue
-        # start a new group once this one holds its share of the rows
-        if out[-1] and len(out) < groups and done >= total * len(out) / groups:
-            out.append([])
-        out[-1].append(e)
-        done += n
-    return [g for g in out if g]
+def makespan(rows: Sequence[int], workers: int) -> int:
+    """Rows on the busiest worker when ``rows``, in this order, each go to the first free one."""
+    loads = [0] * workers
+    for n in rows:
+        heapq.heapreplace(loads, loads[0] + n)
+    return max(loads)
 
 
-def expert_groups(counts: Sequence[int], threads: int) -> list[list[int]]:
-    """``split_by_rows`` when experts are small and the split even enough, else one group (the
-    intra-op loop): large experts keep all threads busy inside each kernel, and a skewed routing
-    that puts most rows on one expert would leave the other threads idle."""
+def expert_order(counts: Sequence[int], threads: int) -> list[int] | None:
+    """Experts with rows, largest first, when worker threads should run them; None for the
+    intra-op loop: mid-sized experts measured faster with all threads inside each kernel, and a
+    skewed routing that puts most rows on one expert would leave the other threads idle."""
     total = sum(counts)
-    active = sum(1 for n in counts if n)
-    if threads > 1 and total and total <= MAX_MEAN_ROWS * active:
-        groups = split_by_rows(counts, threads)
-        largest = max(sum(counts[e] for e in g) for g in groups)
-        if len(groups) == threads and largest <= MAX_IMBALANCE * total / threads:
-            return groups
-    return [[e for e, n in enumerate(counts) if n]]
+    active = [e for e, n in enumerate(counts) if n]
+    if threads <= 1 or not total:
+        return None
+    if LOOP_ROWS[0] * len(active) < total < LOOP_ROWS[1] * len(active) and total < LOOP_MAX_TOTAL:
+        return None
+    order = sorted(active, key=lambda e: -counts[e])
+    if makespan([counts[e] for e in order], threads) > MAX_IMBALANCE * total / threads:
+        return None
+    return order
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
     with _lock:
         pool = _pools.get(threads)
         if pool is None:
-            pool = ThreadPoolExecutor(threads, thread_name_prefix="moesaic-experts")
+            workers = threads - 1  # the caller is the last one
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="moesaic-experts")
             # Create every worker now (each blocks on the barrier until all exist) and make it
             # single-threaded; then restore the default the workers' set_num_threads(1) changed.
-            barrier = threading.Barrier(threads + 1)
+            barrier = threading.Barrier(workers + 1)
 
             def init() -> None:
                 torch.set_num_threads(1)
                 barrier.wait()
 
-            for _ in range(threads):
+            for _ in range(workers):
                 pool.submit(init)
             barrier.wait()
             torch.set_num_threads(threads)
@@ -93,24 +100,45 @@ def _pool(threads: int) -> ThreadPoolExecutor:
         return pool
 
 
-def run_groups(fn: Callable[[int], None], groups: list[list[int]]) -> None:
-    """Call ``fn(e)`` for every expert, one worker thread per group, and wait for all.
+def run_experts(fn: Callable[[int], None], counts: Sequence[int], threads: int) -> None:
+    """Call ``fn(e)`` once for every expert with rows and return when all calls have.
 
-    The workers copy the caller's grad and inference mode (both are thread-local in torch).
+    ``threads`` > 1 and small, evenly routed experts (``expert_order``): the calling thread and
+    ``threads - 1`` pool threads, each single-threaded, take the experts from one queue, largest
+    first; else the experts run in order on the calling thread with its intra-op threads.
+    The workers copy the caller's grad and inference mode (both are thread-local in torch). An
+    error in any call empties the queue and reaches the caller.
     """
-    if len(groups) <= 1:
-        for group in groups:
-            for e in group:
+    order = expert_order(counts, threads)
+    if order is None:
+        for e, n in enumerate(counts):
+            if n:
                 fn(e)
         return
+    queue = collections.deque(order)
     inference = torch.is_inference_mode_enabled()
     grad = torch.is_grad_enabled()
 
-    def work(group: list[int]) -> None:
+    def work() -> None:
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            for e in group:
-                fn(e)
+            while True:
+                try:
+                    e = queue.popleft()  # atomic: no two workers get the same expert
+                except IndexError:
+                    return
+                try:
+                    fn(e)
+                except BaseException:
+                    queue.clear()
+                    raise
 
-    pool = _pool(torch.get_num_threads())
-    for future in [pool.submit(work, g) for g in groups]:
-        future.result()
+    pool = _pool(threads)
+    futures = [pool.submit(work) for _ in range(threads - 1)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        work()
+    finally:
+        torch.set_num_threads(before)
+        for future in futures:
+            future.result()

@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from moesaic.bench.peers import BlockedDense, DenseFFN, main
+from moesaic.bench.peers import BlockedDense, DenseFFN, OneDNNBlockedDense, main
 
 
 @pytest.mark.parametrize("family", ["gelu", "relu", "swiglu"])
@@ -29,3 +29,24 @@ def test_peers_table_has_every_family_limit_and_names_missing_peers(capsys):
     else:
         for peer in ("mixtral-eager", "mixtral-grouped_mm", "qwen2-moe", "transformers-switch"):
             assert f"| {peer} | " in out
+
+
+@pytest.mark.parametrize("family", ["gelu", "relu", "swiglu"])
+def test_onednn_blocked_dense_equals_the_dense_ffn(family):
+    torch.manual_seed(0)
+    dense, blocked = DenseFFN(16, 48, family), OneDNNBlockedDense(16, 48, family, block=9)
+    with torch.no_grad():
+        blocked.ffn.w1.copy_(dense.w1.weight.t())
+        blocked.ffn.w2.copy_(dense.w2.weight.t())
+        if dense.w3 is not None:
+            blocked.ffn.w3.copy_(dense.w3.weight.t())
+    x = torch.randn(30, 16)
+    torch.testing.assert_close(blocked(x), dense(x))
+
+
+def test_peers_table_has_both_dense_limits_and_moesaic_on_torch_mm(capsys):
+    args = "--tokens 64 --experts 4 --top-k 1 --d-model 16 --d-ff 32 --repeats 1 --peers"
+    assert main(args.split()) == 0
+    out = capsys.readouterr().out
+    for row in ("| blocked-dense-onednn | ", "| moesaic-mm | "):
+        assert row in out

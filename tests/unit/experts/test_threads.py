@@ -6,34 +6,50 @@ import pytest
 import torch
 
 import moesaic as ms
-from moesaic.experts.threads import expert_groups, run_groups, split_by_rows
+from moesaic.experts.threads import expert_order, makespan, run_experts
 
 
 @pytest.mark.parametrize(
-    "counts,groups",
-    [([5, 5, 5, 5], 2), ([10, 0, 1, 1, 8], 2), ([0, 0, 3], 4), ([], 2), ([1] * 7, 3), ([4], 2)],
+    "rows,workers,want",
+    [([5, 5, 5, 5], 2, 10), ([9, 5, 4, 3, 3], 2, 12), ([7], 3, 7), ([], 2, 0), ([3, 3, 3], 4, 3)],
 )
-def test_split_covers_every_expert_with_rows_once_in_order(counts, groups):
-    split = split_by_rows(counts, groups)
-    assert [e for g in split for e in g] == [e for e, n in enumerate(counts) if n]
-    assert len(split) <= groups and all(split)
+def test_makespan_is_greedy_list_scheduling(rows, workers, want):
+    assert makespan(rows, workers) == want
 
 
-def test_split_balances_rows_to_within_one_expert():
-    counts = [64] * 32
-    split = split_by_rows(counts, 2)
-    rows = [sum(counts[e] for e in g) for g in split]
-    assert abs(rows[0] - rows[1]) <= 64
+def test_order_is_every_expert_with_rows_largest_first():
+    assert expert_order([30, 0, 50, 40, 30], 2) == [2, 3, 0, 4]
 
 
 def test_a_skewed_routing_stays_on_one_team():
-    assert expert_groups([100, 2, 2, 2], 2) == [[0, 1, 2, 3]]
-    assert expert_groups([30, 30, 30, 30], 2) == [[0, 1], [2, 3]]
-    assert expert_groups([30, 0, 30], 1) == [[0, 2]]
+    assert expert_order([100, 2, 2, 2], 2) is None
+    assert expert_order([30, 30, 30, 30], 2) == [0, 1, 2, 3]
+    assert expert_order([30, 0, 30], 1) is None
 
 
 def test_large_experts_stay_on_one_team():
-    assert expert_groups([1000, 1000, 1000, 1000], 2) == [[0, 1, 2, 3]]
+    assert expert_order([1000, 1000, 1000, 1000], 2) is None
+
+
+def test_every_expert_with_rows_runs_once_on_the_workers():
+    seen = []
+    run_experts(seen.append, [3, 0, 5, 1, 4, 2], 2)
+    assert sorted(seen) == [0, 2, 3, 4, 5]
+    names = set()
+    run_experts(lambda e: names.add(threading.current_thread().name), [4] * 8, 2)
+    assert names <= {threading.current_thread().name, "moesaic-experts_0"}
+
+
+def test_the_caller_works_single_threaded_and_gets_its_thread_count_back():
+    before = torch.get_num_threads()
+    seen = {}
+    run_experts(
+        lambda e: seen.setdefault(threading.current_thread().name, torch.get_num_threads()),
+        [4] * 64,
+        2,
+    )
+    assert set(seen.values()) == {1}
+    assert torch.get_num_threads() == before
 
 
 def test_workers_inherit_inference_and_grad_mode():
@@ -43,9 +59,9 @@ def test_workers_inherit_inference_and_grad_mode():
         seen.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
 
     with torch.inference_mode():
-        run_groups(record, [[0], [1]])
+        run_experts(record, [1, 1], 2)
     with torch.no_grad():
-        run_groups(record, [[0], [1]])
+        run_experts(record, [1, 1], 2)
     assert seen == [(True, False)] * 2 + [(False, False)] * 2
 
 
@@ -69,7 +85,7 @@ def test_an_error_in_a_worker_reaches_the_caller():
             raise RuntimeError("expert 1 failed")
 
     with pytest.raises(RuntimeError, match="expert 1 failed"):
-        run_groups(fail, [[0], [1]])
+        run_experts(fail, [1, 1], 2)
 
 
 def test_thread_local_modes_see_every_expert_matmul():

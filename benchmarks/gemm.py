@@ -1,0 +1,15 @@
+"""Expert products on torch.mm vs oneDNN, and experts on worker threads vs the intra-op loop.
+
+    python benchmarks/gemm.py               # both parts (a few minutes on 2 threads)
+    python benchmarks/gemm.py products      # one product, M rows x 512 x 2048
+    python benchmarks/gemm.py workers       # the layer on the T/E/k grid
+
+The implementation lives in moesaic/bench/gemm.py. Reports: benchmarks/reports/.
+"""
+
+import sys
+
+from moesaic.bench.gemm import main
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

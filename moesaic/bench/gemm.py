@@ -1,0 +1,139 @@
+"""Where moesaic's expert speed on CPU comes from, measured side by side in one process.
+
+1. ``products``: one expert product (M rows, K=D, N=F) on torch.mm against oneDNN
+   (``moesaic.experts.gemm.matmul``), single-threaded (as the expert workers run it) and on all
+   intra-op threads: the numbers behind ``gemm.MIN_ROWS`` and ``Experts(gemm="auto")``.
+2. ``workers``: the MoE layer (oneDNN products) with whole experts on worker threads against
+   the intra-op loop, on the grid behind ``moesaic.experts.threads.LOOP_ROWS`` and
+   ``LOOP_MAX_TOTAL``.
+
+Shape legend (docs/shapes.md): T tokens, D model dim, F expert hidden, E experts, K top-k,
+M rows of a product.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+
+import torch
+
+from moesaic.bench.harness import environment, time_interleaved
+from moesaic.experts import threads as expert_threads
+from moesaic.experts.gemm import onednn_available
+from moesaic.layer import MoE
+
+__all__ = ["main", "products", "workers"]
+
+PARTS = ("products", "workers")
+ROWS = (1, 2, 4, 8, 16, 64, 256, 1024)
+GRID = ((2048, 32, 1), (2048, 32, 2), (2048, 8, 1), (2048, 8, 2), (8192, 32, 1), (8192, 8, 2))
+
+
+def products(d_model: int, d_ff: int, repeats: int) -> list[str]:
+    """GFLOP/s of x (M, D) @ w (D, F) on torch.mm and oneDNN, 1 thread and all threads."""
+    threads = torch.get_num_threads()
+    lines = [
+        "| threads | rows | torch.mm GFLOP/s | oneDNN GFLOP/s | oneDNN / torch.mm time |",
+        "|---|---|---|---|---|",
+    ]
+    w = torch.randn(d_model, d_ff)
+    for n in sorted({1, threads}):
+        torch.set_num_threads(n)
+        try:
+            for m in ROWS:
+                x = torch.randn(m, d_model)
+                fns = {
+                    "mm": lambda x=x: torch.mm(x, w),
+                    "onednn": lambda x=x: _onednn(x, w),
+                }
+                t = time_interleaved(_repeat(fns, max(1, 2048 // m)), repeats)
+                flops = 2.0 * m * d_model * d_ff * max(1, 2048 // m)
+                lines.append(
+                    f"| {n} | {m} | {flops / t['mm'] / 1e9:.0f} | {flops / t['onednn'] / 1e9:.0f} "
+                    f"| {t['onednn'] / t['mm']:.2f} |"
+                )
+        finally:
+            torch.set_num_threads(threads)
+    return lines
+
+
+def _onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    # straight to oneDNN, below MIN_ROWS too (matmul would hand those to torch.mm)
+    return torch.ops.mkldnn._linear_pointwise(x, w.t(), None, "none", [], None)
+
+
+def _repeat(fns: dict[str, Callable[[], object]], n: int) -> dict[str, Callable[[], None]]:
+    def loop(fn: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(n):
+                fn()
+
+        return run
+
+    return {name: loop(fn) for name, fn in fns.items()}
+
+
+def workers(d_model: int, d_ff: int, repeats: int) -> list[str]:
+    """fwd+bwd and fwd ms of the layer with experts on workers and on the intra-op loop."""
+    lines = [
+        "| T | E | k | rows/expert | family | fwd+bwd workers / loop | fwd workers / loop |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for T, E, K in GRID:
+        torch.manual_seed(0)
+        x, g = torch.randn(T, d_model), torch.randn(T, d_model)
+        for family in ("gelu", "swiglu"):
+            layer = MoE(d_model, d_ff, E, router="topk", top_k=K, activation=family)
+            ratio = []
+            for train in (True, False):
+                fns = {mode: _layer_call(layer, x, g, mode, train) for mode in ("workers", "loop")}
+                t = time_interleaved(fns, repeats)
+                ratio.append(t["workers"] / t["loop"])
+            lines.append(
+                f"| {T} | {E} | {K} | {T * K // E} | {family} | {ratio[0]:.2f} | {ratio[1]:.2f} |"
+            )
+    return lines
+
+
+def _layer_call(layer: MoE, x, g, mode: str, train: bool) -> Callable[[], None]:
+    def run() -> None:
+        # force the mode whatever the rule says: workers for every size, or the loop
+        saved = expert_threads.LOOP_ROWS
+        expert_threads.LOOP_ROWS = (0, 0)
+        layer.experts.impl = "threads" if mode == "workers" else "loop"
+        try:
+            if train:
+                for p in layer.parameters():
+                    p.grad = None
+                layer(x).backward(g)
+            else:
+                with torch.inference_mode():
+                    layer(x)
+        finally:
+            expert_threads.LOOP_ROWS = saved
+
+    return run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks/gemm.py", description=__doc__.splitlines()[0])
+    parser.add_argument("part", nargs="*", help="products and/or workers (default: both)")
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--d-ff", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    for part in args.part:
+        if part not in PARTS:
+            parser.error(f"part={part!r} must be one of {', '.join(PARTS)}")
+    if not onednn_available():
+        print("this torch build has no oneDNN: nothing to compare")
+        return 1
+    parts = args.part or PARTS
+    print(f"D={args.d_model}, F={args.d_ff}, fp32, median of {args.repeats} interleaved rounds")
+    print(environment() + "\n")
+    if "products" in parts:
+        print("\n".join(products(args.d_model, args.d_ff, args.repeats)) + "\n")
+    if "workers" in parts:
+        print("\n".join(workers(args.d_model, args.d_ff, args.repeats)))
+    return 0
