@@ -53,10 +53,11 @@ class Experts(nn.Module):
             split across ``torch.get_num_threads()`` worker threads (CPU); "grouped" one
             ``torch._grouped_mm`` per projection; "auto" takes grouped for bf16 on CUDA, threads
             on a multi-threaded CPU and the loop otherwise (measured in benchmarks/).
-        gemm: the loop's matrix products on CPU: "auto" or "onednn" run them on oneDNN (about
-            twice torch.mm's speed in fp32 on the AVX-512 AMD machines measured, with the
-            activation fused; moesaic/experts/gemm.py), "torch" on torch.mm. Other devices, and
-            products with fewer than 8 rows, always use torch.
+        gemm: the loop's matrix products on CPU: "auto" runs fp32 ones on oneDNN (about twice
+            torch.mm's speed on the AVX-512 AMD machines measured, with the activation fused;
+            moesaic/experts/gemm.py) and bf16 ones on torch.mm (which calls oneDNN's matmul
+            itself and measured faster); "onednn" takes oneDNN for bf16 too; "torch" always
+            torch.mm. Other devices, and products with fewer than 4 rows, always use torch.
 
     Shape:
         forward(x_AD, counts): x (A, D) grouped by expert with ``counts[e]`` rows for expert e,

@@ -8,7 +8,7 @@ with the same fp32 accuracy (benchmarks/gemm.py measures both). oneDNN also fuse
 activation into the first product and, for SwiGLU, the gate product ``(x w3) * silu(x w1)``.
 
 oneDNN repacks the weight on every call (~120 us for a 512 x 2048 fp32 matrix), so products with
-fewer than ``MIN_ROWS`` rows (decoding one token) stay on torch.mm, which is faster there.
+fewer than ``MIN_ROWS`` rows (decoding a token or two) stay on torch.mm, which is faster there.
 ``Experts(gemm="torch")`` keeps every product on torch.mm.
 
 Shape legend (docs/shapes.md): M rows of a product, K its inner size, N its output columns.
@@ -33,8 +33,9 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "onednn", "torch")
-MIN_ROWS = 8  # 1 thread, K=512, N=2048, fp32: 1 row 122 vs 56 us, 8 rows 156 vs 254 (oneDNN, mm)
-_DTYPES = (torch.float32, torch.bfloat16)
+# oneDNN's time over torch.mm's, K=512, N=2048, fp32 (benchmarks/gemm.py products), 1 thread /
+# 2 threads: 1 row 2.19 / 1.37, 2 rows 1.15 / 0.69, 4 rows 0.50 / 0.34, 64 rows 0.47 / 0.45
+MIN_ROWS = 4
 # activation name -> oneDNN post-op (attr, algorithm); applied after the bias
 _FUSED = {
     "none": ("none", None),
@@ -64,10 +65,11 @@ def onednn_available() -> bool:
 
 def use_onednn(backend: str, t: torch.Tensor) -> bool:
     """Whether ``backend`` ("auto" | "onednn" | "torch") runs the products of ``t`` on oneDNN:
-    CPU tensors in fp32 or bf16, on a torch with oneDNN."""
-    return (
-        backend != "torch" and t.device.type == "cpu" and t.dtype in _DTYPES and onednn_available()
-    )
+    CPU tensors on a torch with oneDNN, in fp32 ("auto") or fp32 and bf16 ("onednn"). In bf16
+    torch.mm already calls oneDNN's matmul, and measured faster than this path (peers report)."""
+    if backend == "torch" or t.device.type != "cpu" or not onednn_available():
+        return False
+    return t.dtype == torch.float32 or (backend == "onednn" and t.dtype == torch.bfloat16)
 
 
 def _onednn(a: torch.Tensor, b_KN: torch.Tensor, rows: int) -> bool:

@@ -31,12 +31,12 @@ import torch
 __all__ = ["expert_order", "makespan", "run_experts"]
 
 MAX_IMBALANCE = 1.25  # busiest worker's rows / the even share, beyond which one team is faster
-# When one team of intra-op threads per kernel is faster (measured side by side on 2 threads,
-# D=512, F=2048, oneDNN products, gelu and swiglu; benchmarks/gemm.py workers):
-# mean rows per expert strictly inside LOOP_ROWS on fewer than LOOP_MAX_TOTAL rows in all. Forward
-# time, workers vs loop: 64 and 128 rows a tie (+-3%); 256 rows at T=2048, E=8 +9-12%, 512 rows at
-# T=4096, E=8 +6-14% (the loop wins); 256 rows at T=8192, E=32 -2-5%, 2048 rows -4-5% (the
-# workers win; fwd+bwd -7 to -15% at 2048 rows).
+# When one team of intra-op threads per kernel is faster: mean rows per expert strictly inside
+# LOOP_ROWS on fewer than LOOP_MAX_TOTAL rows in all. Measured side by side on 2 threads, D=512,
+# F=2048, oneDNN products, gelu and swiglu (benchmarks/gemm.py workers; time with workers over
+# time with the loop, fwd+bwd / fwd): 64 and 128 rows per expert 0.97-1.04 / 0.97-1.03 (a tie);
+# T=2048, E=8: 256 rows 1.05-1.10 / 1.13-1.17, 512 rows 0.99-1.11 / 1.06-1.12 (the loop wins);
+# T=8192, E=32, 256 rows 0.96 / 0.97-1.03; T=8192, E=8, 2048 rows 1.01-1.02 / 1.01-1.04.
 LOOP_ROWS = (128, 1024)
 LOOP_MAX_TOTAL = 8192
 
@@ -139,6 +139,8 @@ def run_experts(fn: Callable[[int], None], counts: Sequence[int], threads: int) 
     try:
         work()
     finally:
-        torch.set_num_threads(before)
-        for future in futures:
-            future.result()
+        try:
+            for future in futures:  # an error in the caller empties the queue: this is short
+                future.result()
+        finally:
+            torch.set_num_threads(before)

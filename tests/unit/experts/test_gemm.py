@@ -111,6 +111,8 @@ def test_backend_choice():
     assert not gemm.use_onednn("auto", torch.zeros(1, device="meta"))
     assert not gemm.use_onednn("auto", torch.zeros(1, dtype=torch.float64))
     assert gemm.use_onednn("auto", cpu) == gemm.onednn_available()
+    assert not gemm.use_onednn("auto", cpu.bfloat16())
+    assert gemm.use_onednn("onednn", cpu.bfloat16()) == gemm.onednn_available()
     with pytest.raises(ValueError, match="gemm"):
         ms.Experts(2, 4, 8, gemm="mkl")
 
