@@ -6,6 +6,9 @@
 2. ``workers``: the MoE layer (oneDNN products) with whole experts on worker threads against
    the intra-op loop, on the grid behind ``moesaic.experts.threads.LOOP_ROWS`` and
    ``LOOP_MAX_TOTAL``.
+3. ``packed``: forward-only, the layer as it comes and with ``experts.pack_for_inference()``,
+   against the oneDNN token-blocked dense FFN of equal active FLOPs (peers.py's limit in fp32),
+   on peers.py's grid.
 
 Shape legend (docs/shapes.md): T tokens, D model dim, F expert hidden, E experts, K top-k,
 M rows of a product.
@@ -19,14 +22,16 @@ from collections.abc import Callable, Sequence
 import torch
 
 from moesaic.bench.harness import environment, time_interleaved
+from moesaic.bench.layer import OneDNNBlockedDense
 from moesaic.experts import threads as expert_threads
 from moesaic.experts.gemm import onednn_available
 from moesaic.layer import MoE
 
-__all__ = ["main", "products", "workers"]
+__all__ = ["main", "products", "workers", "packed"]
 
-PARTS = ("products", "workers")
+PARTS = ("products", "workers", "packed")
 ROWS = (1, 2, 4, 8, 16, 64, 256, 1024)
+PEERS_GRID = tuple((T, E, K) for T in (2048, 8192) for E in (8, 32) for K in (1, 2))
 GRID = ((2048, 32, 1), (2048, 32, 2), (2048, 8, 1), (2048, 8, 2), (8192, 32, 1), (8192, 8, 2))
 
 
@@ -96,6 +101,41 @@ def workers(d_model: int, d_ff: int, repeats: int) -> list[str]:
     return lines
 
 
+def packed(d_model: int, d_ff: int, repeats: int) -> list[str]:
+    """Forward-only ms of the layer unpacked and packed, and both over the oneDNN dense limit."""
+    lines = [
+        "| T | E | k | rows/expert | family | fwd ms | packed fwd ms | limit ms | / limit | "
+        "packed / limit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for T, E, K in PEERS_GRID:
+        torch.manual_seed(0)
+        x = torch.randn(T, d_model)
+        for family in ("gelu", "swiglu"):
+            plain = MoE(d_model, d_ff, E, router="topk", top_k=K, activation=family)
+            fast = MoE(d_model, d_ff, E, router="topk", top_k=K, activation=family)
+            fast.load_state_dict(plain.state_dict())
+            fast.experts.pack_for_inference(max(1, T * K // E))
+            limit = OneDNNBlockedDense(d_model, K * d_ff, family)
+            fns = {name: _forward(m, x) for name, m in (("plain", plain), ("packed", fast))}
+            fns["limit"] = _forward(limit, x)
+            t = time_interleaved(fns, repeats)
+            lines.append(
+                f"| {T} | {E} | {K} | {T * K // E} | {family} | {1e3 * t['plain']:.1f} | "
+                f"{1e3 * t['packed']:.1f} | {1e3 * t['limit']:.1f} | "
+                f"{t['plain'] / t['limit']:.2f} | {t['packed'] / t['limit']:.2f} |"
+            )
+    return lines
+
+
+def _forward(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        with torch.inference_mode():
+            module(x)
+
+    return run
+
+
 def _layer_call(layer: MoE, x, g, mode: str, train: bool) -> Callable[[], None]:
     def run() -> None:
         # force the mode whatever the rule says: workers for every size, or the loop
@@ -135,5 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "products" in parts:
         print("\n".join(products(args.d_model, args.d_ff, args.repeats)) + "\n")
     if "workers" in parts:
-        print("\n".join(workers(args.d_model, args.d_ff, args.repeats)))
+        print("\n".join(workers(args.d_model, args.d_ff, args.repeats)) + "\n")
+    if "packed" in parts:
+        print("\n".join(packed(args.d_model, args.d_ff, args.repeats)))
     return 0

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from moesaic._validate import check_choice, check_positive_int, check_tokens
-from moesaic.experts.gemm import ACT, BACKENDS, use_onednn
+from moesaic.experts.gemm import ACT, BACKENDS, PackCache, onednn_available, use_onednn
 from moesaic.experts.gradpool import GradPool
 from moesaic.experts.sliced import sliced_ffn
 
@@ -104,6 +104,29 @@ class Experts(nn.Module):
         )
         self.reset_parameters()
         self.grad_pool = GradPool()
+        self.packs: PackCache | None = None
+
+    def pack_for_inference(self, rows_hint: int = 64) -> Experts:
+        """Keep the weights also in oneDNN's packed layout for forward-only calls on CPU in fp32
+        (inference mode, no_grad, or frozen weights), so the products skip repacking each
+        expert's weights on every call. Costs a second copy of w1, w2 (and w3); the copy is
+        rebuilt after the weights change. Training calls are unaffected. ``rows_hint`` is the
+        typical rows per expert. ``unpack()`` drops the copy."""
+        check_positive_int("rows_hint", rows_hint)
+        w = self.w1
+        if w.device.type != "cpu" or w.dtype != torch.float32 or not onednn_available():
+            raise ValueError(
+                f"pack_for_inference needs fp32 weights on CPU and a torch with oneDNN; the "
+                f"experts are {w.dtype} on {w.device}"
+            )
+        self.packs = PackCache(rows_hint)
+        self.packs.get(self.w1, self.w2, self.w3)
+        return self
+
+    def unpack(self) -> Experts:
+        """Drop the packed copy made by ``pack_for_inference``."""
+        self.packs = None
+        return self
 
     @property
     def gated(self) -> bool:
@@ -175,6 +198,13 @@ class Experts(nn.Module):
             x_AD, w1, w2 = x_AD.to(dtype), w1.to(dtype), w2.to(dtype)
             w3 = w3.to(dtype) if w3 is not None else None
             biases = tuple(b.to(dtype) if b is not None else None for b in biases)
+        onednn = use_onednn(self.gemm, x_AD) and not _modes_active()
+        if self.packs is not None and onednn and x_AD.dtype == w1.dtype == torch.float32:
+            recording = torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x_AD, w1, w2, w3, *biases)
+            )
+            if not recording:
+                w1, w2, w3 = self.packs.get(w1, w2, w3)
         with torch.autocast(x_AD.device.type, enabled=False):
             return sliced_ffn(
                 x_AD,
@@ -186,7 +216,7 @@ class Experts(nn.Module):
                 self.grad_pool,
                 biases=biases,
                 threads=self._threads(x_AD),
-                onednn=use_onednn(self.gemm, x_AD) and not _modes_active(),
+                onednn=onednn,
             )
 
     def _threads(self, x_AD: torch.Tensor) -> int:

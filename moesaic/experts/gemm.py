@@ -9,13 +9,16 @@ activation into the first product and, for SwiGLU, the gate product ``(x w3) * s
 
 oneDNN repacks the weight on every call (~120 us for a 512 x 2048 fp32 matrix), so products with
 fewer than ``MIN_ROWS`` rows (decoding a token or two) stay on torch.mm, which is faster there.
-``Experts(gemm="torch")`` keeps every product on torch.mm.
+``Experts(gemm="torch")`` keeps every product on torch.mm. For serving, ``PackCache`` keeps
+packed copies of the weights so forward-only products skip the repacking
+(``Experts.pack_for_inference``), at the price of a second copy of the expert weights.
 
 Shape legend (docs/shapes.md): M rows of a product, K its inner size, N its output columns.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -30,6 +33,8 @@ __all__ = [
     "matmul",
     "matmul_mul",
     "matmul_add",
+    "Packed",
+    "PackCache",
 ]
 
 BACKENDS = ("auto", "onednn", "torch")
@@ -72,13 +77,72 @@ def use_onednn(backend: str, t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 or (backend == "onednn" and t.dtype == torch.bfloat16)
 
 
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """A weight ``plain`` (K, N) with a copy ``onednn`` in oneDNN's blocked layout (opaque)."""
+
+    plain: torch.Tensor
+    onednn: torch.Tensor
+
+
+def pack(w_KN: torch.Tensor, rows_hint: int) -> Packed:
+    """``w`` repacked once for products of about ``rows_hint`` rows (other row counts use the
+    same copy)."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(w_KN.detach().t().contiguous(), rows_hint)
+    return Packed(w_KN, packed)
+
+
+class PackCache:
+    """Packed copies of stacked expert weights (E, K, N), one per expert, rebuilt when any weight
+    changes (new storage, dtype or shape, or an in-place update such as an optimizer step). Copies
+    and pickles start empty: the packed tensors are rebuilt on first use."""
+
+    def __init__(self, rows_hint: int) -> None:
+        self.rows_hint = rows_hint
+        self._key: tuple | None = None
+        self._packs: tuple[list[Packed] | None, ...] = ()
+
+    def get(self, *weights: torch.Tensor | None) -> tuple[list[Packed] | None, ...]:
+        key = tuple(
+            None if w is None else (w.data_ptr(), _version(w), w.dtype, tuple(w.shape))
+            for w in weights
+        )
+        if key != self._key:
+            self._packs = tuple(
+                None if w is None else [pack(w[e], self.rows_hint) for e in range(w.shape[0])]
+                for w in weights
+            )
+            self._key = key
+        return self._packs
+
+    def __deepcopy__(self, memo: dict) -> PackCache:
+        return PackCache(self.rows_hint)
+
+    def __getstate__(self) -> dict:
+        return {"rows_hint": self.rows_hint}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["rows_hint"])
+
+
+def _version(w: torch.Tensor) -> int:
+    # Inference tensors (made under torch.inference_mode) keep no version counter: an in-place
+    # change to one inside inference mode is not seen; a new tensor (new storage) always is.
+    return -1 if w.is_inference() else w._version
+
+
+def _split(b: torch.Tensor | Packed) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the plain (K, N) weight, its packed oneDNN copy or None)."""
+    return (b.plain, b.onednn) if isinstance(b, Packed) else (b, None)
+
+
 def _onednn(a: torch.Tensor, b_KN: torch.Tensor, rows: int) -> bool:
     return rows >= MIN_ROWS and a.dtype == b_KN.dtype
 
 
 def matmul(
     a_MK: torch.Tensor,
-    b_KN: torch.Tensor,
+    b_KN: torch.Tensor | Packed,
     bias_N: torch.Tensor | None = None,
     *,
     act: str = "none",
@@ -86,10 +150,13 @@ def matmul(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``act(a @ b + bias)`` (M, N), written into ``out`` when given. ``onednn`` runs it as one
-    fused oneDNN op when the product has at least ``MIN_ROWS`` rows."""
+    fused oneDNN op when the product has at least ``MIN_ROWS`` rows (on ``b``'s packed copy when
+    it is ``Packed``)."""
+    b_KN, packed = _split(b_KN)
     if onednn and _onednn(a_MK, b_KN, a_MK.shape[0]):
         attr, algorithm = _FUSED[act]
-        y = torch.ops.mkldnn._linear_pointwise(a_MK, b_KN.t(), bias_N, attr, [], algorithm)
+        w = b_KN.t() if packed is None else packed
+        y = torch.ops.mkldnn._linear_pointwise(a_MK, w, bias_N, attr, [], algorithm)
         return y if out is None else out.copy_(y)
     if bias_N is None:
         y = torch.mm(a_MK, b_KN, out=out if act == "none" else None)
@@ -103,15 +170,17 @@ def matmul(
 
 def matmul_mul(
     a_MK: torch.Tensor,
-    b_KN: torch.Tensor,
+    b_KN: torch.Tensor | Packed,
     bias_N: torch.Tensor | None,
     other_MN: torch.Tensor,
     *,
     onednn: bool = False,
 ) -> torch.Tensor:
     """``(a @ b + bias) * other``: SwiGLU's gate product, fused on oneDNN."""
-    if onednn and _onednn(a_MK, b_KN, a_MK.shape[0]):
-        return torch.ops.mkldnn._linear_pointwise.binary(a_MK, other_MN, b_KN.t(), bias_N, "mul")
+    plain, packed = _split(b_KN)
+    if onednn and _onednn(a_MK, plain, a_MK.shape[0]):
+        w = plain.t() if packed is None else packed
+        return torch.ops.mkldnn._linear_pointwise.binary(a_MK, other_MN, w, bias_N, "mul")
     return matmul(a_MK, b_KN, bias_N).mul_(other_MN)
 
 

@@ -54,7 +54,7 @@ def _forward(x_AD, w1, w2, w3, biases, counts, act, keep, threads=1, onednn=Fals
     allocator to recycle between steps instead of mapping fresh pages each time.
     """
     b1, b2, b3 = biases
-    y_AD = x_AD.new_empty(x_AD.shape[0], w2.shape[2])
+    y_AD = torch.empty_like(x_AD)  # (A, D) like the input
     starts = _starts(counts)
     saved: dict[int, tuple] = {}
 
@@ -182,10 +182,13 @@ def sliced_ffn(
     runs whole experts on that many worker threads (moesaic/experts/threads.py); ``onednn`` runs
     the products on oneDNN (moesaic/experts/gemm.py).
     Without autograd (inference mode, no_grad, or nothing requiring grad) this is a plain loop
-    that keeps nothing for backward.
+    that keeps nothing for backward; only then may ``w1``, ``w2``, ``w3`` be per-expert lists of
+    ``gemm.Packed`` weights.
     """
     tensors = (x_AD, w1, w2, w3, *biases)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors
+    ):
         return _SlicedFFN.apply(
             x_AD, w1, w2, w3, *biases, counts, activation, pool, threads, onednn
         )

@@ -1,0 +1,28 @@
+"""Pack every expert FFN of a model for CPU serving (see ``Experts.pack_for_inference``)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moesaic.experts.ffn import Experts
+
+__all__ = ["pack_experts", "unpack_experts"]
+
+
+def pack_experts(model: nn.Module, rows_hint: int = 64) -> int:
+    """Keep a oneDNN-packed copy of the weights of every ``Experts`` in ``model`` for
+    forward-only calls (fp32 on CPU; about 18% less forward time at 64 rows per expert on the
+    2-core AMD machine, docs/performance.md), at the price of a second copy of the expert
+    weights. Returns how many ``Experts`` modules were packed."""
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    for m in experts:
+        m.pack_for_inference(rows_hint)
+    return len(experts)
+
+
+def unpack_experts(model: nn.Module) -> int:
+    """Drop the copies made by ``pack_experts``; returns how many ``Experts`` modules had one."""
+    packed = [m for m in model.modules() if isinstance(m, Experts) and m.packs is not None]
+    for m in packed:
+        m.unpack()
+    return len(packed)

@@ -1,0 +1,95 @@
+"""Packed expert weights for forward-only calls: same results, rebuilt when weights change."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+import moesaic as ms
+from moesaic.experts import gemm
+from moesaic.experts.reference import reference_ffn
+from moesaic.inference import pack_experts, unpack_experts
+
+pytestmark = pytest.mark.skipif(
+    not gemm.onednn_available(), reason="this torch build has no oneDNN (x86 wheels all do)"
+)
+
+COUNTS = [9, 0, 3, 17, 12]
+
+
+def _reference(x, experts, counts):
+    owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).tolist()
+    return torch.stack([reference_ffn(x[a], experts, e) for a, e in enumerate(owner)])
+
+
+@pytest.mark.parametrize("impl", ["loop", "threads"])
+@pytest.mark.parametrize("activation", ["gelu", "relu", "swiglu"])
+def test_packed_forward_equals_the_reference(activation, impl):
+    torch.manual_seed(0)
+    experts = ms.Experts(5, 16, 24, activation, bias=True, impl=impl).pack_for_inference(8)
+    x = torch.randn(sum(COUNTS), 16)
+    with torch.inference_mode():
+        got = experts(x, COUNTS)
+    torch.testing.assert_close(got, _reference(x, experts, COUNTS))
+    with torch.no_grad():
+        torch.testing.assert_close(experts(x, COUNTS), got)
+
+
+def test_the_packed_copy_follows_weight_updates():
+    torch.manual_seed(0)
+    experts = ms.Experts(5, 16, 24, "swiglu").pack_for_inference()
+    x = torch.randn(sum(COUNTS), 16)
+    opt = torch.optim.SGD(experts.parameters(), lr=0.5)
+    experts(x, COUNTS).square().sum().backward()  # a training call ignores the packed copy
+    opt.step()
+    with torch.inference_mode():
+        got = experts(x, COUNTS)
+    torch.testing.assert_close(got, _reference(x, experts, COUNTS))
+    experts.load_state_dict(ms.Experts(5, 16, 24, "swiglu").state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(experts(x, COUNTS), _reference(x, experts, COUNTS))
+
+
+def test_training_gradients_do_not_depend_on_packing():
+    torch.manual_seed(0)
+    plain = ms.Experts(5, 16, 24, "gelu", bias=True)
+    packed = copy.deepcopy(plain).pack_for_inference()
+    x = torch.randn(sum(COUNTS), 16)
+    for m in (plain, packed):
+        m(x, COUNTS).square().sum().backward()
+    for p, q in zip(plain.parameters(), packed.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_copies_pickles_and_state_dicts_ignore_the_packed_copy():
+    torch.manual_seed(0)
+    layer = ms.MoE(16, 24, 4, router="topk", top_k=2)
+    keys = set(layer.state_dict())
+    layer.experts.pack_for_inference()
+    assert set(layer.state_dict()) == keys
+    x = torch.randn(20, 16)
+    with torch.inference_mode():
+        want = layer(x)
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert clone.experts.packs is not None
+        with torch.inference_mode():
+            torch.testing.assert_close(clone(x), want)
+    with torch.inference_mode():  # parameters made in inference mode have no version counter
+        torch.testing.assert_close(copy.deepcopy(layer)(x), want)
+
+
+def test_model_helpers_pack_and_unpack_every_expert_module():
+    model = torch.nn.Sequential(
+        ms.MoE(16, 24, 4, router="topk", shared_d_ff=8), ms.MoE(16, 24, 4, router="switch")
+    )
+    assert pack_experts(model) == 3  # two routed Experts and one shared
+    assert all(m.packs is not None for m in model.modules() if isinstance(m, ms.Experts))
+    assert unpack_experts(model) == 3 and unpack_experts(model) == 0
+
+
+def test_bad_packing_requests_are_rejected():
+    with pytest.raises(ValueError, match="rows_hint"):
+        ms.Experts(2, 4, 8).pack_for_inference(0)
+    with pytest.raises(ValueError, match="fp32 weights on CPU"):
+        ms.Experts(2, 4, 8, dtype=torch.bfloat16).pack_for_inference()
