@@ -3,6 +3,7 @@
     python benchmarks/gemm.py               # both parts (a few minutes on 2 threads)
     python benchmarks/gemm.py products      # one product, M rows x 512 x 2048
     python benchmarks/gemm.py workers       # the layer on the T/E/k grid
+    python benchmarks/gemm.py sizes         # training steps by expert size, oneDNN vs torch.mm
     python benchmarks/gemm.py packed        # forward-only with packed expert weights
 
 The implementation lives in moesaic/bench/gemm.py. Reports: benchmarks/reports/.

@@ -6,7 +6,10 @@
 2. ``workers``: the MoE layer (oneDNN products) with whole experts on worker threads against
    the intra-op loop, on the grid behind ``moesaic.experts.threads.LOOP_ROWS`` and
    ``LOOP_MAX_TOTAL``.
-3. ``packed``: forward-only, the layer as it comes and with ``experts.pack_for_inference()``,
+3. ``sizes``: training steps (fwd+bwd) of layers of growing expert size on oneDNN over torch.mm,
+   a new input every step so the rows per expert keep changing (oneDNN compiles a kernel for
+   every new row count): the numbers behind ``gemm.MIN_WEIGHT``.
+4. ``packed``: forward-only, the layer as it comes and with ``experts.pack_for_inference()``,
    against the oneDNN token-blocked dense FFN of equal active FLOPs (peers.py's limit in fp32),
    on peers.py's grid.
 
@@ -27,9 +30,10 @@ from moesaic.experts import threads as expert_threads
 from moesaic.experts.gemm import onednn_available
 from moesaic.layer import MoE
 
-__all__ = ["main", "products", "workers", "packed"]
+__all__ = ["main", "products", "workers", "sizes", "packed"]
 
-PARTS = ("products", "workers", "packed")
+PARTS = ("products", "workers", "sizes", "packed")
+SIZES = ((64, 256, 32), (128, 512, 32), (256, 1024, 16), (512, 2048, 8))  # (D, F, E), T=8192
 ROWS = (1, 2, 4, 8, 16, 64, 256, 1024)
 PEERS_GRID = tuple((T, E, K) for T in (2048, 8192) for E in (8, 32) for K in (1, 2))
 GRID = ((2048, 32, 1), (2048, 32, 2), (2048, 8, 1), (2048, 8, 2), (8192, 32, 1), (8192, 8, 2))
@@ -101,6 +105,39 @@ def workers(d_model: int, d_ff: int, repeats: int) -> list[str]:
     return lines
 
 
+def sizes(repeats: int, tokens: int = 8192, inputs: int = 16) -> list[str]:
+    """fwd+bwd ms of top-1 layers on oneDNN and on torch.mm, inputs changing every step."""
+    lines = [
+        "| D | F | D*F | E | oneDNN ms | torch.mm ms | oneDNN / torch.mm |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for D, Fh, E in SIZES:
+        torch.manual_seed(0)
+        xs = [torch.randn(tokens, D) for _ in range(inputs)]
+        g = torch.randn(tokens, D)
+        fns = {}
+        for gemm in ("onednn", "torch"):
+            layer = MoE(D, Fh, E, router="topk", expert_gemm=gemm)
+            fns[gemm] = _changing_step(layer, xs, g)
+        t = time_interleaved(fns, repeats)
+        lines.append(
+            f"| {D} | {Fh} | {D * Fh} | {E} | {1e3 * t['onednn']:.1f} | "
+            f"{1e3 * t['torch']:.1f} | {t['onednn'] / t['torch']:.2f} |"
+        )
+    return lines
+
+
+def _changing_step(layer: MoE, xs: list[torch.Tensor], g: torch.Tensor) -> Callable[[], None]:
+    step = iter(range(10**9))
+
+    def run() -> None:
+        for p in layer.parameters():
+            p.grad = None
+        layer(xs[next(step) % len(xs)]).backward(g)
+
+    return run
+
+
 def packed(d_model: int, d_ff: int, repeats: int) -> list[str]:
     """Forward-only ms of the layer unpacked and packed, and both over the oneDNN dense limit."""
     lines = [
@@ -112,8 +149,8 @@ def packed(d_model: int, d_ff: int, repeats: int) -> list[str]:
         torch.manual_seed(0)
         x = torch.randn(T, d_model)
         for family in ("gelu", "swiglu"):
-            plain = MoE(d_model, d_ff, E, router="topk", top_k=K, activation=family)
-            fast = MoE(d_model, d_ff, E, router="topk", top_k=K, activation=family)
+            kw = {"router": "topk", "top_k": K, "activation": family, "expert_gemm": "onednn"}
+            plain, fast = MoE(d_model, d_ff, E, **kw), MoE(d_model, d_ff, E, **kw)
             fast.load_state_dict(plain.state_dict())
             fast.experts.pack_for_inference(max(1, T * K // E))
             limit = OneDNNBlockedDense(d_model, K * d_ff, family)
@@ -176,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(products(args.d_model, args.d_ff, args.repeats)) + "\n")
     if "workers" in parts:
         print("\n".join(workers(args.d_model, args.d_ff, args.repeats)) + "\n")
+    if "sizes" in parts:
+        print("\n".join(sizes(args.repeats)) + "\n")
     if "packed" in parts:
         print("\n".join(packed(args.d_model, args.d_ff, args.repeats)))
     return 0

@@ -14,7 +14,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from moesaic._validate import check_choice, check_positive_int, check_tokens
-from moesaic.experts.gemm import ACT, BACKENDS, PackCache, onednn_available, use_onednn
+from moesaic.experts.gemm import (
+    ACT,
+    BACKENDS,
+    MIN_WEIGHT,
+    PackCache,
+    onednn_available,
+    use_onednn,
+)
 from moesaic.experts.gradpool import GradPool
 from moesaic.experts.sliced import sliced_ffn
 
@@ -55,9 +62,11 @@ class Experts(nn.Module):
             on a multi-threaded CPU and the loop otherwise (measured in benchmarks/).
         gemm: the loop's matrix products on CPU: "auto" runs fp32 ones on oneDNN (about twice
             torch.mm's speed on the AVX-512 AMD machines measured, with the activation fused;
-            moesaic/experts/gemm.py) and bf16 ones on torch.mm (which calls oneDNN's matmul
-            itself and measured faster); "onednn" takes oneDNN for bf16 too; "torch" always
-            torch.mm. Other devices, and products with fewer than 4 rows, always use torch.
+            moesaic/experts/gemm.py) when d_model * d_ff >= 262144 (smaller ones measured
+            slower there), and bf16 ones on torch.mm (which calls oneDNN's matmul itself and
+            measured faster); "onednn" takes oneDNN for bf16 and small experts too; "torch"
+            always torch.mm. Other devices, and products with fewer than 4 rows, always use
+            torch.
 
     Shape:
         forward(x_AD, counts): x (A, D) grouped by expert with ``counts[e]`` rows for expert e,
@@ -118,6 +127,12 @@ class Experts(nn.Module):
             raise ValueError(
                 f"pack_for_inference needs fp32 weights on CPU and a torch with oneDNN; the "
                 f"experts are {w.dtype} on {w.device}"
+            )
+        if not use_onednn(self.gemm, w, self.d_model * self.d_ff):
+            raise ValueError(
+                f"pack_for_inference: these experts run on torch.mm (gemm={self.gemm!r}, "
+                f"d_model * d_ff = {self.d_model * self.d_ff} < {MIN_WEIGHT} under 'auto'), "
+                "so a packed copy would not be used; build them with gemm='onednn' to force it"
             )
         self.packs = PackCache(rows_hint)
         self.packs.get(self.w1, self.w2, self.w3)
@@ -198,7 +213,7 @@ class Experts(nn.Module):
             x_AD, w1, w2 = x_AD.to(dtype), w1.to(dtype), w2.to(dtype)
             w3 = w3.to(dtype) if w3 is not None else None
             biases = tuple(b.to(dtype) if b is not None else None for b in biases)
-        onednn = use_onednn(self.gemm, x_AD) and not _modes_active()
+        onednn = use_onednn(self.gemm, x_AD, self.d_model * self.d_ff) and not _modes_active()
         if self.packs is not None and onednn and x_AD.dtype == w1.dtype == torch.float32:
             recording = torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (x_AD, w1, w2, w3, *biases)

@@ -8,7 +8,8 @@ with the same fp32 accuracy (benchmarks/gemm.py measures both). oneDNN also fuse
 activation into the first product and, for SwiGLU, the gate product ``(x w3) * silu(x w1)``.
 
 oneDNN repacks the weight on every call (~120 us for a 512 x 2048 fp32 matrix), so products with
-fewer than ``MIN_ROWS`` rows (decoding a token or two) stay on torch.mm, which is faster there.
+fewer than ``MIN_ROWS`` rows (decoding a token or two) stay on torch.mm, which is faster there,
+and so do experts with fewer than ``MIN_WEIGHT`` weights per projection under "auto".
 ``Experts(gemm="torch")`` keeps every product on torch.mm. For serving, ``PackCache`` keeps
 packed copies of the weights so forward-only products skip the repacking
 (``Experts.pack_for_inference``), at the price of a second copy of the expert weights.
@@ -28,6 +29,7 @@ __all__ = [
     "ACT",
     "BACKENDS",
     "MIN_ROWS",
+    "MIN_WEIGHT",
     "onednn_available",
     "use_onednn",
     "matmul",
@@ -41,6 +43,12 @@ BACKENDS = ("auto", "onednn", "torch")
 # oneDNN's time over torch.mm's, K=512, N=2048, fp32 (benchmarks/gemm.py products), 1 thread /
 # 2 threads: 1 row 2.19 / 1.37, 2 rows 1.15 / 0.69, 4 rows 0.50 / 0.34, 64 rows 0.47 / 0.45
 MIN_ROWS = 4
+# Smaller experts stay on torch.mm: training steps (fwd+bwd, 2 threads, T=8192, top-1, a new
+# input every step so that the rows per expert keep changing), oneDNN's time over torch.mm's
+# (benchmarks/gemm.py sizes): D*F = 64*256 1.64, 128*512 1.16, 256*1024 0.74, 512*2048 0.68.
+# oneDNN builds (JIT compiles) a kernel for every new row count, ~0.4 ms each, and small
+# products never win it back.
+MIN_WEIGHT = 256 * 1024
 # activation name -> oneDNN post-op (attr, algorithm); applied after the bias
 _FUSED = {
     "none": ("none", None),
@@ -68,13 +76,17 @@ def onednn_available() -> bool:
         return False
 
 
-def use_onednn(backend: str, t: torch.Tensor) -> bool:
-    """Whether ``backend`` ("auto" | "onednn" | "torch") runs the products of ``t`` on oneDNN:
-    CPU tensors on a torch with oneDNN, in fp32 ("auto") or fp32 and bf16 ("onednn"). In bf16
-    torch.mm already calls oneDNN's matmul, and measured faster than this path (peers report)."""
+def use_onednn(backend: str, t: torch.Tensor, weight_numel: int) -> bool:
+    """Whether ``backend`` ("auto" | "onednn" | "torch") runs the products of ``t`` with expert
+    weights of ``weight_numel`` elements (D * F) on oneDNN: CPU tensors on a torch with oneDNN;
+    "auto" takes fp32 with weights of at least ``MIN_WEIGHT`` elements, "onednn" fp32 and bf16
+    of any size. In bf16 torch.mm already calls oneDNN's matmul, and measured faster than this
+    path (peers report)."""
     if backend == "torch" or t.device.type != "cpu" or not onednn_available():
         return False
-    return t.dtype == torch.float32 or (backend == "onednn" and t.dtype == torch.bfloat16)
+    if backend == "onednn":
+        return t.dtype in (torch.float32, torch.bfloat16)
+    return t.dtype == torch.float32 and weight_numel >= MIN_WEIGHT
 
 
 @dataclasses.dataclass(frozen=True)

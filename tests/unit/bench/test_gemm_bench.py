@@ -11,14 +11,18 @@ def test_gemm_bench_prints_products_and_workers_tables(capsys, monkeypatch):
     monkeypatch.setattr(bench_gemm, "ROWS", (1, 8))
     monkeypatch.setattr(bench_gemm, "GRID", ((64, 4, 1),))
     monkeypatch.setattr(bench_gemm, "PEERS_GRID", ((64, 4, 2),))
+    monkeypatch.setattr(bench_gemm, "SIZES", ((16, 32, 4),))
+    monkeypatch.setattr(bench_gemm.sizes, "__defaults__", (64, 2))
     assert bench_gemm.main(["--d-model", "16", "--d-ff", "32", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "| 1 | 8 | " in out  # 1 thread, 8 rows
     assert "| 64 | 4 | 1 | 16 | gelu | " in out and "| 64 | 4 | 1 | 16 | swiglu | " in out
     assert "| 64 | 4 | 2 | 32 | swiglu | " in out and "packed / limit" in out
+    assert "| 16 | 32 | 512 | 4 | " in out
 
 
 def test_gemm_bench_rejects_an_unknown_part(capsys):
     with pytest.raises(SystemExit):
         bench_gemm.main(["matmuls"])
-    assert "part='matmuls' must be one of products, workers, packed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "part='matmuls' must be one of products, workers, sizes, packed" in err

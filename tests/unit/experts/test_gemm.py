@@ -107,12 +107,15 @@ def test_gate_and_add_products_equal_torch():
 
 def test_backend_choice():
     cpu = torch.zeros(1)
-    assert not gemm.use_onednn("torch", cpu)
-    assert not gemm.use_onednn("auto", torch.zeros(1, device="meta"))
-    assert not gemm.use_onednn("auto", torch.zeros(1, dtype=torch.float64))
-    assert gemm.use_onednn("auto", cpu) == gemm.onednn_available()
-    assert not gemm.use_onednn("auto", cpu.bfloat16())
-    assert gemm.use_onednn("onednn", cpu.bfloat16()) == gemm.onednn_available()
+    big, small = gemm.MIN_WEIGHT, gemm.MIN_WEIGHT - 1
+    assert not gemm.use_onednn("torch", cpu, big)
+    assert not gemm.use_onednn("auto", torch.zeros(1, device="meta"), big)
+    assert not gemm.use_onednn("auto", torch.zeros(1, dtype=torch.float64), big)
+    assert gemm.use_onednn("auto", cpu, big) == gemm.onednn_available()
+    assert not gemm.use_onednn("auto", cpu, small)  # small experts stay on torch.mm
+    assert gemm.use_onednn("onednn", cpu, small) == gemm.onednn_available()
+    assert not gemm.use_onednn("auto", cpu.bfloat16(), big)
+    assert gemm.use_onednn("onednn", cpu.bfloat16(), small) == gemm.onednn_available()
     with pytest.raises(ValueError, match="gemm"):
         ms.Experts(2, 4, 8, gemm="mkl")
 

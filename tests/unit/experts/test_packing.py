@@ -27,7 +27,8 @@ def _reference(x, experts, counts):
 @pytest.mark.parametrize("activation", ["gelu", "relu", "swiglu"])
 def test_packed_forward_equals_the_reference(activation, impl):
     torch.manual_seed(0)
-    experts = ms.Experts(5, 16, 24, activation, bias=True, impl=impl).pack_for_inference(8)
+    experts = ms.Experts(5, 16, 24, activation, bias=True, impl=impl, gemm="onednn")
+    experts.pack_for_inference(8)
     x = torch.randn(sum(COUNTS), 16)
     with torch.inference_mode():
         got = experts(x, COUNTS)
@@ -38,7 +39,7 @@ def test_packed_forward_equals_the_reference(activation, impl):
 
 def test_the_packed_copy_follows_weight_updates():
     torch.manual_seed(0)
-    experts = ms.Experts(5, 16, 24, "swiglu").pack_for_inference()
+    experts = ms.Experts(5, 16, 24, "swiglu", gemm="onednn").pack_for_inference()
     x = torch.randn(sum(COUNTS), 16)
     opt = torch.optim.SGD(experts.parameters(), lr=0.5)
     experts(x, COUNTS).square().sum().backward()  # a training call ignores the packed copy
@@ -46,14 +47,14 @@ def test_the_packed_copy_follows_weight_updates():
     with torch.inference_mode():
         got = experts(x, COUNTS)
     torch.testing.assert_close(got, _reference(x, experts, COUNTS))
-    experts.load_state_dict(ms.Experts(5, 16, 24, "swiglu").state_dict())
+    experts.load_state_dict(ms.Experts(5, 16, 24, "swiglu", gemm="onednn").state_dict())
     with torch.inference_mode():
         torch.testing.assert_close(experts(x, COUNTS), _reference(x, experts, COUNTS))
 
 
 def test_training_gradients_do_not_depend_on_packing():
     torch.manual_seed(0)
-    plain = ms.Experts(5, 16, 24, "gelu", bias=True)
+    plain = ms.Experts(5, 16, 24, "gelu", bias=True, gemm="onednn")
     packed = copy.deepcopy(plain).pack_for_inference()
     x = torch.randn(sum(COUNTS), 16)
     for m in (plain, packed):
@@ -64,7 +65,7 @@ def test_training_gradients_do_not_depend_on_packing():
 
 def test_copies_pickles_and_state_dicts_ignore_the_packed_copy():
     torch.manual_seed(0)
-    layer = ms.MoE(16, 24, 4, router="topk", top_k=2)
+    layer = ms.MoE(16, 24, 4, router="topk", top_k=2, expert_gemm="onednn")
     keys = set(layer.state_dict())
     layer.experts.pack_for_inference()
     assert set(layer.state_dict()) == keys
@@ -81,10 +82,13 @@ def test_copies_pickles_and_state_dicts_ignore_the_packed_copy():
 
 def test_model_helpers_pack_and_unpack_every_expert_module():
     model = torch.nn.Sequential(
-        ms.MoE(16, 24, 4, router="topk", shared_d_ff=8), ms.MoE(16, 24, 4, router="switch")
+        ms.MoE(16, 24, 4, router="topk", shared_d_ff=8, expert_gemm="onednn"),
+        ms.MoE(16, 24, 4, router="switch", expert_gemm="onednn"),
+        ms.MoE(16, 24, 4, router="switch"),  # small experts under "auto": torch.mm, not packed
     )
     assert pack_experts(model) == 3  # two routed Experts and one shared
-    assert all(m.packs is not None for m in model.modules() if isinstance(m, ms.Experts))
+    packed = [m.packs is not None for m in model.modules() if isinstance(m, ms.Experts)]
+    assert packed == [True, True, True, False]
     assert unpack_experts(model) == 3 and unpack_experts(model) == 0
 
 
@@ -93,3 +97,5 @@ def test_bad_packing_requests_are_rejected():
         ms.Experts(2, 4, 8).pack_for_inference(0)
     with pytest.raises(ValueError, match="fp32 weights on CPU"):
         ms.Experts(2, 4, 8, dtype=torch.bfloat16).pack_for_inference()
+    with pytest.raises(ValueError, match="run on torch.mm"):
+        ms.Experts(2, 4, 8).pack_for_inference()  # too small for oneDNN under "auto"
