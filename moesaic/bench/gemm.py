@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from moesaic.bench.harness import environment, time_interleaved
-from moesaic.bench.layer import OneDNNBlockedDense
+from moesaic.bench.layer import OneDNNBlockedDense, _infer, _step
 from moesaic.experts import threads as expert_threads
 from moesaic.experts.gemm import onednn_available
 from moesaic.layer import MoE
@@ -154,8 +154,8 @@ def packed(d_model: int, d_ff: int, repeats: int) -> list[str]:
             fast.load_state_dict(plain.state_dict())
             fast.experts.pack_for_inference(max(1, T * K // E))
             limit = OneDNNBlockedDense(d_model, K * d_ff, family)
-            fns = {name: _forward(m, x) for name, m in (("plain", plain), ("packed", fast))}
-            fns["limit"] = _forward(limit, x)
+            fns = {name: _infer(m, x) for name, m in (("plain", plain), ("packed", fast))}
+            fns["limit"] = _infer(limit, x)
             t = time_interleaved(fns, repeats)
             lines.append(
                 f"| {T} | {E} | {K} | {T * K // E} | {family} | {1e3 * t['plain']:.1f} | "
@@ -165,28 +165,16 @@ def packed(d_model: int, d_ff: int, repeats: int) -> list[str]:
     return lines
 
 
-def _forward(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    def run() -> None:
-        with torch.inference_mode():
-            module(x)
-
-    return run
-
-
 def _layer_call(layer: MoE, x, g, mode: str, train: bool) -> Callable[[], None]:
+    call = _step(layer, x, g) if train else _infer(layer, x)
+
     def run() -> None:
         # force the mode whatever the rule says: workers for every size, or the loop
         saved = expert_threads.LOOP_ROWS
         expert_threads.LOOP_ROWS = (0, 0)
         layer.experts.impl = "threads" if mode == "workers" else "loop"
         try:
-            if train:
-                for p in layer.parameters():
-                    p.grad = None
-                layer(x).backward(g)
-            else:
-                with torch.inference_mode():
-                    layer(x)
+            call()
         finally:
             expert_threads.LOOP_ROWS = saved
 
@@ -195,7 +183,7 @@ def _layer_call(layer: MoE, x, g, mode: str, train: bool) -> Callable[[], None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks/gemm.py", description=__doc__.splitlines()[0])
-    parser.add_argument("part", nargs="*", help="products and/or workers (default: both)")
+    parser.add_argument("part", nargs="*", help=f"any of {', '.join(PARTS)} (default: all)")
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--d-ff", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=5)

@@ -214,12 +214,6 @@ class Experts(nn.Module):
             w3 = w3.to(dtype) if w3 is not None else None
             biases = tuple(b.to(dtype) if b is not None else None for b in biases)
         onednn = use_onednn(self.gemm, x_AD, self.d_model * self.d_ff) and not _modes_active()
-        if self.packs is not None and onednn and x_AD.dtype == w1.dtype == torch.float32:
-            recording = torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in (x_AD, w1, w2, w3, *biases)
-            )
-            if not recording:
-                w1, w2, w3 = self.packs.get(w1, w2, w3)
         with torch.autocast(x_AD.device.type, enabled=False):
             return sliced_ffn(
                 x_AD,
@@ -232,6 +226,7 @@ class Experts(nn.Module):
                 biases=biases,
                 threads=self._threads(x_AD),
                 onednn=onednn,
+                packs=self.packs,
             )
 
     def _threads(self, x_AD: torch.Tensor) -> int:

@@ -148,8 +148,8 @@ def _split(b: torch.Tensor | Packed) -> tuple[torch.Tensor, torch.Tensor | None]
     return (b.plain, b.onednn) if isinstance(b, Packed) else (b, None)
 
 
-def _onednn(a: torch.Tensor, b_KN: torch.Tensor, rows: int) -> bool:
-    return rows >= MIN_ROWS and a.dtype == b_KN.dtype
+def _onednn(a_MK: torch.Tensor, b_KN: torch.Tensor) -> bool:
+    return a_MK.shape[0] >= MIN_ROWS and a_MK.dtype == b_KN.dtype
 
 
 def matmul(
@@ -165,7 +165,7 @@ def matmul(
     fused oneDNN op when the product has at least ``MIN_ROWS`` rows (on ``b``'s packed copy when
     it is ``Packed``)."""
     b_KN, packed = _split(b_KN)
-    if onednn and _onednn(a_MK, b_KN, a_MK.shape[0]):
+    if onednn and _onednn(a_MK, b_KN):
         attr, algorithm = _FUSED[act]
         w = b_KN.t() if packed is None else packed
         y = torch.ops.mkldnn._linear_pointwise(a_MK, w, bias_N, attr, [], algorithm)
@@ -190,7 +190,7 @@ def matmul_mul(
 ) -> torch.Tensor:
     """``(a @ b + bias) * other``: SwiGLU's gate product, fused on oneDNN."""
     plain, packed = _split(b_KN)
-    if onednn and _onednn(a_MK, plain, a_MK.shape[0]):
+    if onednn and _onednn(a_MK, plain):
         w = plain.t() if packed is None else packed
         return torch.ops.mkldnn._linear_pointwise.binary(a_MK, other_MN, w, bias_N, "mul")
     return matmul(a_MK, b_KN, bias_N).mul_(other_MN)
@@ -205,7 +205,7 @@ def matmul_add(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``a @ b + other``, written into ``out`` when given; fused on oneDNN."""
-    if onednn and _onednn(a_MK, b_KN, a_MK.shape[0]):
+    if onednn and _onednn(a_MK, b_KN):
         y = torch.ops.mkldnn._linear_pointwise.binary(a_MK, other_MN, b_KN.t(), None, "add")
         return y if out is None else out.copy_(y)
     return torch.addmm(other_MN, a_MK, b_KN, out=out)

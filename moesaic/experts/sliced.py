@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from moesaic.experts.gemm import ACT, matmul, matmul_add, matmul_mul
+from moesaic.experts.gemm import ACT, PackCache, matmul, matmul_add, matmul_mul
 from moesaic.experts.threads import run_experts
 
 __all__ = ["sliced_ffn"]
@@ -175,6 +175,7 @@ def sliced_ffn(
     biases: tuple[torch.Tensor | None, ...] = (None, None, None),
     threads: int = 1,
     onednn: bool = False,
+    packs: PackCache | None = None,
 ) -> torch.Tensor:
     """Run expert e on rows ``x_AD[sum(counts[:e]) : sum(counts[:e+1])]``; returns (A, D).
 
@@ -182,15 +183,15 @@ def sliced_ffn(
     runs whole experts on that many worker threads (moesaic/experts/threads.py); ``onednn`` runs
     the products on oneDNN (moesaic/experts/gemm.py).
     Without autograd (inference mode, no_grad, or nothing requiring grad) this is a plain loop
-    that keeps nothing for backward; only then may ``w1``, ``w2``, ``w3`` be per-expert lists of
-    ``gemm.Packed`` weights.
+    that keeps nothing for backward, and fp32 oneDNN products use the packed weights of
+    ``packs`` when given (``Experts.pack_for_inference``).
     """
     tensors = (x_AD, w1, w2, w3, *biases)
-    if torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors
-    ):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _SlicedFFN.apply(
             x_AD, w1, w2, w3, *biases, counts, activation, pool, threads, onednn
         )
     act = "silu" if w3 is not None else activation
+    if packs is not None and onednn and x_AD.dtype == w1.dtype == torch.float32:
+        w1, w2, w3 = packs.get(w1, w2, w3)
     return _forward(x_AD, w1, w2, w3, biases, counts, act, False, threads, onednn)[0]
