@@ -13,8 +13,16 @@ from torch import nn
 
 from moesaic._validate import check_choice, check_nonnegative_float, check_positive_int
 from moesaic.context import current_context
-from moesaic.experts.dispatch import combine, make_plan, permute
+from moesaic.experts.dispatch import (
+    DispatchPlan,
+    ScatterCombine,
+    combine,
+    make_plan,
+    permute,
+    scatter_combine,
+)
 from moesaic.experts.ffn import Experts
+from moesaic.experts.sliced import records_autograd
 from moesaic.parallel.expert_parallel import run_experts_parallel
 from moesaic.routing.base import Router
 from moesaic.routing.capacity import DROP_POLICIES, expert_capacity
@@ -182,8 +190,12 @@ class MoE(nn.Module):
         T = x_TD.shape[0]
         routing = self.router(x_TD, current_context())
         plan = make_plan(routing, self.num_experts, T, self.capacity(T), self.drop_policy)
-        y_AD = self._run_experts(permute(x_TD, plan), plan.counts)
-        y_TD = combine(y_AD, plan)
+        x_AD = permute(x_TD, plan)
+        sink = self._sink(x_TD, plan)
+        if sink is not None:  # forward-only: experts write straight to their tokens' rows
+            y_TD = self.experts(x_AD, plan.counts, sink=sink)
+        else:
+            y_TD = combine(self._run_experts(x_AD, plan.counts), plan)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD, [T])
         self._last.aux_loss = (
@@ -193,6 +205,14 @@ class MoE(nn.Module):
             plan.tokens_per_expert, plan.requested_per_expert, routing.probs_TE, plan.token
         )
         return y_TD.reshape(x.shape)
+
+    def _sink(self, x_TD: torch.Tensor, plan: DispatchPlan) -> ScatterCombine | None:
+        """The fused un-permute and combine, for forward-only calls on one process."""
+        if self.expert_group is not None or records_autograd(
+            x_TD, plan.weight, *self.experts.parameters()
+        ):
+            return None
+        return scatter_combine(plan, x_TD)
 
     def _run_experts(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         if self.expert_group is None:

@@ -10,8 +10,8 @@
    a new input every step so the rows per expert keep changing (oneDNN compiles a kernel for
    every new row count): the numbers behind ``gemm.MIN_WEIGHT``.
 4. ``packed``: forward-only, the layer as it comes and with ``experts.pack_for_inference()``,
-   against the oneDNN token-blocked dense FFN of equal active FLOPs (peers.py's limit in fp32),
-   on peers.py's grid.
+   against the token-blocked dense FFN of equal active FLOPs (peers.py's limit: the faster of
+   torch.mm and oneDNN), on peers.py's grid, fp32 or (``--dtype bfloat16``) bf16.
 
 Shape legend (docs/shapes.md): T tokens, D model dim, F expert hidden, E experts, K top-k,
 M rows of a product.
@@ -25,9 +25,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from moesaic.bench.harness import environment, time_interleaved
-from moesaic.bench.layer import OneDNNBlockedDense, _infer, _step
+from moesaic.bench.layer import BlockedDense, OneDNNBlockedDense, _infer, _step
 from moesaic.experts import threads as expert_threads
-from moesaic.experts.gemm import onednn_available
+from moesaic.experts.gemm import onednn_available, packable
 from moesaic.layer import MoE
 
 __all__ = ["main", "products", "workers", "sizes", "packed"]
@@ -138,29 +138,37 @@ def _changing_step(layer: MoE, xs: list[torch.Tensor], g: torch.Tensor) -> Calla
     return run
 
 
-def packed(d_model: int, d_ff: int, repeats: int) -> list[str]:
-    """Forward-only ms of the layer unpacked and packed, and both over the oneDNN dense limit."""
+def packed(d_model: int, d_ff: int, repeats: int, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Forward-only ms of the layer unpacked and packed, and both over the dense limit (the
+    faster of the torch.mm and the oneDNN token-blocked dense FFN, as in peers.py)."""
     lines = [
         "| T | E | k | rows/expert | family | fwd ms | packed fwd ms | limit ms | / limit | "
         "packed / limit |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    # D=512, F=2048 fp32 experts run on oneDNN under "auto" anyway, bf16 ones on torch.mm
+    # unpacked and on oneDNN packed: each against the layer users get by default (small test
+    # sizes force oneDNN to be packable at all)
+    probe = torch.empty(0, dtype=dtype)
+    gemm = "auto" if packable("auto", probe, d_model * d_ff) else "onednn"
     for T, E, K in PEERS_GRID:
         torch.manual_seed(0)
-        x = torch.randn(T, d_model)
+        x = torch.randn(T, d_model, dtype=dtype)
         for family in ("gelu", "swiglu"):
-            kw = {"router": "topk", "top_k": K, "activation": family, "expert_gemm": "onednn"}
-            plain, fast = MoE(d_model, d_ff, E, **kw), MoE(d_model, d_ff, E, **kw)
+            kw = {"router": "topk", "top_k": K, "activation": family}
+            plain, fast = MoE(d_model, d_ff, E, **kw), MoE(d_model, d_ff, E, **kw, expert_gemm=gemm)
             fast.load_state_dict(plain.state_dict())
-            fast.experts.pack_for_inference(max(1, T * K // E))
-            limit = OneDNNBlockedDense(d_model, K * d_ff, family)
+            plain.to(dtype)
+            fast.to(dtype).experts.pack_for_inference(max(1, T * K // E))
             fns = {name: _infer(m, x) for name, m in (("plain", plain), ("packed", fast))}
-            fns["limit"] = _infer(limit, x)
+            for name, cls in (("mm", BlockedDense), ("onednn", OneDNNBlockedDense)):
+                fns[name] = _infer(cls(d_model, K * d_ff, family).to(dtype), x)
             t = time_interleaved(fns, repeats)
+            limit = min(t["mm"], t["onednn"])
             lines.append(
                 f"| {T} | {E} | {K} | {T * K // E} | {family} | {1e3 * t['plain']:.1f} | "
-                f"{1e3 * t['packed']:.1f} | {1e3 * t['limit']:.1f} | "
-                f"{t['plain'] / t['limit']:.2f} | {t['packed'] / t['limit']:.2f} |"
+                f"{1e3 * t['packed']:.1f} | {1e3 * limit:.1f} | "
+                f"{t['plain'] / limit:.2f} | {t['packed'] / limit:.2f} |"
             )
     return lines
 
@@ -187,6 +195,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--d-ff", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="dtype of the packed part (the others run fp32)",
+    )
     args = parser.parse_args(argv)
     for part in args.part:
         if part not in PARTS:
@@ -195,7 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("this torch build has no oneDNN: nothing to compare")
         return 1
     parts = args.part or PARTS
-    print(f"D={args.d_model}, F={args.d_ff}, fp32, median of {args.repeats} interleaved rounds")
+    print(
+        f"D={args.d_model}, F={args.d_ff}, fp32 (packed: {args.dtype}), median of {args.repeats} "
+        "interleaved rounds"
+    )
     print(environment() + "\n")
     if "products" in parts:
         print("\n".join(products(args.d_model, args.d_ff, args.repeats)) + "\n")
@@ -204,5 +221,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "sizes" in parts:
         print("\n".join(sizes(args.repeats)) + "\n")
     if "packed" in parts:
-        print("\n".join(packed(args.d_model, args.d_ff, args.repeats)))
+        dtype = getattr(torch, args.dtype)
+        print("\n".join(packed(args.d_model, args.d_ff, args.repeats, dtype)))
     return 0

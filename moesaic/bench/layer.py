@@ -27,7 +27,7 @@ from moesaic.experts.ffn import Experts
 from moesaic.layer import MoE
 from moesaic.models.lm import DenseFFN  # the dense limit is the LM's own dense FFN
 
-__all__ = ["NaiveMoE", "DenseFFN", "OneDNNBlockedDense", "run", "main"]
+__all__ = ["NaiveMoE", "DenseFFN", "BlockedDense", "OneDNNBlockedDense", "run", "main"]
 
 BLOCK = 512  # tokens per block of the blocked dense FFNs
 
@@ -53,6 +53,17 @@ class NaiveMoE(nn.Module):
                 continue
             y_TD = y_TD.index_add(0, token, expert(x_TD[token]) * weight_TK[token, slot, None])
         return y_TD
+
+
+class BlockedDense(DenseFFN):
+    """The dense FFN over blocks of ``block`` tokens, so each block's hidden stays in cache."""
+
+    def __init__(self, d_model: int, d_hidden: int, family: str, block: int = BLOCK) -> None:
+        super().__init__(d_model, d_hidden, family)
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([super(BlockedDense, self).forward(c) for c in x.split(self.block)])
 
 
 class OneDNNBlockedDense(nn.Module):

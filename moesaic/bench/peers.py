@@ -40,22 +40,11 @@ import torch
 from torch import nn
 
 from moesaic.bench.harness import environment, saved_for_backward_bytes, time_interleaved
-from moesaic.bench.layer import BLOCK, DenseFFN, NaiveMoE, OneDNNBlockedDense
+from moesaic.bench.layer import BlockedDense, DenseFFN, NaiveMoE, OneDNNBlockedDense
 from moesaic.layer import MoE
 from moesaic.parallel.launch import free_port
 
 __all__ = ["main", "BlockedDense", "OneDNNBlockedDense"]
-
-
-class BlockedDense(DenseFFN):
-    """The dense FFN over blocks of ``block`` tokens, so each block's hidden stays in cache."""
-
-    def __init__(self, d_model: int, d_hidden: int, family: str, block: int = BLOCK) -> None:
-        super().__init__(d_model, d_hidden, family)
-        self.block = block
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([super(BlockedDense, self).forward(c) for c in x.split(self.block)])
 
 
 @dataclasses.dataclass

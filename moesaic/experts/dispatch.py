@@ -8,6 +8,11 @@ plan also holds ``slot``, the inverse permutation, and ``combine`` and the backw
 ``permute`` are K gathers too: no scatter (``index_add``, which CPU runs as a far slower
 ``scatter_add``) on the hot path, and nothing of size (A, D) saved beyond the experts' output.
 
+Forward-only calls on such plans skip the (A, D) output altogether: ``ScatterCombine`` takes
+each expert's output rows while they are still in cache, scales them by their combine weights
+and writes them to their token's row (unique destinations, so a plain ``index_put_``), and adds
+the K choices at the end.
+
 Shape legend (docs/shapes.md): T tokens, D model dim, E experts, A assignments.
 """
 
@@ -20,7 +25,7 @@ import torch
 from moesaic.routing.base import Routing
 from moesaic.routing.capacity import DropPolicy
 
-__all__ = ["DispatchPlan", "make_plan", "permute", "combine"]
+__all__ = ["DispatchPlan", "ScatterCombine", "make_plan", "permute", "combine", "scatter_combine"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +43,8 @@ class DispatchPlan:
             at index ``j * T + t``; only when every token kept all K choices of a ``dense_k``
             routing, else None.
         top_k: K of ``slot`` (0 when ``slot`` is None).
+        source: LongTensor (A,), the inverse of ``slot``: index ``j * T + t`` of each sorted
+            assignment; set with ``slot``.
     """
 
     token: torch.Tensor
@@ -48,6 +55,7 @@ class DispatchPlan:
     num_tokens: int
     slot: torch.Tensor | None = None
     top_k: int = 0
+    source: torch.Tensor | None = None
 
 
 def make_plan(
@@ -60,12 +68,12 @@ def make_plan(
     """Apply capacity (None = dropless) and sort the kept assignments by expert."""
     expert_A = routing.expert
     requested_E = torch.bincount(expert_A, minlength=num_experts)
-    slot, top_k = None, 0
+    slot, top_k, source = None, 0, None
     if capacity is None:
         sorted_A = torch.argsort(expert_A, stable=True)
         kept_E = requested_E
         if routing.dense_k is not None:
-            top_k = routing.dense_k
+            top_k, source = routing.dense_k, sorted_A
             slot = torch.empty_like(sorted_A)
             slot[sorted_A] = torch.arange(sorted_A.shape[0], device=sorted_A.device)
     else:
@@ -88,6 +96,7 @@ def make_plan(
         num_tokens=num_tokens,
         slot=slot,
         top_k=top_k,
+        source=source,
     )
 
 
@@ -150,3 +159,44 @@ def combine(y_AD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     and ``grad weight[a] = <grad y_TD[token[a]], y_AD[a]>``.
     """
     return _Combine.apply(y_AD, plan.weight.to(y_AD.dtype), plan)
+
+
+class ScatterCombine:
+    """``combine`` fused into the expert loop of a forward-only call on a plan with ``slot``.
+
+    Call it with each expert's rows ``rows`` (a slice of the sorted order) and their output
+    ``y`` (R, D), which it scales in place by the combine weights and writes to row
+    ``j * T + t`` of a (K*T, D) buffer: every destination is written exactly once, so calls
+    may come from any thread in any order. ``result()`` adds the K choices in choice order, as
+    ``combine`` does (equal up to the rounding of its fused multiply-add). Unfused, each
+    expert's output is copied into an (A, D) tensor and gathered back from it, two passes over
+    memory that is no longer in cache.
+    """
+
+    def __init__(self, plan: DispatchPlan, like: torch.Tensor) -> None:
+        if plan.source is None:
+            raise ValueError("ScatterCombine needs a plan with slot (dropless top-k routing)")
+        T, K = plan.num_tokens, plan.top_k
+        self.num_tokens, self.top_k = T, K
+        self.source = plan.source
+        self.weight = plan.weight.to(like.dtype)
+        self.out = like.new_empty(K * T, like.shape[1])
+
+    def __call__(self, rows: slice, y: torch.Tensor) -> None:
+        y.mul_(self.weight[rows].unsqueeze(1))
+        self.out.index_put_((self.source[rows],), y)
+
+    def result(self) -> torch.Tensor:
+        """The combined (T, D) output."""
+        T, out = self.num_tokens, self.out
+        if self.top_k == 1:
+            return out
+        y = out[:T] + out[T : 2 * T]
+        for j in range(2, self.top_k):
+            y.add_(out[j * T : (j + 1) * T])
+        return y
+
+
+def scatter_combine(plan: DispatchPlan, like: torch.Tensor) -> ScatterCombine | None:
+    """A ``ScatterCombine`` for the plan, or None when it has no ``slot``."""
+    return None if plan.source is None else ScatterCombine(plan, like)

@@ -14,16 +14,18 @@ from torch import nn
 from torch.nn import functional as F
 
 from moesaic._validate import check_choice, check_positive_int, check_tokens
+from moesaic.experts.dispatch import ScatterCombine
 from moesaic.experts.gemm import (
     ACT,
     BACKENDS,
     MIN_WEIGHT,
     PackCache,
     onednn_available,
+    packable,
     use_onednn,
 )
 from moesaic.experts.gradpool import GradPool
-from moesaic.experts.sliced import sliced_ffn
+from moesaic.experts.sliced import records_autograd, sliced_ffn
 
 __all__ = ["Experts", "ACTIVATIONS"]
 
@@ -117,18 +119,23 @@ class Experts(nn.Module):
 
     def pack_for_inference(self, rows_hint: int = 64) -> Experts:
         """Keep the weights also in oneDNN's packed layout for forward-only calls on CPU in fp32
-        (inference mode, no_grad, or frozen weights), so the products skip repacking each
-        expert's weights on every call. Costs a second copy of w1, w2 (and w3); the copy is
-        rebuilt after the weights change. Training calls are unaffected. ``rows_hint`` is the
-        typical rows per expert. ``unpack()`` drops the copy."""
+        or bf16 (inference mode, no_grad, or frozen weights), so the products skip repacking
+        each expert's weights on every call (bf16 products then run on oneDNN too). Costs a
+        second copy of w1, w2 (and w3); the copy is rebuilt after the weights change. Training
+        calls are unaffected. ``rows_hint`` is the typical rows per expert. ``unpack()`` drops
+        the copy."""
         check_positive_int("rows_hint", rows_hint)
         w = self.w1
-        if w.device.type != "cpu" or w.dtype != torch.float32 or not onednn_available():
+        if (
+            w.device.type != "cpu"
+            or w.dtype not in (torch.float32, torch.bfloat16)
+            or not onednn_available()
+        ):
             raise ValueError(
-                f"pack_for_inference needs fp32 weights on CPU and a torch with oneDNN; the "
-                f"experts are {w.dtype} on {w.device}"
+                f"pack_for_inference needs fp32 or bf16 weights on CPU and a torch with oneDNN; "
+                f"the experts are {w.dtype} on {w.device}"
             )
-        if not use_onednn(self.gemm, w, self.d_model * self.d_ff):
+        if not packable(self.gemm, w, self.d_model * self.d_ff):
             raise ValueError(
                 f"pack_for_inference: these experts run on torch.mm (gemm={self.gemm!r}, "
                 f"d_model * d_ff = {self.d_model * self.d_ff} < {MIN_WEIGHT} under 'auto'), "
@@ -168,12 +175,26 @@ class Experts(nn.Module):
             f"gemm={self.gemm!r}"
         )
 
-    def forward(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Expert e's FFN on rows ``sum(counts[:e]) .. sum(counts[:e + 1])`` of ``x_AD`` (A, D)."""
+    def forward(
+        self, x_AD: torch.Tensor, counts: list[int], *, sink: ScatterCombine | None = None
+    ) -> torch.Tensor:
+        """Expert e's FFN on rows ``sum(counts[:e]) .. sum(counts[:e + 1])`` of ``x_AD`` (A, D).
+
+        With ``sink`` (forward-only calls; moesaic/experts/dispatch.py) each expert's output
+        rows go to ``sink`` as they are made and the result is ``sink.result()``, the combined
+        (T, D) output, instead of (A, D).
+        """
         self._check(x_AD, counts)
+        if sink is not None and records_autograd(x_AD, *self.parameters()):
+            raise ValueError("Experts: sink= is for forward-only calls (autograd is recording)")
         if self._use_grouped(x_AD):
-            return self._grouped(x_AD, counts)
-        return self._loop(x_AD, counts)
+            y_AD = self._grouped(x_AD, counts)
+            if sink is None:
+                return y_AD
+            sink(slice(0, y_AD.shape[0]), y_AD)
+        else:
+            y_AD = self._loop(x_AD, counts, sink)
+        return y_AD if sink is None else sink.result()
 
     def _check(self, x_AD: torch.Tensor, counts: list[int]) -> None:
         check_tokens("x_AD", x_AD, self.d_model, self.w1)
@@ -201,7 +222,7 @@ class Experts(nn.Module):
             and self.d_ff % 8 == 0
         )
 
-    def _loop(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def _loop(self, x_AD: torch.Tensor, counts: list[int], sink=None) -> torch.Tensor | None:
         w1, w2, w3, biases = self.w1, self.w2, self.w3, self.biases
         if self.grad_pool is not None and torch.is_grad_enabled():
             for w in (w1, w2, w3):
@@ -213,7 +234,14 @@ class Experts(nn.Module):
             x_AD, w1, w2 = x_AD.to(dtype), w1.to(dtype), w2.to(dtype)
             w3 = w3.to(dtype) if w3 is not None else None
             biases = tuple(b.to(dtype) if b is not None else None for b in biases)
-        onednn = use_onednn(self.gemm, x_AD, self.d_model * self.d_ff) and not _modes_active()
+        size = self.d_model * self.d_ff
+        modes = _modes_active()
+        onednn = use_onednn(self.gemm, x_AD, size) and not modes
+        packs = self.packs
+        if packs is not None and (
+            modes or x_AD.dtype != self.w1.dtype or not packable(self.gemm, x_AD, size)
+        ):
+            packs = None  # (under autocast the cast weights are new tensors every call)
         with torch.autocast(x_AD.device.type, enabled=False):
             return sliced_ffn(
                 x_AD,
@@ -226,7 +254,8 @@ class Experts(nn.Module):
                 biases=biases,
                 threads=self._threads(x_AD),
                 onednn=onednn,
-                packs=self.packs,
+                packs=packs,
+                sink=sink,
             )
 
     def _threads(self, x_AD: torch.Tensor) -> int:

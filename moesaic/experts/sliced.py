@@ -20,7 +20,12 @@ import torch
 from moesaic.experts.gemm import ACT, PackCache, matmul, matmul_add, matmul_mul
 from moesaic.experts.threads import run_experts
 
-__all__ = ["sliced_ffn"]
+__all__ = ["records_autograd", "sliced_ffn"]
+
+
+def records_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an op on these tensors (grad mode on and one requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _act_backward(name: str, grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
@@ -42,19 +47,19 @@ def _starts(counts: list[int]) -> list[int]:
     return out
 
 
-def _forward(x_AD, w1, w2, w3, biases, counts, act, keep, threads=1, onednn=False):
+def _forward(x_AD, w1, w2, w3, biases, counts, act, keep, threads=1, onednn=False, sink=None):
     """The expert FFNs; with ``keep`` also what backward needs, per expert: the pre-activation
     x w1 + b1, the hidden h that enters w2 and, for gated experts, x w3 + b3. ``biases`` is
     (b1, b2, b3) with None for absent ones. ``threads`` > 1 runs whole experts on that many
     worker threads (moesaic/experts/threads.py); ``onednn`` runs the products on oneDNN
     (moesaic/experts/gemm.py), which fuses the activation into the first one when nothing is
-    kept.
+    kept. ``sink(rows, y)`` takes each expert's output instead of an (A, D) tensor (then None).
 
     Per-expert temporaries (not one (A, F) buffer) keep every allocation small enough for the
     allocator to recycle between steps instead of mapping fresh pages each time.
     """
     b1, b2, b3 = biases
-    y_AD = torch.empty_like(x_AD)  # (A, D) like the input
+    y_AD = torch.empty_like(x_AD) if sink is None else None  # (A, D) like the input
     starts = _starts(counts)
     saved: dict[int, tuple] = {}
 
@@ -75,7 +80,10 @@ def _forward(x_AD, w1, w2, w3, biases, counts, act, keep, threads=1, onednn=Fals
                 h = matmul_mul(x, w3[e], _at(b3, e), h, onednn=onednn)
         if keep:
             saved[e] = (pre, h, lin)
-        matmul(h, w2[e], _at(b2, e), onednn=onednn, out=y_AD[s])
+        if sink is None:
+            matmul(h, w2[e], _at(b2, e), onednn=onednn, out=y_AD[s])
+        else:
+            sink(s, matmul(h, w2[e], _at(b2, e), onednn=onednn))
 
     run_experts(expert, counts, threads)
     return y_AD, [saved[e] for e in sorted(saved)]
@@ -176,22 +184,27 @@ def sliced_ffn(
     threads: int = 1,
     onednn: bool = False,
     packs: PackCache | None = None,
-) -> torch.Tensor:
+    sink=None,
+) -> torch.Tensor | None:
     """Run expert e on rows ``x_AD[sum(counts[:e]) : sum(counts[:e+1])]``; returns (A, D).
 
     ``biases`` is (b1 (E, F), b2 (E, D), b3 (E, F)), each None when absent. ``threads`` > 1
     runs whole experts on that many worker threads (moesaic/experts/threads.py); ``onednn`` runs
     the products on oneDNN (moesaic/experts/gemm.py).
     Without autograd (inference mode, no_grad, or nothing requiring grad) this is a plain loop
-    that keeps nothing for backward, and fp32 oneDNN products use the packed weights of
-    ``packs`` when given (``Experts.pack_for_inference``).
+    that keeps nothing for backward, and with ``packs`` (``Experts.pack_for_inference``) the
+    products run on oneDNN on the packed weights. ``sink`` (forward-only calls) takes
+    each expert's output rows, ``sink(rows_slice, y)``, instead of an (A, D) output: then the
+    return value is None (moesaic/experts/dispatch.py ``ScatterCombine``).
     """
-    tensors = (x_AD, w1, w2, w3, *biases)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if records_autograd(x_AD, w1, w2, w3, *biases):
+        if sink is not None:
+            raise ValueError("sliced_ffn: sink= is for forward-only calls (autograd is recording)")
         return _SlicedFFN.apply(
             x_AD, w1, w2, w3, *biases, counts, activation, pool, threads, onednn
         )
     act = "silu" if w3 is not None else activation
-    if packs is not None and onednn and x_AD.dtype == w1.dtype == torch.float32:
+    if packs is not None and x_AD.dtype == w1.dtype:
         w1, w2, w3 = packs.get(w1, w2, w3)
-    return _forward(x_AD, w1, w2, w3, biases, counts, act, False, threads, onednn)[0]
+        onednn = True
+    return _forward(x_AD, w1, w2, w3, biases, counts, act, False, threads, onednn, sink)[0]

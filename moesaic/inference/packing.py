@@ -5,21 +5,22 @@ from __future__ import annotations
 from torch import nn
 
 from moesaic.experts.ffn import Experts
-from moesaic.experts.gemm import use_onednn
+from moesaic.experts.gemm import packable
 
 __all__ = ["pack_experts", "unpack_experts"]
 
 
 def pack_experts(model: nn.Module, rows_hint: int = 64) -> int:
     """Keep a oneDNN-packed copy of the weights of every ``Experts`` in ``model`` whose products
-    run on oneDNN, for forward-only calls (fp32 on CPU; 5-21% less forward time on the 2-core
-    AMD machine, docs/performance.md), at the price of a second copy of their weights. Experts
-    on torch.mm (small ones under ``gemm="auto"``, other devices, bf16) are left alone. Returns
-    how many ``Experts`` modules were packed."""
+    run on oneDNN, for forward-only calls (fp32 or bf16 on CPU; 5-23% less forward time on the
+    2-core AMD machine, docs/performance.md), at the price of a second copy of their weights.
+    Experts that would stay on torch.mm (small ones under ``gemm="auto"``, other devices and
+    dtypes, ``gemm="torch"``) are left alone. Returns how many ``Experts`` modules were
+    packed."""
     experts = [
         m
         for m in model.modules()
-        if isinstance(m, Experts) and use_onednn(m.gemm, m.w1, m.d_model * m.d_ff)
+        if isinstance(m, Experts) and packable(m.gemm, m.w1, m.d_model * m.d_ff)
     ]
     for m in experts:
         m.pack_for_inference(rows_hint)

@@ -26,3 +26,13 @@ def test_gemm_bench_rejects_an_unknown_part(capsys):
         bench_gemm.main(["matmuls"])
     err = capsys.readouterr().err
     assert "part='matmuls' must be one of products, workers, sizes, packed" in err
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
+def test_gemm_bench_packs_bf16_layers(capsys, monkeypatch):
+    monkeypatch.setattr(bench_gemm, "PEERS_GRID", ((64, 4, 1),))
+    argv = ["packed", "--d-model", "16", "--d-ff", "32", "--repeats", "1", "--dtype", "bfloat16"]
+    assert bench_gemm.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "packed: bfloat16" in out
+    assert "| 64 | 4 | 1 | 16 | gelu | " in out and "| 64 | 4 | 1 | 16 | swiglu | " in out

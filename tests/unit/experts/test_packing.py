@@ -95,7 +95,59 @@ def test_model_helpers_pack_and_unpack_every_expert_module():
 def test_bad_packing_requests_are_rejected():
     with pytest.raises(ValueError, match="rows_hint"):
         ms.Experts(2, 4, 8).pack_for_inference(0)
-    with pytest.raises(ValueError, match="fp32 weights on CPU"):
-        ms.Experts(2, 4, 8, dtype=torch.bfloat16).pack_for_inference()
+    with pytest.raises(ValueError, match="fp32 or bf16 weights on CPU"):
+        ms.Experts(2, 4, 8, dtype=torch.float16).pack_for_inference()
+    with pytest.raises(ValueError, match="fp32 or bf16 weights on CPU"):
+        ms.Experts(2, 4, 8, dtype=torch.float64, gemm="onednn").pack_for_inference()
     with pytest.raises(ValueError, match="run on torch.mm"):
         ms.Experts(2, 4, 8).pack_for_inference()  # too small for oneDNN under "auto"
+
+
+def _count_pack_uses(monkeypatch) -> list[torch.dtype]:
+    used: list[torch.dtype] = []
+    get = gemm.PackCache.get
+
+    def spy(self, *weights):
+        used.append(weights[0].dtype)
+        return get(self, *weights)
+
+    monkeypatch.setattr(gemm.PackCache, "get", spy)
+    return used
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_bf16_packed_forward_equals_the_reference(activation, monkeypatch):
+    torch.manual_seed(0)
+    experts = ms.Experts(5, 16, 24, activation, bias=True, gemm="onednn", dtype=torch.bfloat16)
+    experts.pack_for_inference(8)
+    used = _count_pack_uses(monkeypatch)
+    x = torch.randn(sum(COUNTS), 16, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        got = experts(x, COUNTS)
+    assert used == [torch.bfloat16]
+    assert got.dtype == torch.bfloat16
+    want = _reference(x.float(), copy.deepcopy(experts).float(), COUNTS)
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_packing_under_auto_follows_the_size_rule():
+    big = ms.Experts(2, 512, 512, dtype=torch.bfloat16)  # D*F = 262144 = gemm.MIN_WEIGHT
+    assert big.pack_for_inference().packs is not None
+    with pytest.raises(ValueError, match="run on torch.mm"):
+        ms.Experts(2, 64, 256, dtype=torch.bfloat16).pack_for_inference()
+    with pytest.raises(ValueError, match="run on torch.mm"):
+        ms.Experts(2, 512, 512, dtype=torch.bfloat16, gemm="torch").pack_for_inference()
+
+
+def test_autocast_calls_do_not_use_the_packed_copy(monkeypatch):
+    """Under autocast the weights are cast on every call: a packed copy of them would be
+    rebuilt every time, so the products run as without packing."""
+    torch.manual_seed(0)
+    plain = ms.Experts(5, 16, 24, "gelu", gemm="onednn")
+    packed = copy.deepcopy(plain).pack_for_inference()
+    used = _count_pack_uses(monkeypatch)
+    x = torch.randn(sum(COUNTS), 16)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = packed(x, COUNTS), plain(x, COUNTS)
+    assert used == []
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
