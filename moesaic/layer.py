@@ -21,7 +21,8 @@ from moesaic.experts.dispatch import (
     permute,
     scatter_combine,
 )
-from moesaic.experts.ffn import Experts
+from moesaic.experts.ffn import IMPLS, Experts
+from moesaic.experts.gemm import BACKENDS
 from moesaic.experts.sliced import records_autograd
 from moesaic.parallel.expert_parallel import run_experts_parallel
 from moesaic.routing.base import Router
@@ -112,6 +113,8 @@ class MoE(nn.Module):
             if capacity_factor <= 0:
                 raise ValueError(f"capacity_factor={capacity_factor} must be > 0 (or None)")
         check_choice("drop_policy", drop_policy, DROP_POLICIES)
+        check_choice("expert_impl", expert_impl, IMPLS)
+        check_choice("expert_gemm", expert_gemm, BACKENDS)
         check_nonnegative_float("aux_loss_weight", aux_loss_weight)
         check_nonnegative_float("z_loss_weight", z_loss_weight)
         if isinstance(shared_d_ff, bool) or not isinstance(shared_d_ff, int) or shared_d_ff < 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from moesaic._validate import check_positive_int
 from moesaic.experts.ffn import Experts
 from moesaic.experts.gemm import packable
 
@@ -17,6 +18,8 @@ def pack_experts(model: nn.Module, rows_hint: int = 64) -> int:
     Experts that would stay on torch.mm (small ones under ``gemm="auto"``, other devices and
     dtypes, ``gemm="torch"``) are left alone. Returns how many ``Experts`` modules were
     packed."""
+    _check_model(model)
+    check_positive_int("rows_hint", rows_hint)
     experts = [
         m
         for m in model.modules()
@@ -29,7 +32,13 @@ def pack_experts(model: nn.Module, rows_hint: int = 64) -> int:
 
 def unpack_experts(model: nn.Module) -> int:
     """Drop the copies made by ``pack_experts``; returns how many ``Experts`` modules had one."""
+    _check_model(model)
     packed = [m for m in model.modules() if isinstance(m, Experts) and m.packs is not None]
     for m in packed:
         m.unpack()
     return len(packed)
+
+
+def _check_model(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -101,6 +101,12 @@ def test_bad_packing_requests_are_rejected():
         ms.Experts(2, 4, 8, dtype=torch.float64, gemm="onednn").pack_for_inference()
     with pytest.raises(ValueError, match="run on torch.mm"):
         ms.Experts(2, 4, 8).pack_for_inference()  # too small for oneDNN under "auto"
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+        pack_experts("model")
+    with pytest.raises(TypeError, match="got NoneType"):
+        unpack_experts(None)
+    with pytest.raises(ValueError, match="rows_hint=0 must be >= 1"):
+        pack_experts(torch.nn.Linear(2, 2), rows_hint=0)  # checked even with nothing to pack
 
 
 def _count_pack_uses(monkeypatch) -> list[torch.dtype]:
