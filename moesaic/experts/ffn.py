@@ -222,6 +222,7 @@ class Experts(nn.Module):
             and self.d_ff % 8 == 0
         )
 
+    @torch.compiler.disable  # worker threads, a hand-written autograd Function: run eagerly
     def _loop(self, x_AD: torch.Tensor, counts: list[int], sink=None) -> torch.Tensor | None:
         w1, w2, w3, biases = self.w1, self.w2, self.w3, self.biases
         if self.grad_pool is not None and torch.is_grad_enabled():
