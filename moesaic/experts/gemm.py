@@ -94,7 +94,7 @@ def packable(backend: str, w: torch.Tensor, weight_numel: int) -> bool:
     """Whether forward-only products with weights like ``w`` may run on packed oneDNN copies
     (``Experts.pack_for_inference``): fp32 where ``backend`` runs them on oneDNN anyway, and bf16
     under the same size rule (unpacked, bf16 stays on torch.mm, which calls oneDNN's matmul
-    itself; packed, oneDNN skips repacking the weights: 5-21% less bf16 forward time at
+    itself; packed, oneDNN skips repacking the weights: 3-22% less bf16 forward time at
     D=512, F=2048 on the 2-core AMD machine, benchmarks/gemm.py packed)."""
     if w.dtype == torch.bfloat16 and backend == "auto":
         return use_onednn("onednn", w, weight_numel) and weight_numel >= MIN_WEIGHT

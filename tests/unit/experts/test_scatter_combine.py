@@ -89,7 +89,7 @@ def test_forward_only_equals_the_reference(case: RouterCase, capacity_factor, mo
     assert made == ([routing.dense_k] if plan_has_slot else [])
 
 
-@pytest.mark.parametrize("impl", ["loop", "threads"])
+@pytest.mark.parametrize("impl", ["loop", "threads", "grouped"])
 @pytest.mark.parametrize("gemm", ["torch", "onednn"])
 @pytest.mark.parametrize("K", [1, 2])
 def test_fused_forward_equals_the_training_forward(impl, gemm, K, monkeypatch):
