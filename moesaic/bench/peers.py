@@ -24,7 +24,8 @@ expert and the intra-op loop), so a faster GEMM library alone does not count as 
 
 Peers are built from configs with random weights (no downloads). Needs the ``bench`` extra
 (transformers) and DeepSpeed, whose build imports torch: ``pip install --no-build-isolation
-deepspeed``. A missing peer is reported and skipped, never silently.
+deepspeed``. A missing peer, or one that fails on the device (``--device cuda``), is reported and
+skipped, never silently.
 
 Shape legend (docs/shapes.md): T tokens, D model dim, F expert hidden, E experts, K top-k.
 """
@@ -39,7 +40,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from moesaic.bench.harness import environment, saved_for_backward_bytes, time_interleaved
+from moesaic.bench.harness import (
+    device_arg,
+    environment,
+    saved_for_backward_bytes,
+    time_interleaved,
+)
 from moesaic.bench.layer import BlockedDense, DenseFFN, NaiveMoE, OneDNNBlockedDense
 from moesaic.layer import MoE
 from moesaic.parallel.launch import free_port
@@ -159,7 +165,8 @@ OURS = ("moesaic", "moesaic-mm", "naive", "dense", "blocked-dense", ONEDNN)  # n
 
 def limit(times: dict[str, float], family: str) -> float:
     """The family's dense limit: the faster of its two blocked dense FFNs."""
-    return min(times[f"blocked-dense/{family}"], times[f"{ONEDNN}/{family}"])
+    keys = (f"blocked-dense/{family}", f"{ONEDNN}/{family}")
+    return min(times[k] for k in keys if k in times)
 
 
 def build(
@@ -195,20 +202,37 @@ def build(
     return impls, skipped
 
 
+def _runnable(impls: list[Impl], x: torch.Tensor) -> tuple[list[Impl], list[str]]:
+    """The implementations whose forward and backward run on x's device and dtype; a peer that
+    fails is reported and left out, a failure of moesaic's own rows is raised."""
+    ok, failed = [], []
+    for i in impls:
+        try:
+            xi = x[:64].detach().requires_grad_()
+            i.call(i.module, xi).float().sum().backward()
+            i.module.zero_grad(set_to_none=True)
+            ok.append(i)
+        except Exception as err:
+            if i.name in OURS:
+                raise
+            failed.append(f"{i.name}: failed on {x.device}/{x.dtype} ({type(err).__name__}: {err})")
+    return ok, failed
+
+
 def _saved_bytes(impl: Impl, x: torch.Tensor) -> int:
     x = x.clone().requires_grad_()
     params = list(impl.module.parameters())
     return saved_for_backward_bytes(lambda: impl.call(impl.module, x), [*params, x])
 
 
-def run_cell(T, D, Fh, E, K, repeats, dtype, peers=PEERS):
+def run_cell(T, D, Fh, E, K, repeats, dtype, peers=PEERS, device="cpu"):
     impls, skipped = build(T, D, Fh, E, K, peers)
-    x = torch.randn(T, D)
-    g = torch.randn(T, D)
-    if dtype != torch.float32:
-        for i in impls:
-            i.module.to(dtype)
-        x, g = x.to(dtype), g.to(dtype)
+    x = torch.randn(T, D).to(device=device, dtype=dtype)
+    g = torch.randn(T, D).to(device=device, dtype=dtype)
+    for i in impls:
+        i.module.to(device=device, dtype=dtype)
+    impls, failed = _runnable(impls, x)
+    skipped += failed
 
     def train(i: Impl):
         def step():
@@ -294,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--peers", nargs="*", choices=PEERS, default=list(PEERS), help="peer libraries to run"
     )
+    parser.add_argument("--device", type=device_arg, default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args(argv)
     if args.quick:
         args.tokens, args.experts, args.top_k, args.repeats = [2048], [8], [1], 2
@@ -301,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     versions = _versions()
     print(
         f"MoE layer vs peers, D={args.d_model}, F={args.d_ff}, {args.dtype}, dropless, "
-        f"median of {args.repeats} interleaved rounds\n{environment()}; {versions}\n"
+        f"median of {args.repeats} interleaved rounds\n{environment(args.device)}; {versions}\n"
     )
     print(
         "| T | E | k | family | impl | fwd+bwd ms | / limit | / moesaic | fwd ms | "
@@ -316,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if K > E:
                     continue
                 impls, key, tr, fw, mem, skipped = run_cell(
-                    T, args.d_model, args.d_ff, E, K, args.repeats, dtype, args.peers
+                    T, args.d_model, args.d_ff, E, K, args.repeats, dtype, args.peers, args.device
                 )
                 notes.update(skipped)
                 for line in report_cell(T, args.d_model, args.d_ff, E, K, impls, key, tr, fw, mem):
