@@ -29,7 +29,23 @@ def test_a_wrong_result_is_reported(monkeypatch, capsys):
     monkeypatch.setattr(device_check, "reference_moe", lambda *a: reference(*a) * 1.001)
     assert device_check.main(["--dtype", "float32"]) == 1
     out = capsys.readouterr().out
-    assert out.count("MISMATCH") == 4 and "4 mismatches" in out
+    assert out.count("MISMATCH") == 4 and "4 failed cases" in out
+
+
+def test_a_case_that_raises_is_reported_and_the_others_still_run(monkeypatch, capsys):
+    monkeypatch.setattr(device_check, "CASES", (("topk", 1, None),))
+    check = device_check.check_case
+
+    def broken_loop(router, k, cf, activation, impl, device, dtype):
+        if impl == "loop":
+            raise RuntimeError("no kernel image for this device")
+        return check(router, k, cf, activation, impl, device, dtype)
+
+    monkeypatch.setattr(device_check, "check_case", broken_loop)
+    assert device_check.main(["--dtype", "float32"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("| ok |") == 2 and out.count("ERROR RuntimeError: no kernel image") == 2
+    assert "2 failed cases" in out
 
 
 def test_device_argument_is_checked():
