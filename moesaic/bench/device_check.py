@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from moesaic.bench.harness import device_arg, environment
+from moesaic.bench.harness import DTYPES, device_arg, environment
 from moesaic.experts.reference import reference_moe
 from moesaic.layer import MoE
 from moesaic.routing.base import Routing
@@ -120,9 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="benchmarks/device_check.py", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--device", type=device_arg, default="cpu", help="cpu (default) or cuda")
-    parser.add_argument(
-        "--dtype", nargs="+", choices=("float32", "bfloat16"), default=["float32", "bfloat16"]
-    )
+    parser.add_argument("--dtype", nargs="+", choices=DTYPES, default=list(DTYPES))
     args = parser.parse_args(argv)
     print(f"MoE layer on {args.device} against experts/reference.py on CPU")
     print(environment(args.device) + "\n")

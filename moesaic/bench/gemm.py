@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from moesaic.bench.harness import environment, time_interleaved
+from moesaic.bench.harness import DTYPES, environment, time_interleaved
 from moesaic.bench.layer import BlockedDense, OneDNNBlockedDense, _infer, _step
 from moesaic.experts import threads as expert_threads
 from moesaic.experts.gemm import onednn_available, packable
@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16"),
+        choices=DTYPES,
         default="float32",
         help="dtype of the packed part (the others run fp32)",
     )

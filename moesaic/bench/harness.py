@@ -17,12 +17,16 @@ from collections.abc import Callable, Sequence
 import torch
 
 __all__ = [
+    "DTYPES",
     "time_interleaved",
     "environment",
     "device_arg",
     "saved_for_backward_bytes",
     "synchronize",
 ]
+
+
+DTYPES = ("float32", "bfloat16")  # the benchmarks' --dtype choices
 
 
 def synchronize() -> None:

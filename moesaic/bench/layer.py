@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from moesaic.bench.harness import device_arg, environment, time_interleaved
+from moesaic.bench.harness import DTYPES, device_arg, environment, time_interleaved
 from moesaic.experts.ffn import Experts
 from moesaic.layer import MoE
 from moesaic.models.lm import DenseFFN  # the dense limit is the LM's own dense FFN
@@ -185,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
     parser.add_argument("--device", type=device_arg, default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
     args = parser.parse_args(argv)
     for name in ("tokens", "repeats", "threads", "d_model", "d_ff"):
         value = getattr(args, name)

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from moesaic.bench.harness import (
+    DTYPES,
     device_arg,
     environment,
     saved_for_backward_bytes,
@@ -314,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--d-ff", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument(
         "--peers", nargs="*", choices=PEERS, default=list(PEERS), help="peer libraries to run"
     )

@@ -155,9 +155,10 @@ def _version(w: torch.Tensor) -> int:
     return -1 if w.is_inference() else w._version
 
 
-def _split(b: torch.Tensor | Packed) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(the plain (K, N) weight, its packed oneDNN copy or None)."""
-    return (b.plain, b.onednn) if isinstance(b, Packed) else (b, None)
+def _split(b: torch.Tensor | Packed) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the plain (K, N) weight, the weight operand oneDNN's linear takes: the packed copy, or
+    the plain weight viewed as (N, K))."""
+    return (b.plain, b.onednn) if isinstance(b, Packed) else (b, b.t())
 
 
 def _onednn(a_MK: torch.Tensor, b_KN: torch.Tensor) -> bool:
@@ -176,10 +177,9 @@ def matmul(
     """``act(a @ b + bias)`` (M, N), written into ``out`` when given. ``onednn`` runs it as one
     fused oneDNN op when the product has at least ``MIN_ROWS`` rows (on ``b``'s packed copy when
     it is ``Packed``)."""
-    b_KN, packed = _split(b_KN)
+    b_KN, w = _split(b_KN)
     if onednn and _onednn(a_MK, b_KN):
         attr, algorithm = _FUSED[act]
-        w = b_KN.t() if packed is None else packed
         y = torch.ops.mkldnn._linear_pointwise(a_MK, w, bias_N, attr, [], algorithm)
         return y if out is None else out.copy_(y)
     if bias_N is None:
@@ -201,9 +201,8 @@ def matmul_mul(
     onednn: bool = False,
 ) -> torch.Tensor:
     """``(a @ b + bias) * other``: SwiGLU's gate product, fused on oneDNN."""
-    plain, packed = _split(b_KN)
+    plain, w = _split(b_KN)
     if onednn and _onednn(a_MK, plain):
-        w = plain.t() if packed is None else packed
         return torch.ops.mkldnn._linear_pointwise.binary(a_MK, other_MN, w, bias_N, "mul")
     return matmul(a_MK, b_KN, bias_N).mul_(other_MN)
 
