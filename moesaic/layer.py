@@ -15,7 +15,6 @@ from moesaic._validate import check_choice, check_nonnegative_float, check_posit
 from moesaic.context import current_context
 from moesaic.experts.dispatch import (
     DispatchPlan,
-    ScatterCombine,
     combine,
     make_plan,
     permute,
@@ -203,12 +202,14 @@ class MoE(nn.Module):
         T = x_TD.shape[0]
         routing = self.router(x_TD, current_context())
         plan = make_plan(routing, self.num_experts, T, self.capacity(T), self.drop_policy)
-        x_AD = permute(x_TD, plan)
-        sink = self._sink(x_TD, plan)
-        if sink is not None:  # forward-only: experts write straight to their tokens' rows
-            y_TD = self.experts(x_AD, plan.counts, sink=sink)
+        if self._forward_only(x_TD, plan):
+            # each expert gathers its own rows; with a sink it also writes straight to its
+            # tokens' rows (moesaic/experts/dispatch.py)
+            sink = scatter_combine(plan, x_TD)
+            y = self.experts(x_TD, plan.counts, sink=sink, rows=plan.token)
+            y_TD = y if sink is not None else combine(y, plan)
         else:
-            y_TD = combine(self._run_experts(x_AD, plan.counts), plan)
+            y_TD = combine(self._run_experts(permute(x_TD, plan), plan.counts), plan)
         if self.shared is not None:
             y_TD = y_TD + self._run_shared(x_TD)
         self._last.aux_loss = (
@@ -219,13 +220,12 @@ class MoE(nn.Module):
         )
         return y_TD.reshape(x.shape)
 
-    def _sink(self, x_TD: torch.Tensor, plan: DispatchPlan) -> ScatterCombine | None:
-        """The fused un-permute and combine, for forward-only calls on one process."""
-        if self.expert_group is not None or records_autograd(
+    def _forward_only(self, x_TD: torch.Tensor, plan: DispatchPlan) -> bool:
+        """No autograd recording, on one process: the experts may gather their own rows and
+        combine as they go."""
+        return self.expert_group is None and not records_autograd(
             x_TD, plan.weight, *self.experts.parameters()
-        ):
-            return None
-        return scatter_combine(plan, x_TD)
+        )
 
     def _run_shared(self, x_TD: torch.Tensor) -> torch.Tensor:
         """The shared expert on every token, in blocks of ``SHARED_BLOCK`` tokens when there are

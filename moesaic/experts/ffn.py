@@ -176,27 +176,38 @@ class Experts(nn.Module):
         )
 
     def forward(
-        self, x_AD: torch.Tensor, counts: list[int], *, sink: ScatterCombine | None = None
+        self,
+        x_AD: torch.Tensor,
+        counts: list[int],
+        *,
+        sink: ScatterCombine | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Expert e's FFN on rows ``sum(counts[:e]) .. sum(counts[:e + 1])`` of ``x_AD`` (A, D).
 
-        With ``sink`` (forward-only calls; moesaic/experts/dispatch.py) each expert's output
-        rows go to ``sink`` as they are made and the result is ``sink.result()``, the combined
-        (T, D) output, instead of (A, D).
+        With ``rows`` (LongTensor (A,)), ``x_AD`` is any (N, D) tensor and the inputs are its rows
+        ``x_AD[rows]``: forward-only calls on the expert loop then gather each expert's rows
+        just before its products instead of copying all A rows first (no (A, D) input copy);
+        otherwise the gather runs first (differentiably). With ``sink`` (forward-only calls;
+        moesaic/experts/dispatch.py) each expert's output rows go to ``sink`` as they are made
+        and the result is ``sink.result()``, the combined (T, D) output, instead of (A, D).
         """
-        self._check(x_AD, counts)
-        if sink is not None and records_autograd(x_AD, *self.parameters()):
+        self._check(x_AD, counts, rows)
+        recording = records_autograd(x_AD, *self.parameters())
+        if sink is not None and recording:
             raise ValueError("Experts: sink= is for forward-only calls (autograd is recording)")
+        if rows is not None and (recording or self._use_grouped(x_AD)):
+            x_AD, rows = x_AD.index_select(0, rows), None
         if self._use_grouped(x_AD):
             y_AD = self._grouped(x_AD, counts)
             if sink is None:
                 return y_AD
             sink(slice(0, y_AD.shape[0]), y_AD)
         else:
-            y_AD = self._loop(x_AD, counts, sink)
+            y_AD = self._loop(x_AD, counts, sink, rows)
         return y_AD if sink is None else sink.result()
 
-    def _check(self, x_AD: torch.Tensor, counts: list[int]) -> None:
+    def _check(self, x_AD: torch.Tensor, counts: list[int], rows: torch.Tensor | None) -> None:
         check_tokens("x_AD", x_AD, self.d_model, self.w1)
         E = self.w1.shape[0]  # the local experts under expert parallelism
         if isinstance(counts, torch.Tensor):
@@ -207,8 +218,19 @@ class Experts(nn.Module):
             or not all(isinstance(c, int) and c >= 0 for c in counts)
         ):
             raise ValueError(f"counts={counts!r} must be {E} ints >= 0 (one per expert)")
-        if sum(counts) != x_AD.shape[0]:
-            raise ValueError(f"sum(counts)={sum(counts)} must equal x_AD.shape[0]={x_AD.shape[0]}")
+        if rows is None:
+            if sum(counts) != x_AD.shape[0]:
+                raise ValueError(
+                    f"sum(counts)={sum(counts)} must equal x_AD.shape[0]={x_AD.shape[0]}"
+                )
+            return
+        if not isinstance(rows, torch.Tensor) or rows.dtype != torch.long or rows.dim() != 1:
+            what = f"{rows.dtype} {tuple(rows.shape)}" if isinstance(rows, torch.Tensor) else rows
+            raise TypeError(f"rows={what!r} must be a 1-D LongTensor (row of x_AD per input)")
+        if rows.device != x_AD.device:
+            raise ValueError(f"rows.device={rows.device} must match x_AD.device={x_AD.device}")
+        if sum(counts) != rows.shape[0]:
+            raise ValueError(f"sum(counts)={sum(counts)} must equal rows.shape[0]={rows.shape[0]}")
 
     def _use_grouped(self, x_AD: torch.Tensor) -> bool:
         if self.impl != "auto":
@@ -223,7 +245,9 @@ class Experts(nn.Module):
         )
 
     @torch.compiler.disable  # worker threads, a hand-written autograd Function: run eagerly
-    def _loop(self, x_AD: torch.Tensor, counts: list[int], sink=None) -> torch.Tensor | None:
+    def _loop(
+        self, x_AD: torch.Tensor, counts: list[int], sink=None, rows=None
+    ) -> torch.Tensor | None:
         w1, w2, w3, biases = self.w1, self.w2, self.w3, self.biases
         if self.grad_pool is not None and torch.is_grad_enabled():
             for w in (w1, w2, w3):
@@ -257,6 +281,7 @@ class Experts(nn.Module):
                 onednn=onednn,
                 packs=packs,
                 sink=sink,
+                rows=rows,
             )
 
     def _threads(self, x_AD: torch.Tensor) -> int:

@@ -47,25 +47,29 @@ def _starts(counts: list[int]) -> list[int]:
     return out
 
 
-def _forward(x_AD, w1, w2, w3, biases, counts, act, keep, threads=1, onednn=False, sink=None):
+def _forward(
+    x_AD, w1, w2, w3, biases, counts, act, keep, threads=1, onednn=False, sink=None, rows=None
+):
     """The expert FFNs; with ``keep`` also what backward needs, per expert: the pre-activation
     x w1 + b1, the hidden h that enters w2 and, for gated experts, x w3 + b3. ``biases`` is
     (b1, b2, b3) with None for absent ones. ``threads`` > 1 runs whole experts on that many
     worker threads (moesaic/experts/threads.py); ``onednn`` runs the products on oneDNN
     (moesaic/experts/gemm.py), which fuses the activation into the first one when nothing is
     kept. ``sink(rows, y)`` takes each expert's output instead of an (A, D) tensor (then None).
+    With ``rows`` (A,), expert e's inputs are ``x_AD[rows[s_e]]``, gathered just before use.
 
     Per-expert temporaries (not one (A, F) buffer) keep every allocation small enough for the
     allocator to recycle between steps instead of mapping fresh pages each time.
     """
     b1, b2, b3 = biases
-    y_AD = torch.empty_like(x_AD) if sink is None else None  # (A, D) like the input
+    A = x_AD.shape[0] if rows is None else rows.shape[0]
+    y_AD = x_AD.new_empty(A, x_AD.shape[1]) if sink is None else None  # (A, D) like the input
     starts = _starts(counts)
     saved: dict[int, tuple] = {}
 
     def expert(e: int) -> None:
         s = slice(starts[e], starts[e] + counts[e])
-        x = x_AD[s]
+        x = x_AD[s] if rows is None else x_AD.index_select(0, rows[s])
         if keep:
             pre = matmul(x, w1[e], _at(b1, e), onednn=onednn)
             h = ACT[act](pre)
@@ -185,6 +189,7 @@ def sliced_ffn(
     onednn: bool = False,
     packs: PackCache | None = None,
     sink=None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Run expert e on rows ``x_AD[sum(counts[:e]) : sum(counts[:e+1])]``; returns (A, D).
 
@@ -195,11 +200,16 @@ def sliced_ffn(
     that keeps nothing for backward, and with ``packs`` (``Experts.pack_for_inference``) the
     products run on oneDNN on the packed weights. ``sink`` (forward-only calls) takes
     each expert's output rows, ``sink(rows_slice, y)``, instead of an (A, D) output: then the
-    return value is None (moesaic/experts/dispatch.py ``ScatterCombine``).
+    return value is None (moesaic/experts/dispatch.py ``ScatterCombine``). ``rows`` (A,), for
+    forward-only calls, makes ``x_AD`` any (N, D) tensor whose rows ``x_AD[rows]`` are the
+    inputs: each expert gathers its own just before its products, while they fit in cache.
     """
     if records_autograd(x_AD, w1, w2, w3, *biases):
-        if sink is not None:
-            raise ValueError("sliced_ffn: sink= is for forward-only calls (autograd is recording)")
+        for name, arg in (("sink", sink), ("rows", rows)):
+            if arg is not None:
+                raise ValueError(
+                    f"sliced_ffn: {name}= is for forward-only calls (autograd is recording)"
+                )
         return _SlicedFFN.apply(
             x_AD, w1, w2, w3, *biases, counts, activation, pool, threads, onednn
         )
@@ -207,4 +217,4 @@ def sliced_ffn(
     if packs is not None and x_AD.dtype == w1.dtype:
         w1, w2, w3 = packs.get(w1, w2, w3)
         onednn = True
-    return _forward(x_AD, w1, w2, w3, biases, counts, act, False, threads, onednn, sink)[0]
+    return _forward(x_AD, w1, w2, w3, biases, counts, act, False, threads, onednn, sink, rows)[0]
