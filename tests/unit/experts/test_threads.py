@@ -1,11 +1,13 @@
 """Whole experts on worker threads: the split, the modes the workers inherit, the thread count."""
 
+import sys
 import threading
 
 import pytest
 import torch
 
 import moesaic as ms
+from moesaic.experts import threads as expert_threads
 from moesaic.experts.threads import expert_order, makespan, run_experts
 
 
@@ -120,3 +122,35 @@ def test_a_forked_child_runs_experts_on_its_own_threads():
     proc.join(timeout=60)
     assert proc.exitcode == 0
     torch.testing.assert_close(torch.tensor(got), want)
+
+
+def test_the_callers_openmp_team_is_released_only_before_pool_threads(monkeypatch):
+    calls = []
+    monkeypatch.setattr(expert_threads, "_openmp_pause", lambda: lambda: calls.append(1))
+    run_experts(lambda e: None, [4] * 8, 2)  # pool threads
+    assert calls == [1]
+    run_experts(lambda e: None, [1000] * 4, 2)  # large experts: one team, nothing released
+    run_experts(lambda e: None, [4] * 8, 1)
+    monkeypatch.setattr(expert_threads, "RELEASE_OPENMP", False)
+    run_experts(lambda e: None, [4] * 8, 2)
+    assert calls == [1]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torch's OpenMP runtime is found by soname")
+def test_releasing_the_openmp_team_leaves_torch_working():
+    expert_threads._openmp_pause.cache_clear()
+    pause = expert_threads._openmp_pause()
+    assert pause is not None  # Linux torch wheels run ATen on libgomp, which has it
+    x = torch.randn(1 << 18, dtype=torch.float64)
+    want = x.sum()
+    before = torch.get_num_threads()
+    for _ in range(3):
+        assert pause() == 0
+        torch.testing.assert_close(x.sum(), want)  # the next parallel op rebuilds the team
+    assert torch.get_num_threads() == before
+    on_threads = ms.Experts(8, 16, 32, impl="threads")
+    on_loop = ms.Experts(8, 16, 32, impl="loop")
+    on_loop.load_state_dict(on_threads.state_dict())
+    y = torch.randn(320, 16)
+    for _ in range(2):  # each threads call releases the team, each loop call rebuilds it
+        torch.testing.assert_close(on_threads(y, [40] * 8), on_loop(y, [40] * 8))
