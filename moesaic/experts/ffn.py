@@ -196,9 +196,10 @@ class Experts(nn.Module):
         recording = records_autograd(x_AD, *self.parameters())
         if sink is not None and recording:
             raise ValueError("Experts: sink= is for forward-only calls (autograd is recording)")
-        if rows is not None and (recording or self._use_grouped(x_AD)):
+        grouped = self._use_grouped(x_AD)
+        if rows is not None and (recording or grouped):
             x_AD, rows = x_AD.index_select(0, rows), None
-        if self._use_grouped(x_AD):
+        if grouped:
             y_AD = self._grouped(x_AD, counts)
             if sink is None:
                 return y_AD
@@ -218,19 +219,19 @@ class Experts(nn.Module):
             or not all(isinstance(c, int) and c >= 0 for c in counts)
         ):
             raise ValueError(f"counts={counts!r} must be {E} ints >= 0 (one per expert)")
-        if rows is None:
-            if sum(counts) != x_AD.shape[0]:
-                raise ValueError(
-                    f"sum(counts)={sum(counts)} must equal x_AD.shape[0]={x_AD.shape[0]}"
+        inputs = ("x_AD", x_AD)
+        if rows is not None:
+            if not isinstance(rows, torch.Tensor) or rows.dtype != torch.long or rows.dim() != 1:
+                what = (
+                    f"{rows.dtype} {tuple(rows.shape)}" if isinstance(rows, torch.Tensor) else rows
                 )
-            return
-        if not isinstance(rows, torch.Tensor) or rows.dtype != torch.long or rows.dim() != 1:
-            what = f"{rows.dtype} {tuple(rows.shape)}" if isinstance(rows, torch.Tensor) else rows
-            raise TypeError(f"rows={what!r} must be a 1-D LongTensor (row of x_AD per input)")
-        if rows.device != x_AD.device:
-            raise ValueError(f"rows.device={rows.device} must match x_AD.device={x_AD.device}")
-        if sum(counts) != rows.shape[0]:
-            raise ValueError(f"sum(counts)={sum(counts)} must equal rows.shape[0]={rows.shape[0]}")
+                raise TypeError(f"rows={what!r} must be a 1-D LongTensor (row of x_AD per input)")
+            if rows.device != x_AD.device:
+                raise ValueError(f"rows.device={rows.device} must match x_AD.device={x_AD.device}")
+            inputs = ("rows", rows)
+        name, t = inputs
+        if sum(counts) != t.shape[0]:
+            raise ValueError(f"sum(counts)={sum(counts)} must equal {name}.shape[0]={t.shape[0]}")
 
     def _use_grouped(self, x_AD: torch.Tensor) -> bool:
         if self.impl != "auto":
