@@ -27,7 +27,7 @@ from moesaic.experts.gemm import (
 from moesaic.experts.gradpool import GradPool
 from moesaic.experts.sliced import records_autograd, sliced_ffn
 
-__all__ = ["Experts", "ACTIVATIONS"]
+__all__ = ["Experts", "ACTIVATIONS", "expert_weights"]
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     **ACT,  # gelu, gelu_tanh (GPT-2's "gelu_new"), relu, silu
@@ -45,6 +45,13 @@ def _modes_active() -> bool:
         or torch._C._len_torch_function_stack()
         or torch.jit.is_tracing()
     )
+
+
+def expert_weights(num_experts: int, rows: int, cols: int, **kw) -> torch.Tensor:
+    """Uninitialised (E, rows, cols) expert weights, each expert's matrix stored transposed
+    (strides (rows * cols, 1, rows), nn.Linear's (out, in) order in memory): forward-only
+    products read it in place (moesaic/experts/gemm.py). Any layout computes the same."""
+    return torch.empty_strided((num_experts, rows, cols), (rows * cols, 1, rows), **kw)
 
 
 class Experts(nn.Module):
@@ -75,7 +82,9 @@ class Experts(nn.Module):
         sum(counts) == A. Output (A, D).
 
     Parameters ``w1`` (E, D, F), ``w2`` (E, F, D) and for swiglu ``w3`` (E, D, F) are public names,
-    as are ``b1``, ``b2``, ``b3`` (None without ``bias``).
+    as are ``b1``, ``b2``, ``b3`` (None without ``bias``). Each expert's weight matrix is stored
+    transposed (``expert_weights``: ``w1`` has strides (D * F, 1, D)), the layout the CPU
+    products read fastest; ``.contiguous()`` copies compute the same, only slower.
     """
 
     def __init__(
@@ -101,10 +110,10 @@ class Experts(nn.Module):
         self.activation, self.impl, self.gemm = activation, impl, gemm
         self.act = ACTIVATIONS[activation]
         kw = {"device": device, "dtype": dtype}
-        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff, **kw))
-        self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model, **kw))
+        self.w1 = nn.Parameter(expert_weights(num_experts, d_model, d_ff, **kw))
+        self.w2 = nn.Parameter(expert_weights(num_experts, d_ff, d_model, **kw))
         self.w3 = (
-            nn.Parameter(torch.empty(num_experts, d_model, d_ff, **kw)) if self.gated else None
+            nn.Parameter(expert_weights(num_experts, d_model, d_ff, **kw)) if self.gated else None
         )
         if not isinstance(bias, bool):
             raise TypeError(f"bias={bias!r} must be a bool")

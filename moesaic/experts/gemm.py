@@ -14,6 +14,14 @@ and so do experts with fewer than ``MIN_WEIGHT`` weights per projection under "a
 packed copies of the weights so forward-only products skip the repacking
 (``Experts.pack_for_inference``), at the price of a second copy of the expert weights.
 
+The experts keep each weight transposed in memory (``Experts``' (K, N) weights are views of
+contiguous (N, K) matrices, nn.Linear's (out, in) order), which is the operand layout oneDNN's
+linear takes: its per-call repacking then reads the weight in row order instead of gathering it
+through a transposed view. Measured on the expert phase alone (2 threads, 32 experts of D=512,
+F=2048, forward-only, fp32): 64 rows per expert 30.4 -> 27.3 ms, 256 rows 85.1 -> 81.8 ms.
+The weight gradients have the same layout; ``matmul`` writes a transposed ``out`` as the
+product ``b^T a^T`` in the output's own row order.
+
 Shape legend (docs/shapes.md): M rows of a product, K its inner size, N its output columns.
 """
 
@@ -161,8 +169,17 @@ def _split(b: torch.Tensor | Packed) -> tuple[torch.Tensor, torch.Tensor]:
     return (b.plain, b.onednn) if isinstance(b, Packed) else (b, b.t())
 
 
+def _t(b: torch.Tensor | Packed) -> torch.Tensor:
+    return (b.plain if isinstance(b, Packed) else b).t()
+
+
 def _onednn(a_MK: torch.Tensor, b_KN: torch.Tensor) -> bool:
     return a_MK.shape[0] >= MIN_ROWS and a_MK.dtype == b_KN.dtype
+
+
+def _transposed(t: torch.Tensor) -> bool:
+    """``t`` (2-D) is a view of a contiguous matrix's transpose and not contiguous itself."""
+    return t.dim() == 2 and t.t().is_contiguous() and not t.is_contiguous()
 
 
 def matmul(
@@ -176,7 +193,11 @@ def matmul(
 ) -> torch.Tensor:
     """``act(a @ b + bias)`` (M, N), written into ``out`` when given. ``onednn`` runs it as one
     fused oneDNN op when the product has at least ``MIN_ROWS`` rows (on ``b``'s packed copy when
-    it is ``Packed``)."""
+    it is ``Packed``). A transposed ``out`` (a weight gradient in the experts' layout) receives
+    ``b^T a^T`` in its own row-major order."""
+    if out is not None and _transposed(out) and bias_N is None and act == "none":
+        matmul(_t(b_KN), a_MK.t(), onednn=onednn, out=out.t())
+        return out
     b_KN, w = _split(b_KN)
     if onednn and _onednn(a_MK, b_KN):
         attr, algorithm = _FUSED[act]

@@ -80,7 +80,9 @@ def train_run(
             pdata = load_pretrain_data(data, preset, recipe.seed, data_dir, model.cfg.image_size)
             pretrain_skillnet(model, pdata, pretrain, logger("pretrain"))
         train_skillnet(model, data, recipe, logger("finetune"))
-    save_file(model.state_dict(), str(run_dir / "model.safetensors"))
+    # safetensors stores row-major tensors only (expert weights are kept transposed in memory)
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(run_dir / "model.safetensors"))
     return evaluate_run(run_dir, model, data)
 
 
