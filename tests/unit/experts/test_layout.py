@@ -99,3 +99,39 @@ def test_checkpoint_round_trip_keeps_values_and_layout(tmp_path):
     x = torch.randn(10, 16)
     with torch.no_grad():
         torch.testing.assert_close(other(x), layer(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["auto", "onednn"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_forward_only_swapped_products_equal_the_reference(
+    activation, bias, dtype, backend, monkeypatch
+):
+    if not gemm.onednn_available():
+        pytest.skip("this torch build has no oneDNN (x86 wheels all do)")
+    swapped = []
+    real = gemm._swapped
+    monkeypatch.setattr(gemm, "_swapped", lambda *a, **k: swapped.append(1) or real(*a, **k))
+    monkeypatch.setattr(gemm, "SWAP_ROWS", (4, 10))  # the 9-row expert, not 3 or 17 rows
+    torch.manual_seed(0)
+    experts = ms.Experts(4, 16, 40, activation, bias=bias, gemm=backend).to(dtype)
+    x = torch.randn(sum(COUNTS), 16).to(dtype)
+    with torch.inference_mode():
+        got = experts(x, COUNTS)
+    # fp32 experts this small stay on torch.mm (MKL) under "auto", which never swaps; bf16
+    # torch.mm calls oneDNN and does
+    products = 3 if activation == "swiglu" else 2
+    swaps = backend == "onednn" or dtype == torch.bfloat16
+    assert len(swapped) == (products if swaps else 0)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(got.float(), _reference(x.float(), experts.float()), **tol)
+
+
+def test_the_layer_forward_only_with_swapped_products_equals_its_training_forward():
+    torch.manual_seed(0)
+    layer = ms.MoE(512, 1024, 16, router="topk", top_k=2)  # ~32 rows per expert: swapped
+    x = torch.randn(256, 512)
+    with torch.inference_mode():
+        fast = layer(x)
+    torch.testing.assert_close(fast, layer(x).detach(), rtol=1e-4, atol=1e-5)
