@@ -49,8 +49,9 @@ def _modes_active() -> bool:
 
 def expert_weights(num_experts: int, rows: int, cols: int, **kw) -> torch.Tensor:
     """Uninitialised (E, rows, cols) expert weights, each expert's matrix stored transposed
-    (strides (rows * cols, 1, rows), nn.Linear's (out, in) order in memory): forward-only
-    products read it in place (moesaic/experts/gemm.py). Any layout computes the same."""
+    (strides (rows * cols, 1, rows), nn.Linear's (out, in) order in memory): the operand layout
+    oneDNN's products take, and small forward-only products read it in place
+    (moesaic/experts/gemm.py). Any layout computes the same."""
     return torch.empty_strided((num_experts, rows, cols), (rows * cols, 1, rows), **kw)
 
 

@@ -70,25 +70,25 @@ def _forward(
     def expert(e: int) -> None:
         s = slice(starts[e], starts[e] + counts[e])
         x = x_AD[s] if rows is None else x_AD.index_select(0, rows[s])
-        swap = not keep  # forward-only: small products may swap (h, y transposed views)
+        # forward-only products may swap (gemm.SWAP_ROWS): h and y may be transposed views
         if keep:
             pre = matmul(x, w1[e], _at(b1, e), onednn=onednn)
             h = ACT[act](pre)
         else:
-            pre, h = None, matmul(x, w1[e], _at(b1, e), act=act, onednn=onednn, swap=swap)
+            pre, h = None, matmul(x, w1[e], _at(b1, e), act=act, onednn=onednn, swap=True)
         lin = None
         if w3 is not None:
             if keep:
                 lin = matmul(x, w3[e], _at(b3, e), onednn=onednn)
                 h = h * lin
             else:
-                h = matmul_mul(x, w3[e], _at(b3, e), h, onednn=onednn, swap=swap)
+                h = matmul_mul(x, w3[e], _at(b3, e), h, onednn=onednn, swap=True)
         if keep:
             saved[e] = (pre, h, lin)
         if sink is None:
-            matmul(h, w2[e], _at(b2, e), onednn=onednn, out=y_AD[s], swap=swap)
+            matmul(h, w2[e], _at(b2, e), onednn=onednn, out=y_AD[s], swap=not keep)
         else:  # the sink scatters rows: a transposed y is copied (a blocked transpose) first
-            sink(s, matmul(h, w2[e], _at(b2, e), onednn=onednn, swap=swap).contiguous())
+            sink(s, matmul(h, w2[e], _at(b2, e), onednn=onednn, swap=True).contiguous())
 
     run_experts(expert, counts, threads)
     return y_AD, [saved[e] for e in sorted(saved)]
