@@ -19,11 +19,13 @@ contiguous (N, K) matrices, nn.Linear's (out, in) order), which is the operand l
 linear takes: its per-call repacking then reads the weight in row order instead of gathering it
 through a transposed view. Measured on the expert phase alone (2 threads, 32 experts of D=512,
 F=2048, forward-only, fp32): 64 rows per expert 30.4 -> 27.3 ms, 256 rows 85.1 -> 81.8 ms.
-Forward-only products of a few dozen rows (``SWAP_ROWS``) run swapped, ``(b^T a^T)^T``: the
-weight is the left operand, read in place, and only the token rows are repacked; the result is
-a transposed view (another 5-6% off the expert phase at 64 rows). The weight gradients have the
-weights' layout; ``matmul`` writes a transposed ``out`` as the product ``b^T a^T`` in the
-output's own row order. Training steps measured the same in both layouts.
+Forward-only fp32 products of a few dozen rows may run swapped, ``(b^T a^T)^T``: the weight is
+the left operand, read in place, and only the token rows are repacked; the result is a
+transposed view. Swapped, the rows become the product's columns, which oneDNN computes in blocks
+of 16, so only row counts at or just under a multiple of 16 swap (``SWAP_ROWS``, ``SWAP_PAD``):
+a few percent off those products, the others would take up to 15% longer. The weight gradients
+have the weights' layout; ``matmul`` writes a transposed ``out`` as the product ``b^T a^T`` in
+the output's own row order. Training steps measured the same in both layouts.
 
 Shape legend (docs/shapes.md): M rows of a product, K its inner size, N its output columns.
 """
@@ -39,11 +41,15 @@ from torch.nn import functional as F
 __all__ = [
     "ACT",
     "BACKENDS",
+    "GATE_MIN_ROWS",
     "MIN_ROWS",
     "MIN_WEIGHT",
     "SWAP_ROWS",
+    "SWAP_BLOCK",
+    "SWAP_PAD",
     "onednn_available",
     "use_onednn",
+    "gate_onednn",
     "packable",
     "matmul",
     "matmul_mul",
@@ -62,12 +68,26 @@ MIN_ROWS = 4
 # oneDNN builds (JIT compiles) a kernel for every new row count, ~0.4 ms each, and small
 # products never win it back.
 MIN_WEIGHT = 256 * 1024
-# Forward-only products with rows in this range (inclusive) may run swapped (b^T a^T, the
-# weight as the left operand, read in place). Expert phase, forward-only, 2 threads, D=512,
-# F=2048, swapped time over unswapped, fp32 / bf16: 64 rows 0.94 / 0.95, 96 rows 0.99 / 0.98,
-# 128 rows 1.01 / 0.98, 192 rows 1.02 / 1.03; single bf16 products of 3 and 8 rows measured
-# up to 1.57x slower swapped.
+# Forward-only fp32 products on oneDNN with rows in SWAP_ROWS (inclusive) and at most SWAP_PAD
+# rows short of a multiple of SWAP_BLOCK run swapped (b^T a^T, the weight as the left operand,
+# read in place). Swapped, the rows are the product's columns, computed in blocks of 16 (one
+# AVX-512 fp32 vector): 1 thread, K=512, N=2048 with GELU, 64 rows 0.77 ms swapped against 0.80
+# unswapped, 65 rows 0.92 against 0.79 (as long as 80 rows swapped). Swapped over unswapped
+# time, 1 thread, by rows (padding to 16): 16 (0) 0.81-0.84, 31 (1) 0.85-0.91, 47 (1)
+# 0.88-0.95, 64 (0) 0.88-0.98, 62 (2) 0.94-1.00, 24 (8) 1.01-1.08, 66 (14) 1.06-1.15; from
+# 144 rows on 0.98-1.05 whatever the padding. The layer's forward, T=2048, E=32, k=1 (41-91 rows
+# per expert), 2 threads, fp32, against never swapping: always swapping 1.02-1.09x, this rule
+# 0.93-1.01x (median 0.98x). bf16 never swaps: never swapping took 0.87-0.88x the time of
+# always swapping there and 0.94-0.96x (SwiGLU, k=2) while this rule took 0.91-0.98x.
 SWAP_ROWS = (16, 128)
+SWAP_BLOCK = 16
+SWAP_PAD = 2
+# Router gate products, (T, D) x (D, E) and their gradients, run on oneDNN from this many tokens
+# in fp32 (``gate_onednn``). D=512, 2 threads, forward / grad x / grad w in us, oneDNN against
+# torch.mm: T=2048, E=8 111 / 94 / 144 against 181 / 169 / 219; T=2048, E=32 181 / 224 / 291
+# against 365 / 346 / 502; T=8192, E=32 637 / 711 / 1185 against 1515 / 1446 / 2060; T=256,
+# E=8 23 / 19 / 24 against 24 / 29 / 27; T=16 14 against 4 (torch.mm wins small products).
+GATE_MIN_ROWS = 512
 # activation name -> oneDNN post-op (attr, algorithm); applied after the bias
 _FUSED = {
     "none": ("none", None),
@@ -106,6 +126,17 @@ def use_onednn(backend: str, t: torch.Tensor, weight_numel: int) -> bool:
     if backend == "onednn":
         return t.dtype in (torch.float32, torch.bfloat16)
     return t.dtype == torch.float32 and weight_numel >= MIN_WEIGHT
+
+
+def gate_onednn(x_TD: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a router's gate product on ``x`` computed in ``dtype`` runs on oneDNN: fp32 on
+    CPU with at least ``GATE_MIN_ROWS`` tokens, on a torch with oneDNN."""
+    return (
+        dtype == torch.float32
+        and x_TD.device.type == "cpu"
+        and x_TD.shape[0] >= GATE_MIN_ROWS
+        and onednn_available()
+    )
 
 
 def packable(backend: str, w: torch.Tensor, weight_numel: int) -> bool:
@@ -189,15 +220,15 @@ def _transposed(t: torch.Tensor) -> bool:
 
 
 def _swaps(a_MK: torch.Tensor, b_KN: torch.Tensor | Packed, onednn: bool) -> bool:
-    """Whether a product allowed to swap does: b stored transposed, rows within ``SWAP_ROWS``,
-    on oneDNN (fp32 through the linear op; bf16 and fp16 through torch.mm, which calls oneDNN's
-    matmul)."""
+    """Whether a product allowed to swap does: fp32 on oneDNN, b stored transposed, rows within
+    ``SWAP_ROWS`` and at most ``SWAP_PAD`` short of a multiple of ``SWAP_BLOCK``."""
+    M = a_MK.shape[0]
     lo, hi = SWAP_ROWS
-    if isinstance(b_KN, Packed) or not lo <= a_MK.shape[0] <= hi or not _transposed(b_KN):
+    if not onednn or isinstance(b_KN, Packed) or not lo <= M <= hi or -M % SWAP_BLOCK > SWAP_PAD:
         return False
-    if a_MK.device.type != "cpu" or a_MK.dtype != b_KN.dtype:
+    if a_MK.dtype != torch.float32 or not _transposed(b_KN):
         return False
-    return _onednn(a_MK, b_KN) if onednn else a_MK.dtype in (torch.bfloat16, torch.float16)
+    return a_MK.device.type == "cpu" and _onednn(a_MK, b_KN)
 
 
 def _swapped(
@@ -205,28 +236,23 @@ def _swapped(
     b_KN: torch.Tensor,
     bias_N: torch.Tensor | None,
     act: str,
-    onednn: bool,
     other_MN: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``act(a @ b + bias)``, times ``other`` when given, computed as the (N, M) product
-    ``b^T a^T`` with the weight ``b^T`` (contiguous) as the left operand; returns its (M, N)
-    transposed view."""
-    fused = onednn and bias_N is None
-    if fused and other_MN is not None:
+    """``act(a @ b + bias)``, times ``other`` when given, computed on oneDNN as the (N, M)
+    product ``b^T a^T`` with the weight ``b^T`` (contiguous) as the left operand; returns its
+    (M, N) transposed view."""
+    w_NK = b_KN.t()
+    if bias_N is None and other_MN is not None:
         y_NM = torch.ops.mkldnn._linear_pointwise.binary(
-            b_KN.t(), other_MN.t().contiguous(), a_MK, None, "mul"
+            w_NK, other_MN.t().contiguous(), a_MK, None, "mul"
         )
         return y_NM.t()
-    if fused:
+    if bias_N is None:
         attr, algorithm = _FUSED[act]
-        y_NM = torch.ops.mkldnn._linear_pointwise(b_KN.t(), a_MK, None, attr, [], algorithm)
-    elif onednn:
-        y_NM = torch.ops.mkldnn._linear_pointwise(b_KN.t(), a_MK, None, "none", [], None)
-    else:
-        y_NM = torch.mm(b_KN.t(), a_MK.t())
-    if bias_N is not None:
-        y_NM.add_(bias_N.unsqueeze(1))
-    if not fused and act != "none":
+        return torch.ops.mkldnn._linear_pointwise(w_NK, a_MK, None, attr, [], algorithm).t()
+    y_NM = torch.ops.mkldnn._linear_pointwise(w_NK, a_MK, None, "none", [], None)
+    y_NM.add_(bias_N.unsqueeze(1))
+    if act != "none":
         y_NM = ACT[act](y_NM)
     if other_MN is not None:
         y_NM.mul_(other_MN.t())
@@ -257,7 +283,7 @@ def matmul(
         matmul(a_NK, a_MK.t(), onednn=onednn, out=out.t())
         return out
     if swap and _swaps(a_MK, b_KN, onednn):
-        y = _swapped(a_MK, b_KN, bias_N, act, onednn)
+        y = _swapped(a_MK, b_KN, bias_N, act)
         return y if out is None else out.copy_(y)
     b_KN, w = _split(b_KN)
     if onednn and _onednn(a_MK, b_KN):
@@ -286,7 +312,7 @@ def matmul_mul(
     """``(a @ b + bias) * other``: SwiGLU's gate product, fused on oneDNN; ``swap`` as in
     ``matmul``."""
     if swap and _swaps(a_MK, b_KN, onednn):
-        return _swapped(a_MK, b_KN, bias_N, "none", onednn, other_MN)
+        return _swapped(a_MK, b_KN, bias_N, "none", other_MN)
     plain, w = _split(b_KN)
     if onednn and _onednn(a_MK, plain):
         return torch.ops.mkldnn._linear_pointwise.binary(a_MK, other_MN, w, bias_N, "mul")

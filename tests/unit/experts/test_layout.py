@@ -114,21 +114,37 @@ def test_forward_only_swapped_products_equal_the_reference(
     real = gemm._swapped
     monkeypatch.setattr(gemm, "_swapped", lambda *a, **k: swapped.append(1) or real(*a, **k))
     monkeypatch.setattr(gemm, "SWAP_ROWS", (4, 10))  # the 9-row expert, not 3 or 17 rows
+    monkeypatch.setattr(gemm, "SWAP_PAD", 15)  # whatever its padding to 16
     torch.manual_seed(0)
     experts = ms.Experts(4, 16, 40, activation, bias=bias, gemm=backend).to(dtype)
     x = torch.randn(sum(COUNTS), 16).to(dtype)
     with torch.inference_mode():
         got = experts(x, COUNTS)
     # fp32 experts this small stay on torch.mm (MKL) under "auto", which never swaps; bf16
-    # torch.mm calls oneDNN and does
+    # never swaps
     products = 3 if activation == "swiglu" else 2
-    swaps = backend == "onednn" or dtype == torch.bfloat16
+    swaps = backend == "onednn" and dtype == torch.float32
     assert len(swapped) == (products if swaps else 0)
     tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-5}
     torch.testing.assert_close(got.float(), _reference(x.float(), experts.float()), **tol)
 
 
-def test_the_layer_forward_only_with_swapped_products_equals_its_training_forward():
+def test_swapped_products_are_fp32_ones_at_or_just_under_a_multiple_of_16_rows():
+    if not gemm.onednn_available():
+        pytest.skip("this torch build has no oneDNN (x86 wheels all do)")
+    w = ms.Experts(1, 16, 40, "gelu").w1[0]
+    assert gemm.SWAP_ROWS == (16, 128) and gemm.SWAP_PAD == 2
+    swaps = [m for m in range(1, 160) if gemm._swaps(torch.empty(m, 16), w, onednn=True)]
+    expected = [m for m in range(16, 129) if m % 16 in (0, 14, 15)]
+    assert swaps == expected
+    assert not gemm._swaps(torch.empty(64, 16), w, onednn=False)
+    assert not gemm._swaps(torch.empty(64, 16), w.contiguous(), onednn=True)
+    w16 = w.to(torch.bfloat16)
+    assert not gemm._swaps(torch.empty(64, 16, dtype=torch.bfloat16), w16, onednn=True)
+
+
+def test_the_layer_forward_only_with_swapped_products_equals_its_training_forward(monkeypatch):
+    monkeypatch.setattr(gemm, "SWAP_PAD", 15)  # every expert of 16-128 rows swaps
     torch.manual_seed(0)
     layer = ms.MoE(512, 1024, 16, router="topk", top_k=2)  # ~32 rows per expert: swapped
     x = torch.randn(256, 512)
