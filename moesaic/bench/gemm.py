@@ -1,8 +1,9 @@
 """Where moesaic's expert speed on CPU comes from, measured side by side in one process.
 
-1. ``products``: one expert product (M rows, K=D, N=F) on torch.mm against oneDNN
-   (``moesaic.experts.gemm.matmul``), single-threaded (as the expert workers run it) and on all
-   intra-op threads: the numbers behind ``gemm.MIN_ROWS`` and ``Experts(gemm="auto")``.
+1. ``products``: one expert product (M rows, K=D, N=F, the weight in the experts' transposed
+   layout) on torch.mm, oneDNN (``moesaic.experts.gemm.matmul``) and oneDNN swapped,
+   single-threaded (as the expert workers run it) and on all intra-op threads: the numbers
+   behind ``gemm.MIN_ROWS``, ``SWAP_ROWS`` / ``SWAP_PAD`` and ``Experts(gemm="auto")``.
 2. ``workers``: the MoE layer (oneDNN products) with whole experts on worker threads against
    the intra-op loop, on the grid behind ``moesaic.experts.threads.LOOP_ROWS`` and
    ``LOOP_MAX_TOTAL``.
@@ -27,6 +28,7 @@ import torch
 from moesaic.bench.harness import DTYPES, environment, time_interleaved
 from moesaic.bench.layer import BlockedDense, OneDNNBlockedDense, _infer, _step
 from moesaic.experts import threads as expert_threads
+from moesaic.experts.ffn import expert_weights
 from moesaic.experts.gemm import onednn_available, packable
 from moesaic.layer import MoE
 
@@ -34,19 +36,21 @@ __all__ = ["main", "products", "workers", "sizes", "packed"]
 
 PARTS = ("products", "workers", "sizes", "packed")
 SIZES = ((64, 256, 32), (128, 512, 32), (256, 1024, 16), (512, 2048, 8))  # (D, F, E), T=8192
-ROWS = (1, 2, 4, 8, 16, 64, 256, 1024)
+ROWS = (1, 2, 4, 8, 16, 48, 63, 64, 65, 72, 79, 128, 256, 1024)
 PEERS_GRID = tuple((T, E, K) for T in (2048, 8192) for E in (8, 32) for K in (1, 2))
 GRID = ((2048, 32, 1), (2048, 32, 2), (2048, 8, 1), (2048, 8, 2), (8192, 32, 1), (8192, 8, 2))
 
 
 def products(d_model: int, d_ff: int, repeats: int) -> list[str]:
-    """GFLOP/s of x (M, D) @ w (D, F) on torch.mm and oneDNN, 1 thread and all threads."""
+    """GFLOP/s of x (M, D) @ w (D, F) on torch.mm, oneDNN and oneDNN swapped (w^T x^T, the
+    weight as the left operand), 1 thread and all threads, w in the experts' layout."""
     threads = torch.get_num_threads()
     lines = [
-        "| threads | rows | torch.mm GFLOP/s | oneDNN GFLOP/s | oneDNN / torch.mm time |",
-        "|---|---|---|---|---|",
+        "| threads | rows | torch.mm GFLOP/s | oneDNN GFLOP/s | swapped GFLOP/s "
+        "| oneDNN / torch.mm time | swapped / oneDNN time |",
+        "|---|---|---|---|---|---|---|",
     ]
-    w = torch.randn(d_model, d_ff)
+    w = expert_weights(1, d_model, d_ff).normal_()[0]  # (D, F) view of an (F, D) matrix
     for n in sorted({1, threads}):
         torch.set_num_threads(n)
         try:
@@ -55,12 +59,16 @@ def products(d_model: int, d_ff: int, repeats: int) -> list[str]:
                 fns = {
                     "mm": lambda x=x: torch.mm(x, w),
                     "onednn": lambda x=x: _onednn(x, w),
+                    "swapped": lambda x=x: _onednn(w.t(), x.t()),
                 }
                 t = time_interleaved(_repeat(fns, max(1, 2048 // m)), repeats)
-                flops = 2.0 * m * d_model * d_ff * max(1, 2048 // m)
+                gflops = {
+                    k: 2.0 * m * d_model * d_ff * max(1, 2048 // m) / v / 1e9 for k, v in t.items()
+                }
                 lines.append(
-                    f"| {n} | {m} | {flops / t['mm'] / 1e9:.0f} | {flops / t['onednn'] / 1e9:.0f} "
-                    f"| {t['onednn'] / t['mm']:.2f} |"
+                    f"| {n} | {m} | {gflops['mm']:.0f} | {gflops['onednn']:.0f} "
+                    f"| {gflops['swapped']:.0f} | {t['onednn'] / t['mm']:.2f} "
+                    f"| {t['swapped'] / t['onednn']:.2f} |"
                 )
         finally:
             torch.set_num_threads(threads)

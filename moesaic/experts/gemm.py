@@ -59,8 +59,9 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "onednn", "torch")
-# oneDNN's time over torch.mm's, K=512, N=2048, fp32 (benchmarks/gemm.py products), 1 thread /
-# 2 threads: 1 row 2.19 / 1.37, 2 rows 1.15 / 0.69, 4 rows 0.50 / 0.34, 64 rows 0.47 / 0.45
+# oneDNN's time over torch.mm's, K=512, N=2048, fp32, the weight in the experts' layout
+# (benchmarks/gemm.py products), 1 thread / 2 threads: 1 row 1.03 / 0.71, 2 rows 1.15 / 0.70,
+# 4 rows 0.72 / 0.45, 64 rows 0.47 / 0.46 (row-major weights: 1 row 2.19 / 1.37)
 MIN_ROWS = 4
 # Smaller experts stay on torch.mm: training steps (fwd+bwd, 2 threads, T=8192, top-1, a new
 # input every step so that the rows per expert keep changing), oneDNN's time over torch.mm's

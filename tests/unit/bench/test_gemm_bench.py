@@ -15,7 +15,7 @@ def test_gemm_bench_prints_products_and_workers_tables(capsys, monkeypatch):
     monkeypatch.setattr(bench_gemm.sizes, "__defaults__", (64, 2))
     assert bench_gemm.main(["--d-model", "16", "--d-ff", "32", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    assert "| 1 | 8 | " in out  # 1 thread, 8 rows
+    assert "| 1 | 8 | " in out and "swapped / oneDNN time" in out  # 1 thread, 8 rows
     assert "| 64 | 4 | 1 | 16 | gelu | " in out and "| 64 | 4 | 1 | 16 | swiglu | " in out
     assert "| 64 | 4 | 2 | 32 | swiglu | " in out and "packed / limit" in out
     assert "| 16 | 32 | 512 | 4 | " in out
