@@ -23,9 +23,9 @@ Forward-only fp32 products of a few dozen rows may run swapped, ``(b^T a^T)^T``:
 the left operand, read in place, and only the token rows are repacked; the result is a
 transposed view. Swapped, the rows become the product's columns, which oneDNN computes in blocks
 of 16, so only row counts at or just under a multiple of 16 swap (``SWAP_ROWS``, ``SWAP_PAD``):
-a few percent off those products, the others would take up to 15% longer. The weight gradients
-have the weights' layout; ``matmul`` writes a transposed ``out`` as the product ``b^T a^T`` in
-the output's own row order. Training steps measured the same in both layouts.
+a few percent off those products, while the others would take up to a third longer. The weight
+gradients have the weights' layout; ``matmul`` writes a transposed ``out`` as the product
+``b^T a^T`` in the output's own row order. Training steps measured the same in both layouts.
 
 Shape legend (docs/shapes.md): M rows of a product, K its inner size, N its output columns.
 """
