@@ -221,15 +221,14 @@ def _transposed(t: torch.Tensor) -> bool:
 
 
 def _swaps(a_MK: torch.Tensor, b_KN: torch.Tensor | Packed, onednn: bool) -> bool:
-    """Whether a product allowed to swap does: fp32 on oneDNN, b stored transposed, rows within
-    ``SWAP_ROWS`` and at most ``SWAP_PAD`` short of a multiple of ``SWAP_BLOCK``."""
+    """Whether a product allowed to swap does: fp32 on oneDNN (``onednn`` is only ever set for
+    CPU tensors), b stored transposed, rows within ``SWAP_ROWS`` and at most ``SWAP_PAD`` short
+    of a multiple of ``SWAP_BLOCK``."""
     M = a_MK.shape[0]
     lo, hi = SWAP_ROWS
     if not onednn or isinstance(b_KN, Packed) or not lo <= M <= hi or -M % SWAP_BLOCK > SWAP_PAD:
         return False
-    if a_MK.dtype != torch.float32 or not _transposed(b_KN):
-        return False
-    return a_MK.device.type == "cpu" and _onednn(a_MK, b_KN)
+    return a_MK.dtype == torch.float32 and _transposed(b_KN) and _onednn(a_MK, b_KN)
 
 
 def _swapped(
