@@ -13,6 +13,11 @@
 4. ``packed``: forward-only, the layer as it comes and with ``experts.pack_for_inference()``,
    against the token-blocked dense FFN of equal active FLOPs (peers.py's limit: the faster of
    torch.mm and oneDNN), on peers.py's grid, fp32 or (``--dtype bfloat16``) bf16.
+5. ``weights``: forward-only, the experts alone (inputs already in expert order, T*K/E rows
+   each) with their E distinct weights and with every expert reading expert 0's weights, which
+   then stay in cache, against the same dense limit: what reading E experts' weights from
+   memory on every forward costs, which a dense FFN of equal active FLOPs (one expert's worth
+   of weights per K) does not pay. fp32 or ``--dtype bfloat16``.
 
 Shape legend (docs/shapes.md): T tokens, D model dim, F expert hidden, E experts, K top-k,
 M rows of a product.
@@ -21,20 +26,22 @@ M rows of a product.
 from __future__ import annotations
 
 import argparse
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
 
 from moesaic.bench.harness import DTYPES, environment, time_interleaved
 from moesaic.bench.layer import BlockedDense, OneDNNBlockedDense, _infer, _step
 from moesaic.experts import threads as expert_threads
-from moesaic.experts.ffn import expert_weights
+from moesaic.experts.ffn import Experts, expert_weights
 from moesaic.experts.gemm import onednn_available, packable
 from moesaic.layer import MoE
 
-__all__ = ["main", "products", "workers", "sizes", "packed"]
+__all__ = ["main", "products", "workers", "sizes", "packed", "weights", "shared_weights"]
 
-PARTS = ("products", "workers", "sizes", "packed")
+PARTS = ("products", "workers", "sizes", "packed", "weights")
 SIZES = ((64, 256, 32), (128, 512, 32), (256, 1024, 16), (512, 2048, 8))  # (D, F, E), T=8192
 ROWS = (1, 2, 4, 8, 16, 48, 63, 64, 65, 72, 79, 128, 256, 1024)
 PEERS_GRID = tuple((T, E, K) for T in (2048, 8192) for E in (8, 32) for K in (1, 2))
@@ -181,6 +188,61 @@ def packed(d_model: int, d_ff: int, repeats: int, dtype: torch.dtype = torch.flo
     return lines
 
 
+def shared_weights(experts: Experts) -> Experts:
+    """A forward-only copy of ``experts`` whose E experts all compute with expert 0's weights
+    (and biases), kept in the experts' memory layout: stride-0 views of one matrix, which stays
+    in cache from one expert to the next."""
+    shared = copy.deepcopy(experts)
+    for name, p in shared.named_parameters(recurse=False):
+        one = p.detach()[:1]
+        if one.dim() == 3:  # (1, K, N), a view of (1, N, K): expand the contiguous matrix
+            one = one.transpose(1, 2).expand(p.shape[0], -1, -1).transpose(1, 2)
+        else:
+            one = one.expand_as(p)
+        setattr(shared, name, nn.Parameter(one, requires_grad=False))
+    return shared
+
+
+def weights(d_model: int, d_ff: int, repeats: int, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Forward-only ms of the experts alone with distinct and with shared weights
+    (``shared_weights``), against the dense limit (as in ``packed``)."""
+    lines = [
+        "| T | E | k | rows/expert | weights MiB | distinct ms | shared ms | limit ms | "
+        "distinct / limit | shared / limit | distinct - shared ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for T, E, K in GRID:
+        torch.manual_seed(0)
+        rows = T * K // E
+        x = torch.randn(rows * E, d_model, dtype=dtype)
+        experts = Experts(E, d_model, d_ff, "gelu").to(dtype)
+        fns = {
+            "distinct": _experts_call(experts, x),
+            "shared": _experts_call(shared_weights(experts), x),
+        }
+        for name, cls in (("mm", BlockedDense), ("onednn", OneDNNBlockedDense)):
+            fns[name] = _infer(cls(d_model, K * d_ff, "gelu").to(dtype), x[:T])
+        t = time_interleaved(fns, repeats)
+        limit = min(t["mm"], t["onednn"])
+        mib = experts.w1.numel() * 2 * experts.w1.element_size() / 2**20
+        lines.append(
+            f"| {T} | {E} | {K} | {rows} | {mib:.0f} | {1e3 * t['distinct']:.1f} | "
+            f"{1e3 * t['shared']:.1f} | {1e3 * limit:.1f} | {t['distinct'] / limit:.2f} | "
+            f"{t['shared'] / limit:.2f} | {1e3 * (t['distinct'] - t['shared']):.1f} |"
+        )
+    return lines
+
+
+def _experts_call(experts: Experts, x: torch.Tensor) -> Callable[[], None]:
+    counts = [x.shape[0] // experts.num_experts] * experts.num_experts
+
+    def run() -> None:
+        with torch.inference_mode():
+            experts(x, counts)
+
+    return run
+
+
 def _layer_call(layer: MoE, x, g, mode: str, train: bool) -> Callable[[], None]:
     call = _step(layer, x, g) if train else _infer(layer, x)
 
@@ -207,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--dtype",
         choices=DTYPES,
         default="float32",
-        help="dtype of the packed part (the others run fp32)",
+        help="dtype of the packed and weights parts (the others run fp32)",
     )
     args = parser.parse_args(argv)
     for part in args.part:
@@ -218,7 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     parts = args.part or PARTS
     print(
-        f"D={args.d_model}, F={args.d_ff}, fp32 (packed: {args.dtype}), median of {args.repeats} "
+        f"D={args.d_model}, F={args.d_ff}, fp32 (packed, weights: {args.dtype}), median of "
+        f"{args.repeats} "
         "interleaved rounds"
     )
     print(environment() + "\n")
@@ -230,5 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(sizes(args.repeats)) + "\n")
     if "packed" in parts:
         dtype = getattr(torch, args.dtype)
-        print("\n".join(packed(args.d_model, args.d_ff, args.repeats, dtype)))
+        print("\n".join(packed(args.d_model, args.d_ff, args.repeats, dtype)) + "\n")
+    if "weights" in parts:
+        dtype = getattr(torch, args.dtype)
+        print("\n".join(weights(args.d_model, args.d_ff, args.repeats, dtype)))
     return 0
