@@ -16,8 +16,8 @@
 5. ``weights``: forward-only, the experts alone (inputs already in expert order, T*K/E rows
    each) with their E distinct weights and with every expert reading expert 0's weights, which
    then stay in cache, against the same dense limit: what reading E experts' weights from
-   memory on every forward costs, which a dense FFN of equal active FLOPs (one expert's worth
-   of weights per K) does not pay. fp32 or ``--dtype bfloat16``.
+   memory on every forward costs, which a dense FFN of equal active FLOPs (K experts' worth of
+   weights) does not pay. fp32 or ``--dtype bfloat16``.
 
 Shape legend (docs/shapes.md): T tokens, D model dim, F expert hidden, E experts, K top-k,
 M rows of a product.
@@ -224,7 +224,7 @@ def weights(d_model: int, d_ff: int, repeats: int, dtype: torch.dtype = torch.fl
             fns[name] = _infer(cls(d_model, K * d_ff, "gelu").to(dtype), x[:T])
         t = time_interleaved(fns, repeats)
         limit = min(t["mm"], t["onednn"])
-        mib = experts.w1.numel() * 2 * experts.w1.element_size() / 2**20
+        mib = sum(p.numel() * p.element_size() for p in experts.parameters()) / 2**20
         lines.append(
             f"| {T} | {E} | {K} | {rows} | {mib:.0f} | {1e3 * t['distinct']:.1f} | "
             f"{1e3 * t['shared']:.1f} | {1e3 * limit:.1f} | {t['distinct'] / limit:.2f} | "
@@ -281,8 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parts = args.part or PARTS
     print(
         f"D={args.d_model}, F={args.d_ff}, fp32 (packed, weights: {args.dtype}), median of "
-        f"{args.repeats} "
-        "interleaved rounds"
+        f"{args.repeats} interleaved rounds"
     )
     print(environment() + "\n")
     if "products" in parts:
@@ -291,10 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(workers(args.d_model, args.d_ff, args.repeats)) + "\n")
     if "sizes" in parts:
         print("\n".join(sizes(args.repeats)) + "\n")
+    dtype = getattr(torch, args.dtype)
     if "packed" in parts:
-        dtype = getattr(torch, args.dtype)
         print("\n".join(packed(args.d_model, args.d_ff, args.repeats, dtype)) + "\n")
     if "weights" in parts:
-        dtype = getattr(torch, args.dtype)
         print("\n".join(weights(args.d_model, args.d_ff, args.repeats, dtype)))
     return 0
