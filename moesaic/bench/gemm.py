@@ -176,16 +176,31 @@ def packed(d_model: int, d_ff: int, repeats: int, dtype: torch.dtype = torch.flo
             plain.to(dtype)
             fast.to(dtype).experts.pack_for_inference(max(1, T * K // E))
             fns = {name: _infer(m, x) for name, m in (("plain", plain), ("packed", fast))}
-            for name, cls in (("mm", BlockedDense), ("onednn", OneDNNBlockedDense)):
-                fns[name] = _infer(cls(d_model, K * d_ff, family).to(dtype), x)
-            t = time_interleaved(fns, repeats)
-            limit = min(t["mm"], t["onednn"])
+            t, limit = _against_limit(fns, x, d_model, K * d_ff, family, repeats)
             lines.append(
                 f"| {T} | {E} | {K} | {T * K // E} | {family} | {1e3 * t['plain']:.1f} | "
                 f"{1e3 * t['packed']:.1f} | {1e3 * limit:.1f} | "
                 f"{t['plain'] / limit:.2f} | {t['packed'] / limit:.2f} |"
             )
     return lines
+
+
+def _against_limit(
+    fns: dict[str, Callable[[], None]],
+    x: torch.Tensor,
+    d_model: int,
+    width: int,
+    family: str,
+    repeats: int,
+) -> tuple[dict[str, float], float]:
+    """``fns`` timed forward-only beside the two token-blocked dense FFNs of hidden ``width`` on
+    ``x`` (torch.mm and oneDNN), interleaved: (median seconds by name, the dense limit, the
+    faster of the two, as in peers.py)."""
+    fns = dict(fns)
+    for name, cls in (("mm", BlockedDense), ("onednn", OneDNNBlockedDense)):
+        fns[name] = _infer(cls(d_model, width, family).to(x.dtype), x)
+    t = time_interleaved(fns, repeats)
+    return t, min(t["mm"], t["onednn"])
 
 
 def shared_weights(experts: Experts) -> Experts:
@@ -220,10 +235,7 @@ def weights(d_model: int, d_ff: int, repeats: int, dtype: torch.dtype = torch.fl
             "distinct": _experts_call(experts, x),
             "shared": _experts_call(shared_weights(experts), x),
         }
-        for name, cls in (("mm", BlockedDense), ("onednn", OneDNNBlockedDense)):
-            fns[name] = _infer(cls(d_model, K * d_ff, "gelu").to(dtype), x[:T])
-        t = time_interleaved(fns, repeats)
-        limit = min(t["mm"], t["onednn"])
+        t, limit = _against_limit(fns, x[:T], d_model, K * d_ff, "gelu", repeats)
         mib = sum(p.numel() * p.element_size() for p in experts.parameters()) / 2**20
         lines.append(
             f"| {T} | {E} | {K} | {rows} | {mib:.0f} | {1e3 * t['distinct']:.1f} | "
