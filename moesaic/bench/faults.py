@@ -9,9 +9,16 @@ steps redone after recovery and the bytes of checkpoint data thrown away.
     python benchmarks/faults.py --repeats 5
 
 Scenarios: ``sigkill-train`` (SIGKILL at a random step), ``sigkill-save`` (SIGKILL at a random
-point inside a checkpoint save), ``truncated-ckpt`` / ``corrupted-ckpt`` (the newest checkpoint's
-file cut short / one bit flipped, then ``--resume``), ``nan-loss`` (a NaN loss at a random step,
-``guard.nonfinite=skip``), ``rank-kill`` (one of 2 torchrun ranks SIGKILLed, ``--max-restarts 1``).
+point inside a checkpoint save), ``sigint`` / ``sigterm`` (the signal at a random moment: the
+run checkpoints at the step boundary and exits 130 / 143, then ``--resume``),
+``truncated-ckpt`` / ``corrupted-ckpt`` (the newest checkpoint's file cut short / one bit
+flipped, then ``--resume``), ``nan-loss`` (a NaN loss at a random step, ``guard.nonfinite=skip``),
+``nonfinite-update`` (an update writes inf into a weight: rolled back and replayed without it,
+equal to the run that skipped that step), ``concurrent-runs`` (a second ``moesaic train`` on the
+same run directory is refused; the first ends unharmed), ``disk-full`` (a save fails under a file
+size limit: one line, nothing kept, then ``--resume``), ``step-million`` (steps 999,990 to
+1,000,010 split in two sessions: numeric checkpoint order), ``rank-kill`` (one of 2 torchrun
+ranks SIGKILLed, ``--max-restarts 1``).
 """
 
 from __future__ import annotations
@@ -379,12 +386,182 @@ def rank_kill(work: Path, refs: References, rng: random.Random) -> Drill:
     return Drill(ok, seen - good, 0, "" if ok else f"rc={done.returncode} {done.stderr[-300:]}")
 
 
+def _signal(signum: int) -> Callable[[Path, References, random.Random], Drill]:
+    name = signal.Signals(signum).name
+
+    def scenario(work: Path, refs: References, rng: random.Random) -> Drill:
+        run = work / "run"
+        proc = start(train_command(run))
+        kill_at = rng.randint(1, STEPS - 2)
+        while logged_steps(run) < kill_at:
+            if proc.poll() is not None:
+                return Drill(False, 0, 0, f"the run ended first (rc={proc.returncode})")
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.05))  # anywhere in a step, an evaluation or a save
+        proc.send_signal(signum)
+        done = _finish(proc)
+        last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
+        if done.returncode != 128 + signum or "saved; continue with --resume" not in last:
+            return Drill(False, 0, 0, f"rc={done.returncode} {last[-200:]}")
+        seen = logged_steps(run)
+        return _resume_and_compare(run, refs.single, seen)
+
+    scenario.__doc__ = f"{name} at a random moment: checkpoint at the step boundary, --resume."
+    return scenario
+
+
+def nonfinite_update(work: Path, refs: References, rng: random.Random) -> Drill:
+    """An update that writes inf into a weight at a random step (in process): rolled back and
+    replayed without it, ending equal to a run whose guard skipped that step; every checkpoint
+    finite."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from moesaic.train.checkpoint import list_checkpoints, read_checkpoint
+
+    bad = rng.randint(1, STEPS)
+    poisoned = _in_process_trainer(work / "poisoned")
+
+    def poison(optimizer, args, kwargs):
+        if poisoned.step + 1 == bad and optimizer is poisoned.optimizer:
+            with torch.no_grad():
+                next(poisoned.model.parameters()).view(-1)[0] = math.inf
+
+    handle = register_optimizer_step_post_hook(poison)
+    try:
+        poisoned.fit()
+    finally:
+        handle.remove()
+    skipped = _in_process_trainer(work / "skipped")
+    real = skipped.model.loss
+    skipped.model.loss = lambda x, y: (
+        real(x, y) * (math.nan if skipped.step + 1 == bad and skipped.model.training else 1.0)
+    )
+    skipped.fit()
+    same = all(
+        torch.equal(a, b)
+        for a, b in zip(poisoned.model.state_dict().values(), skipped.model.state_dict().values())
+    )
+    finite = all(
+        bool(torch.isfinite(w).all())
+        for path in list_checkpoints(work / "poisoned" / "checkpoints")
+        for w in read_checkpoint(path)[0].values()
+    )
+    rows = [json.loads(x) for x in (work / "poisoned" / "metrics.jsonl").read_text().splitlines()]
+    rollbacks = [r for r in rows if r.get("event") == "rollback"]
+    ok = same and finite and len(rollbacks) == 1 and poisoned.step == STEPS
+    lost = bad - 1 - rollbacks[0]["to_step"] if rollbacks else 0
+    return Drill(ok, lost, 0, "" if ok else f"same={same} finite={finite} rows={rollbacks}")
+
+
+def _in_process_trainer(run_dir: Path, *settings: str, resume: bool = False):
+    from moesaic.train.config import apply_overrides
+    from moesaic.train.recipes import get_recipe
+    from moesaic.train.trainer import Trainer
+
+    cfg = apply_overrides(get_recipe("lm-moe-test"), [*SETTINGS, *settings])
+    return Trainer(cfg, run_dir, progress=False, resume=resume)
+
+
+def concurrent(work: Path, refs: References, rng: random.Random) -> Drill:
+    """A second ``moesaic train`` (fresh, --resume or --auto-resume) on a run directory in use,
+    at a random step: refused at once naming the first one's pid; the first run ends
+    bit-identical to the reference. The first is paused (SIGSTOP) while the second runs, so it
+    cannot finish before the second starts."""
+    run = work / "run"
+    first = start(train_command(run))
+    at = rng.randint(1, STEPS - 2)
+    while logged_steps(run) < at and first.poll() is None:
+        time.sleep(0.002)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        flags = rng.choice([["--resume"], ["--auto-resume"], []])
+        second = _finish(start(train_command(run, *flags)))
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    done = _finish(first)
+    refused = second.returncode == 2 and f"in use by another process (pid {first.pid}," in (
+        second.stderr
+    )
+    ok = refused and done.returncode == 0 and same_outcome(run, refs.single)
+    note = "" if ok else f"second rc={second.returncode} {second.stderr[-200:]}"
+    return Drill(ok, 0, 0, note)
+
+
+# ``moesaic train`` whose N-th checkpoint save runs under a file size limit (``ulimit -f``):
+# the save fails part-way through writing its files.
+_SIZE_LIMITED = """
+import resource, sys
+import moesaic.train.trainer as trainer
+n, calls, real = int(sys.argv[1]), [0], trainer.save_checkpoint
+def save(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == n:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+    return real(*args, **kwargs)
+trainer.save_checkpoint = save
+from moesaic.cli.train import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def disk_full(work: Path, refs: References, rng: random.Random) -> Drill:
+    """A save fails for want of space (file size limit) at the 2nd-4th checkpoint: one line,
+    exit 1, nothing of it kept, the previous checkpoint intact; --resume ends bit-identical."""
+    run = work / "run"
+    nth = rng.randint(2, STEPS // EVERY)
+    done = _finish(start([sys.executable, "-c", _SIZE_LIMITED, str(nth), *train_command(run)[4:]]))
+    lines = done.stderr.strip().splitlines()
+    want = f"step-{(nth - 1) * EVERY:06d} is intact"
+    clean = not list((run / "checkpoints").glob(".tmp-*"))
+    if done.returncode != 1 or "Traceback" in done.stderr or want not in lines[-1] or not clean:
+        return Drill(False, 0, 0, f"rc={done.returncode} clean={clean} {done.stderr[-300:]}")
+    return _resume_and_compare(run, refs.single, nth * EVERY)
+
+
+def step_million(work: Path, refs: References, rng: random.Random) -> Drill:
+    """Steps 999,990 to 1,000,010 in two sessions split at a random step (in process): pruning
+    keeps, and resume picks, the numerically newest checkpoint; weights equal one session's."""
+    from moesaic.train.checkpoint import list_checkpoints
+    from moesaic.train.trainer import Trainer
+
+    first, total = 999_990, 20
+    settings = (f"train.steps={first + total}", "train.log_every=1000")
+
+    def trainer(run_dir: Path, resume: bool = False) -> Trainer:
+        t = _in_process_trainer(run_dir, *settings, resume=resume)
+        if not resume:
+            t.step = first  # as if resumed at 999,990: the checkpoint names cross 10^6
+        return t
+
+    whole = trainer(work / "whole")
+    whole.fit()
+    split = rng.randint(3, total - 3)
+    part = trainer(work / "part")
+    part.fit(max_steps=split)
+    resumed = trainer(work / "part", resume=True)
+    picked = resumed.step
+    resumed.fit()
+    names = [p.name for p in list_checkpoints(work / "part" / "checkpoints")]
+    same = all(
+        torch.equal(a, b)
+        for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values())
+    )
+    ok = picked == first + split and names[-1] == "step-1000010" and same
+    return Drill(ok, 0, 0, "" if ok else f"picked={picked} kept={names} same={same}")
+
+
 SCENARIOS: dict[str, Callable[[Path, References, random.Random], Drill]] = {
     "sigkill-train": sigkill_train,
     "sigkill-save": sigkill_save,
+    "sigint": _signal(signal.SIGINT),
+    "sigterm": _signal(signal.SIGTERM),
     "truncated-ckpt": _damage("truncated"),
     "corrupted-ckpt": _damage("corrupted"),
     "nan-loss": nan_loss,
+    "nonfinite-update": nonfinite_update,
+    "concurrent-runs": concurrent,
+    "disk-full": disk_full,
+    "step-million": step_million,
     "rank-kill": rank_kill,
 }
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from moesaic.train.checkpoint import CheckpointError
+from moesaic.train.checkpoint import CheckpointError, CheckpointWriteError
 from moesaic.train.config import ConfigError, RunConfig, apply_overrides, config_from_dict
 from moesaic.train.guard import TrainingHalted
 from moesaic.train.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
+from moesaic.train.resources import ResourceError
+from moesaic.train.run import read_run_config
+from moesaic.train.runlock import RunDirError
 
 __all__ = ["add_config_arguments", "config_from_args", "friendly_errors", "saved_config"]
 
@@ -43,11 +46,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def saved_config(run_dir: Path, overrides: list[str]) -> RunConfig:
-    """The configuration a run was started with (its config.json), plus ``--set`` overrides."""
-    path = Path(run_dir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir} is not a run directory: {path} is missing")
-    return apply_overrides(config_from_dict(RunConfig, json.loads(path.read_text())), overrides)
+    """The configuration a run was started with, plus ``--set`` overrides: its config.json, or,
+    when that file is missing or damaged, the copy inside its newest usable checkpoint."""
+    return apply_overrides(config_from_dict(RunConfig, read_run_config(run_dir)), overrides)
 
 
 def friendly_errors(prog: str) -> Callable:
@@ -59,18 +60,32 @@ def friendly_errors(prog: str) -> Callable:
         def run(argv: Sequence[str] | None = None) -> int:
             try:
                 return main(argv)
-            except (ConfigError, CheckpointError, FileNotFoundError, ImportError) as err:
+            except CheckpointWriteError as err:  # disk full, file size limit, permissions
+                print(f"{prog}: error: {err}", file=sys.stderr)
+                return 1
+            except (
+                ConfigError,
+                CheckpointError,
+                FileNotFoundError,
+                ImportError,
+                ResourceError,
+                RunDirError,
+            ) as err:
                 print(f"{prog}: error: {err}", file=sys.stderr)
                 return 2
             except TrainingHalted as err:
                 print(f"{prog}: stopped: {err}", file=sys.stderr)
                 return 3
-            except KeyboardInterrupt:
-                print(
-                    f"\n{prog}: interrupted (a checkpoint was saved; resume with --resume)",
-                    file=sys.stderr,
-                )
-                return 130
+            except KeyboardInterrupt as err:
+                # TrainingInterrupted (a signal, handled at a step boundary) says what it saved;
+                # a bare KeyboardInterrupt (Ctrl-C twice, or outside training) saved nothing.
+                signum = getattr(err, "signum", signal.SIGINT)
+                text = str(err) or "interrupted; the newest checkpoint, if any, is intact"
+                print(f"\n{prog}: {text}", file=sys.stderr)
+                return 128 + int(signum)
+            except OSError as err:  # e.g. the disk filled while writing the metrics
+                print(f"{prog}: error: {err}", file=sys.stderr)
+                return 1
 
         return run
 

@@ -18,6 +18,7 @@ from moesaic.cli.common import (
 )
 from moesaic.inference.generate import generate_ids
 from moesaic.parallel import init as init_parallel
+from moesaic.train.checkpoint import list_checkpoints
 from moesaic.train.config import ConfigError
 from moesaic.train.trainer import Trainer, TrainResult
 
@@ -53,9 +54,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.resume or args.auto_resume) and args.run_dir is None:
         raise ConfigError("--resume and --auto-resume need --run-dir DIR (the run to continue)")
-    if args.auto_resume:
+    started = args.run_dir is not None and (
+        (args.run_dir / "config.json").exists() or _has_checkpoint(args.run_dir)
+    )
+    if args.auto_resume:  # a run that started keeps its config, checkpointed yet or not
         args.resume = _has_checkpoint(args.run_dir)
-    cfg = saved_config(args.run_dir, args.overrides) if args.resume else config_from_args(args)
+    use_saved = args.resume or (args.auto_resume and started)
+    cfg = saved_config(args.run_dir, args.overrides) if use_saved else config_from_args(args)
     groups = init_parallel(expert=cfg.parallel.expert)  # torchrun's environment, if any
     run_dir = _shared_run_dir(
         args.run_dir or Path("runs") / f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}", groups
@@ -85,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
-    return (run_dir / "config.json").exists() and any((run_dir / "checkpoints").glob("step-*"))
+    return bool(list_checkpoints(run_dir / "checkpoints"))
 
 
 def _shared_run_dir(run_dir: Path, groups) -> Path:
@@ -107,7 +112,10 @@ def summary(result: TrainResult, trainer: Trainer) -> str:
             if cfg.data.tokenizer == "byte"
             else ""
         ),
-        f"training speed: {result.tokens_per_s:,.0f} tokens/s",
+        f"training speed: {result.tokens_per_s:,.0f} tokens/s"
+        if result.trained_steps
+        else f"training speed: no steps trained (the run had already reached step "
+        f"{result.steps} of train.steps={cfg.train.steps})",
         f"parameters: {result.params}",
     ]
     if cfg.train.sample_tokens:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from moesaic.layer import MoE
+from moesaic.train.checkpoint import write_atomic
 
 __all__ = ["RoutingLog", "ROUTING_FILE", "AFFINITY_FILE", "read_routing"]
 
@@ -62,7 +63,7 @@ class RoutingLog:
         if not write:
             return
         kept = [r for r in read_routing(self.path) if r["step"] <= start_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         for row in kept:
             self._add_affinity(row["layer"], row.get("affinity"))
 
@@ -96,7 +97,7 @@ class RoutingLog:
             "labels": self.labels,
             "layers": {name: counts.tolist() for name, counts in self.affinity.items()},
         }
-        self.affinity_path.write_text(json.dumps(payload) + "\n")
+        write_atomic(self.affinity_path, json.dumps(payload) + "\n")
 
     def _add_affinity(self, layer: str, counts: list | None) -> None:
         if counts is None:

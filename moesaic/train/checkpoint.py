@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -42,10 +44,16 @@ __all__ = [
     "latest_checkpoint",
     "resumable_checkpoint",
     "CheckpointError",
+    "CheckpointWriteError",
+    "NonFiniteWeightsError",
+    "checkpoint_step",
+    "list_checkpoints",
+    "remove_stale_files",
     "write_atomic",
 ]
 
 WEIGHTS, STATE, MANIFEST, LATEST = "model.safetensors", "state.pt", "manifest.json", "latest"
+_STEP_NAME = re.compile(r"step-(\d+)")
 
 
 class CheckpointError(RuntimeError):
@@ -58,6 +66,28 @@ class CheckpointError(RuntimeError):
         super().__init__(" ".join(line.strip() for line in message.splitlines() if line.strip()))
 
 
+class CheckpointWriteError(CheckpointError):
+    """A save failed (disk full, file size limit, permissions); nothing of it was kept and the
+    previous checkpoint is untouched."""
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """Weights holding inf or NaN were refused: a checkpoint only ever holds a finite state."""
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step number of a ``step-N`` checkpoint directory name (None for any other name)."""
+    match = _STEP_NAME.fullmatch(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """The ``step-N`` directories, oldest first, ordered by N as a number (so step-1000000 comes
+    after step-999999, which text order gets wrong)."""
+    found = [p for p in Path(checkpoint_dir).glob("step-*") if p.is_dir()]
+    return sorted((p for p in found if checkpoint_step(p) is not None), key=checkpoint_step)
+
+
 def save_checkpoint(
     checkpoint_dir: Path,
     step: int,
@@ -67,13 +97,26 @@ def save_checkpoint(
 ) -> Path:
     """Write ``step-XXXXXX`` atomically, point ``latest`` at it, keep the newest ``keep``.
 
-    ``weights`` is a model or a state dict (e.g. ``ms.parallel.full_state_dict``'s)."""
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    ``weights`` is a model or a state dict (e.g. ``ms.parallel.full_state_dict``'s). Weights
+    holding inf or NaN are refused (``NonFiniteWeightsError``) before anything is written; a
+    failed write (disk full, ``ulimit -f``) raises ``CheckpointWriteError`` after removing what
+    it had written, leaving every earlier checkpoint and ``latest`` as they were."""
+    if isinstance(weights, nn.Module):
+        weights = weights.state_dict()
+    bad = [name for name, t in weights.items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise NonFiniteWeightsError(
+            f"step {step}: refusing to checkpoint non-finite weights ({', '.join(bad[:3])}"
+            + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            + ")"
+        )
     final = checkpoint_dir / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=checkpoint_dir))
     try:
-        if isinstance(weights, nn.Module):
-            weights = weights.state_dict()
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=checkpoint_dir))
+    except OSError as err:
+        raise CheckpointWriteError(f"cannot write checkpoint {final}: {_os_reason(err)}") from None
+    try:
         save_file(_untie(weights), tmp / WEIGHTS, metadata={"step": str(step)})
         torch.save(state, tmp / STATE)
         manifest = {name: _sha256(tmp / name) for name in (WEIGHTS, STATE)}
@@ -86,11 +129,29 @@ def save_checkpoint(
         os.replace(tmp, final)
         _fsync(checkpoint_dir)
         write_atomic(checkpoint_dir / LATEST, final.name)
+    except Exception as err:  # OSError, and torch's / safetensors' wrappers of a failed write
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = _named_by_latest(checkpoint_dir)
+        kept = (
+            f"{previous.name} is intact"
+            if previous is not None and previous.is_dir() and previous != final
+            else "no earlier checkpoint exists"
+        )
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {final} ({_os_reason(err)}); nothing of it was kept and "
+            f"{kept}"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _prune(checkpoint_dir, keep)
     return final
+
+
+def _os_reason(err: Exception) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror + (f": {err.filename}" if err.filename else "")
+    return " ".join(f"{type(err).__name__}: {err}".split())
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -105,30 +166,42 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
 
 
 def resumable_checkpoint(
-    checkpoint_dir: Path, log: Callable[[str], None] = print
+    checkpoint_dir: Path,
+    log: Callable[[str], None] = print,
+    check: Callable[[dict[str, torch.Tensor], dict[str, Any]], None] | None = None,
 ) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
     """The newest checkpoint that verifies, as (path, weights, state); None when there is none.
 
-    Tries every ``step-*`` newest first (a save killed after its rename but before ``latest``
-    was updated left a complete, newer checkpoint), and the one ``latest`` names; each one
-    skipped is reported through ``log`` with the reason. Raises ``CheckpointError`` (naming every
-    failure) when checkpoints exist but none verifies."""
+    Tries every ``step-*`` newest first by step number (a save killed after its rename but
+    before ``latest`` was updated left a complete, newer checkpoint); each one skipped is
+    reported through ``log`` with the reason, and so is a ``latest`` that names no checkpoint.
+    ``check(weights, state)`` may refuse a checkpoint that verifies but does not fit (raising
+    ``CheckpointError``, e.g. ``check_fits``): the walk then goes on to the previous one. Raises
+    ``CheckpointError`` (naming every failure) when checkpoints exist but none is usable."""
+    checkpoint_dir = Path(checkpoint_dir)
     named = _named_by_latest(checkpoint_dir)
-    steps = {p for p in checkpoint_dir.glob("step-*") if p.is_dir()}
-    candidates = sorted(steps | ({named} if named is not None else set()), reverse=True)
+    pointer = checkpoint_dir / LATEST
+    if pointer.exists() and (named is None or not named.is_dir()):
+        shown = named.name if named is not None else "no checkpoint name"
+        log(f"{pointer} holds {shown!s:.60}, not an existing checkpoint; ignoring it")
+    candidates = list_checkpoints(checkpoint_dir)[::-1]
     failures = []
     for path in candidates:
         try:
             weights, state = read_checkpoint(path)
+            if check is not None:
+                check(weights, state)
         except CheckpointError as err:
-            failures.append(str(err))
+            failures.append(f"{path.name}: {err}")
             log(f"checkpoint {path.name} is unusable ({err}); trying the previous one")
             continue
         if failures:
-            log(f"resuming from the previous good checkpoint {path.name} (step {state['step']})")
+            log(f"using the previous good checkpoint {path.name} (step {state['step']})")
         return path, weights, state
     if failures:
-        raise CheckpointError(f"no checkpoint in {checkpoint_dir} verifies: " + "; ".join(failures))
+        raise CheckpointError(
+            f"no checkpoint in {checkpoint_dir} is usable: " + "; ".join(failures)
+        )
     return None
 
 
@@ -138,7 +211,7 @@ def _named_by_latest(checkpoint_dir: Path) -> Path | None:
         name = pointer.read_text().strip()
     except (OSError, UnicodeDecodeError):
         return None
-    return checkpoint_dir / name if name.startswith("step-") and "/" not in name else None
+    return checkpoint_dir / name if checkpoint_step(Path(name)) is not None else None
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -152,10 +225,27 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         if not file.is_file() or _sha256(file) != digest:
             raise CheckpointError(f"{file} is missing or corrupted (SHA-256 does not match)")
     try:
+        with safe_open(path / WEIGHTS, framework="pt") as f:
+            weights_step = (f.metadata() or {}).get("step")
         weights = load_file(path / WEIGHTS)
     except Exception as err:  # safetensors raises its own error types for malformed headers
         raise CheckpointError(f"{path / WEIGHTS} is not a valid safetensors file: {err}") from None
-    return weights, _load_state(path / STATE)
+    state = _load_state(path / STATE)
+    # The three records of the step must agree: a manifest recomputed over one checkpoint's
+    # weights and another's state verifies, but is not a checkpoint that ever existed.
+    steps = {
+        "weights metadata": weights_step,
+        "state": str(state["step"]),
+        "manifest": str(_manifest_step(path / MANIFEST)),
+    }
+    if weights_step is not None and len(set(steps.values())) > 1:
+        shown = ", ".join(f"{k} step {v}" for k, v in steps.items())
+        raise CheckpointError(f"{path} mixes files of different steps ({shown})")
+    return weights, state
+
+
+def _manifest_step(manifest_path: Path) -> object:
+    return json.loads(manifest_path.read_bytes()).get("step")
 
 
 def _read_manifest(manifest_path: Path) -> dict[str, str]:
@@ -180,9 +270,9 @@ def _load_state(file: Path) -> dict[str, Any]:
     try:
         state = torch.load(file, weights_only=True)
     except pickle.UnpicklingError as err:
-        # torch's message is a page of advice; keep its line naming the refused global.
-        lines = [ln.strip() for ln in str(err).splitlines() if "WeightsUnpickler" in ln]
-        reason = lines[0].split(". ")[0] if lines else type(err).__name__
+        # torch's message is a page of advice in several formats; name the refused global.
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        reason = f"refused global {found.group(1)}" if found else type(err).__name__
         raise CheckpointError(
             f"{file} is refused: it holds more than tensors and plain data ({reason})"
         ) from None
@@ -229,10 +319,27 @@ def check_fits(
 
 
 def _prune(checkpoint_dir: Path, keep: int) -> None:
-    # Also the temporary directories of saves that were killed (SIGKILL skips the cleanup).
-    done = sorted(p for p in checkpoint_dir.glob("step-*") if p.is_dir())
+    # Also the temporary directories of saves that were killed (SIGKILL skips the cleanup):
+    # only one process writes a run's checkpoints (the trainer holds moesaic.train.runlock).
+    done = list_checkpoints(checkpoint_dir)
     for old in done[:-keep] + list(checkpoint_dir.glob(".tmp-step-*")):
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_files(run_dir: Path) -> list[Path]:
+    """Remove what killed processes left in ``run_dir``: temporary checkpoint directories
+    (``checkpoints/.tmp-step-*``) and temporary files of atomic writes (``.NAME.PID.tmp``).
+    Call it only while holding the run's lock (``moesaic.train.runlock``): then no other
+    process is writing them. Returns what was removed."""
+    run_dir = Path(run_dir)
+    stale = list((run_dir / "checkpoints").glob(".tmp-step-*"))
+    stale += [p for d in (run_dir, run_dir / "checkpoints") for p in d.glob(".*.tmp")]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
 
 
 def _sha256(path: Path) -> str:

@@ -38,6 +38,10 @@ __all__ = [
 ]
 
 
+MAX_LR = 1.0
+MAX_STEPS = 10**9  # a billion steps: beyond any run this trainer is for
+
+
 class ConfigError(ValueError):
     """A user's configuration mistake; the command line prints it as one line and exits 2."""
 
@@ -84,8 +88,11 @@ class OptimConfig:
     def __post_init__(self) -> None:
         for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "beta1", "beta2"):
             check_nonnegative_float(f"optim.{name}", getattr(self, name))
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr={self.lr} must be > 0")
+        if not 0 < self.lr <= MAX_LR:
+            raise ValueError(
+                f"optim.lr={self.lr} must be in (0, {MAX_LR}] (AdamW moves every weight by "
+                f"about lr per step)"
+            )
         for name in ("beta1", "beta2", "min_lr_ratio"):
             if getattr(self, name) >= 1 and name != "min_lr_ratio":
                 raise ValueError(f"optim.{name}={getattr(self, name)} must be < 1")
@@ -112,6 +119,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "log_every"):
             check_positive_int(f"train.{name}", getattr(self, name))
+        if self.steps > MAX_STEPS:
+            raise ValueError(f"train.steps={self.steps} must be <= {MAX_STEPS:.0e}")
         for name in ("seed", "threads", "sample_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -158,8 +167,8 @@ class RunConfig:
             )
         if self.model.is_moe:  # router_options are checked by building one router now,
             # without touching the global RNG (the model's initial weights must not depend on it)
-            try:
-                with torch.random.fork_rng(devices=[]):
+            try:  # on the meta device: no memory, whatever num_experts and d_model ask for
+                with torch.random.fork_rng(devices=[]), torch.device("meta"):
                     _check_router(self.model)
             except (TypeError, ValueError) as err:
                 raise ValueError(

@@ -80,6 +80,9 @@ def prepare_data(cfg: DataConfig, run_dir: Path | None = None) -> PreparedData:
         if saved is not None:
             saved.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(saved, tokenizer.to_json())  # other ranks may be reading it
-    train = TokenStream.from_documents(train_docs, tokenizer)
-    val = TokenStream.from_documents(val_docs, tokenizer, domains=train.domains)
+    # Domain ids over the whole corpus: with a large val_fraction a domain may have no
+    # training documents, and the two streams' ids must still agree.
+    domains = sorted({d.domain for d in docs})
+    train = TokenStream.from_documents(train_docs, tokenizer, domains=domains)
+    val = TokenStream.from_documents(val_docs, tokenizer, domains=domains)
     return PreparedData(tokenizer=tokenizer, train=train, val=val)

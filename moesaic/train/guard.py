@@ -3,6 +3,10 @@
 - A step whose loss or gradient norm is not finite is skipped (no optimizer update; counted and
   logged as a metrics row with ``"skipped": true``) or stops the run with a report
   (``guard.nonfinite="stop"``, or more than ``guard.max_skipped`` skips): ``TrainingHalted``.
+- A finite step whose update leaves non-finite weights cannot be skipped after the fact: the
+  trainer rolls the run back to its last good state (checkpoint, or the initial state) and
+  replays it with that step's update left out (``bad_update``), so the replay is the run in
+  which the guard had skipped it. Non-finite weights are never checkpointed.
 - A loss above ``mean + spike_z * std`` of the previous ``spike_window`` losses is a spike: logged
   (``"event": "loss_spike"``), training goes on.
 - One expert receiving more than ``collapse_share`` of an MoE layer's tokens (training tokens
@@ -65,27 +69,43 @@ class TrainingGuard:
         self.cfg = cfg
         self.skipped = 0
         self.window: list[float] = []
+        self.bad_updates: set[int] = set()  # steps whose update made the weights non-finite
 
     def skip_step(self, step: int, losses: dict[str, float], grad_norm: float) -> bool:
         """True when step ``step`` must not update the model; raises ``TrainingHalted`` when the
-        run must stop instead."""
+        run must stop instead. The trainer adds which checkpoint a halted run can resume from."""
         values = {**losses, "grad_norm": grad_norm}
-        if all(math.isfinite(v) for v in values.values()):
+        if step in self.bad_updates:
+            what = "its update made the weights non-finite before a rollback"
+        elif all(math.isfinite(v) for v in values.values()):
             return False
+        else:
+            what = "non-finite values (" + ", ".join(f"{k}={v:.6g}" for k, v in values.items())
+            what += ")"
         self.skipped += 1
-        what = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
-        if self.cfg.nonfinite == "stop":
-            raise TrainingHalted(
-                f"step {step}: non-finite values ({what}); stopped because guard.nonfinite="
-                f"'stop'. The last checkpoint is intact: fix the cause and --resume."
-            )
+        if self.cfg.nonfinite == "stop" and step not in self.bad_updates:
+            raise TrainingHalted(f"step {step}: {what}; stopped because guard.nonfinite='stop'.")
         if self.skipped > self.cfg.max_skipped:
             raise TrainingHalted(
-                f"step {step}: non-finite values ({what}); {self.skipped} steps skipped so far, "
-                f"more than guard.max_skipped={self.cfg.max_skipped}. The last checkpoint is "
-                f"intact: fix the cause and --resume."
+                f"step {step}: {what}; {self.skipped} steps skipped so far, more than "
+                f"guard.max_skipped={self.cfg.max_skipped}."
             )
         return True
+
+    def bad_update(self, step: int, names: list[str]) -> None:
+        """Step ``step``'s update made parameters ``names`` non-finite: remember to leave it out
+        when the run is replayed from its last good state; raises ``TrainingHalted`` when the run
+        must stop instead (``guard.nonfinite='stop'``, or too many steps left out)."""
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        what = f"step {step}: the update made the weights non-finite ({shown})"
+        if self.cfg.nonfinite == "stop":
+            raise TrainingHalted(f"{what}; stopped because guard.nonfinite='stop'.")
+        self.bad_updates.add(step)
+        if len(self.bad_updates) > self.cfg.max_skipped:
+            raise TrainingHalted(
+                f"{what}; {len(self.bad_updates)} updates left out so far, more than "
+                f"guard.max_skipped={self.cfg.max_skipped}."
+            )
 
     def spike(self, step: int, loss: float) -> dict[str, Any] | None:
         """A ``loss_spike`` event row when ``loss`` is a spike against the window, else None;
@@ -107,11 +127,16 @@ class TrainingGuard:
         return event
 
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped": self.skipped, "window": list(self.window)}
+        return {
+            "skipped": self.skipped,
+            "window": list(self.window),
+            "bad_updates": sorted(self.bad_updates),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped = int(state["skipped"])
         self.window = [float(v) for v in state["window"]]
+        self.bad_updates = {int(s) for s in state.get("bad_updates", [])}
 
 
 class CollapseWatch:

@@ -13,7 +13,7 @@ from moesaic.train.checkpoint import check_fits, resumable_checkpoint
 from moesaic.train.config import RunConfig, config_from_dict
 from moesaic.train.data import TOKENIZER_FILE
 
-__all__ = ["LoadedRun", "load_run"]
+__all__ = ["LoadedRun", "load_run", "read_run_config"]
 
 
 @dataclasses.dataclass
@@ -28,20 +28,44 @@ def load_run(run_dir: Path) -> LoadedRun:
     """Rebuild the model of ``run_dir`` and load its newest checkpoint that verifies (saying on
     stderr which newer ones it skipped)."""
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{run_dir} is not a run directory: {config_path} is missing")
-    cfg = config_from_dict(RunConfig, json.loads(config_path.read_text()))
+    cfg = config_from_dict(RunConfig, read_run_config(run_dir))
     tokenizer = tokenizer_from_json((run_dir / TOKENIZER_FILE).read_text())
     model = MoELM(dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
-    found = resumable_checkpoint(run_dir / "checkpoints", _say)
+    expected = model.state_dict()
+    found = resumable_checkpoint(
+        run_dir / "checkpoints",
+        _say,
+        check=lambda weights, state: check_fits(expected, weights, Path("model.safetensors")),
+    )
     if found is None:
         raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint yet")
     path, weights, state = found
-    check_fits(model.state_dict(), weights, path / "model.safetensors")
     model.load_state_dict(weights)
     model.eval()
     return LoadedRun(cfg=cfg, model=model, tokenizer=tokenizer, step=int(state["step"]))
+
+
+def read_run_config(run_dir: Path) -> dict:
+    """The run's config as a dict (see ``saved_config``); says on stderr when it falls back."""
+    path = Path(run_dir) / "config.json"
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    except FileNotFoundError:
+        problem = "is missing"
+    except (OSError, ValueError) as err:
+        problem = f"is unreadable ({type(err).__name__}: {' '.join(str(err).split())[:120]})"
+    found = None
+    if (Path(run_dir) / "checkpoints").is_dir():
+        found = resumable_checkpoint(Path(run_dir) / "checkpoints", lambda _: None)
+    if found is None or "config" not in found[2]:
+        raise FileNotFoundError(
+            f"{run_dir} is not a run directory: {path} {problem} and no checkpoint holds a copy"
+        )
+    _say(f"{path} {problem}; using the copy in checkpoint {found[0].name}")
+    return json.loads(found[2]["config"])
 
 
 def _say(message: str) -> None:

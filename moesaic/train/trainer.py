@@ -6,7 +6,18 @@ checkpoint and, on the same machine and thread count, produces bit-identical los
 to a run that was never interrupted: weights, optimizer, scheduler, RNG and the data cursor are
 all part of the checkpoint. Resuming takes the newest checkpoint that verifies (falling back past
 damaged ones, and saying so). The guard (moesaic/train/guard.py) skips or stops on non-finite
-steps and logs loss spikes and router collapse as metrics events.
+steps, rolls back an update that left non-finite weights, and logs loss spikes and router
+collapse as metrics events.
+
+What a run never loses:
+- SIGINT (Ctrl-C) and SIGTERM (what schedulers and containers send on preemption) take effect at
+  the next step boundary: the step in flight finishes, the same checkpoint as a scheduled one is
+  written, and ``fit`` raises ``TrainingInterrupted``; a resumed run is then bit-identical to an
+  uninterrupted one. A second Ctrl-C stops at once, leaving the previous checkpoint.
+- One process at a time trains in a run directory (``moesaic.train.runlock``); a fresh start
+  refuses a directory that already holds checkpoints.
+- Every run file (config, metrics, tokenizer, routing log) is replaced atomically.
+- ``check_resources`` refuses a run that cannot fit in memory before any work.
 """
 
 from __future__ import annotations
@@ -14,9 +25,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +56,10 @@ from moesaic.parallel import (
     sync_gradients,
 )
 from moesaic.train.checkpoint import (
+    CheckpointError,
     check_fits,
+    list_checkpoints,
+    remove_stale_files,
     resumable_checkpoint,
     save_checkpoint,
     write_atomic,
@@ -49,8 +67,35 @@ from moesaic.train.checkpoint import (
 from moesaic.train.config import RunConfig, config_to_dict
 from moesaic.train.data import TOKENIZER_FILE, PreparedData, prepare_data
 from moesaic.train.guard import CollapseWatch, TrainingGuard, TrainingHalted
+from moesaic.train.resources import check_resources
+from moesaic.train.runlock import RunDirError, RunLock
 
-__all__ = ["Trainer", "TrainResult", "build_model", "evaluate", "lr_factor"]
+__all__ = [
+    "Trainer",
+    "TrainResult",
+    "TrainingInterrupted",
+    "build_model",
+    "evaluate",
+    "lr_factor",
+]
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# What a checkpoint's state must hold for an exact resume.
+RESUME_KEYS = ("optimizer", "scheduler", "sampler", "torch_rng", "python_rng", "evals", "train_s")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped ``fit`` at a step boundary after a checkpoint was written.
+
+    ``signum`` is the signal; ``step`` the step the run stopped at; ``checkpoint`` the
+    checkpoint directory written (None on non-main ranks of a distributed run)."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        saved = f"checkpoint {checkpoint.name} saved" if checkpoint else "checkpoint saved"
+        super().__init__(
+            f"{signal.Signals(signum).name} at step {step}: {saved}; continue with --resume"
+        )
 
 
 @dataclasses.dataclass
@@ -62,6 +107,7 @@ class TrainResult:
     params: ParameterCount
     wall_s: float
     evals: list[dict[str, Any]]
+    trained_steps: int = 0  # steps trained by this call (0: the run had already finished)
 
 
 def build_model(cfg: RunConfig, vocab_size: int, expert_group: object | None = None) -> MoELM:
@@ -120,7 +166,19 @@ class Trainer:
                 f"parallel.expert={cfg.parallel.expert} but the process groups were built with "
                 f"expert size {groups.expert_size}"
             )
+        check_resources(cfg)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = RunLock(self.run_dir)
+        if groups.is_main:  # before anything in the directory is written or removed
+            self._lock.acquire()
+            remove_stale_files(self.run_dir)
+            if not resume and list_checkpoints(self.run_dir / "checkpoints"):
+                self._lock.release()
+                newest = list_checkpoints(self.run_dir / "checkpoints")[-1].name
+                raise RunDirError(
+                    f"{self.run_dir} already holds a run (newest checkpoint {newest}); "
+                    f"--resume continues it, another --run-dir starts a new one"
+                )
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
@@ -144,15 +202,30 @@ class Trainer:
         self.train_s = 0.0  # cumulative seconds spent in training steps (not evals, not saves)
         self.evals: list[dict[str, Any]] = []
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._stop_signal: int | None = None
+        self._saved_step: int | None = None
+        self._saved_path: Path | None = None
+        self._initial: dict[str, Any] | None = None  # the state a rollback returns to
         if resume:
             self._resume()
-        elif groups.is_main:
-            self.metrics_path.write_text("")
+        else:
+            self._initial = self._snapshot()
+            if groups.is_main:
+                write_atomic(self.metrics_path, "")
         if groups.is_main:
-            (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+            write_atomic(self.run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=1))
         self._tensorboard = _tensorboard_writer(self.run_dir) if groups.is_main else None
-        self.routing_log = RoutingLog(
-            self.run_dir, self.data.train.domains, t.log_every, t.steps, self.step, groups.is_main
+        self.routing_log = self._routing_log()
+
+    def _routing_log(self) -> RoutingLog:
+        t = self.cfg.train
+        return RoutingLog(
+            self.run_dir,
+            self.data.train.domains,
+            t.log_every,
+            t.steps,
+            self.step,
+            self.groups.is_main,
         )
 
     def fit(self, max_steps: int | None = None) -> TrainResult:
@@ -173,52 +246,63 @@ class Trainer:
         )
         start, session_s, trained_steps = time.perf_counter(), 0.0, 0
         model.train()
+        if self.groups.is_main:
+            self._lock.acquire()
         try:
-            while self.step < stop_at:
-                t0 = time.perf_counter()
-                row = self._train_step()
-                elapsed = time.perf_counter() - t0
-                session_s += elapsed
-                self.train_s += elapsed
-                trained_steps += 1
-                self.step += 1
-                row["tokens_per_s"] = trained_steps * tokens_per_step / session_s
-                events = row.pop("events")
-                if (
-                    self.step % cfg.train.log_every == 0
-                    or self.step == cfg.train.steps
-                    or row.get("skipped")
-                ):
-                    self._log(row)
-                for event in events:
-                    self._log(event)
-                    self._say(_describe(event))
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{row['loss']:.3f}",
-                    tok_s=f"{row['tokens_per_s']:.0f}",
-                    drop=f"{100 * row['dropped']:.1f}%",
-                )
-                if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
-                    self._eval()
-                if self.step % cfg.train.checkpoint_every == 0 or self.step in (
-                    cfg.train.steps,
-                    stop_at,
-                ):
-                    self.save()
-        except KeyboardInterrupt:
-            bar.close()
-            if not self.groups.distributed:  # a collective save could wait on a dead peer
-                self.save()
-            raise
+            with self._stop_signals():
+                while self.step < stop_at:
+                    t0 = time.perf_counter()
+                    row = self._train_step()
+                    elapsed = time.perf_counter() - t0
+                    if "rollback" in row:
+                        self._rollback(row["rollback"], row["bad"])
+                        bar.reset(total=cfg.train.steps)
+                        bar.update(self.step)
+                        continue
+                    session_s += elapsed
+                    self.train_s += elapsed
+                    trained_steps += 1
+                    self.step += 1
+                    row["tokens_per_s"] = trained_steps * tokens_per_step / session_s
+                    events = row.pop("events")
+                    stop = row.pop("stop")
+                    if (
+                        self.step % cfg.train.log_every == 0
+                        or self.step == cfg.train.steps
+                        or row.get("skipped")
+                    ):
+                        self._log(row)
+                    for event in events:
+                        self._log(event)
+                        self._say(_describe(event))
+                    bar.update(1)
+                    bar.set_postfix(
+                        loss=f"{row['loss']:.3f}",
+                        tok_s=f"{row['tokens_per_s']:.0f}",
+                        drop=f"{100 * row['dropped']:.1f}%",
+                    )
+                    if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
+                        self._eval()
+                    if self.step % cfg.train.checkpoint_every == 0 or self.step in (
+                        cfg.train.steps,
+                        stop_at,
+                    ):
+                        self.save()
+                    if stop or (not self.groups.distributed and self._stop_signal is not None):
+                        self._stop_now()
+                if self._stop_signal is not None:  # arrived during the last step's eval or save
+                    self._stop_now()
         except TrainingHalted as err:  # the report goes into the metrics too
-            self._log({"step": self.step + 1, "event": "halted", "reason": str(err)})
-            raise
+            bar.close()
+            report = TrainingHalted(f"{err} {self._resume_note()}")
+            self._log({"step": self.step + 1, "event": "halted", "reason": str(report)})
+            raise report from None
         finally:
             bar.close()
             self.routing_log.flush()
             if self._tensorboard is not None:
-                self._tensorboard.close()
+                self._tensorboard.flush()
+            self._lock.release()
         tok_s = trained_steps * tokens_per_step / session_s if session_s else 0.0
         return TrainResult(
             run_dir=self.run_dir,
@@ -228,7 +312,54 @@ class Trainer:
             params=count_parameters(model),
             wall_s=time.perf_counter() - start,
             evals=self.evals,
+            trained_steps=trained_steps,
         )
+
+    def close(self) -> None:
+        """Release the run directory's lock before ``fit`` would (a Trainer built only to
+        evaluate or inspect a run); ``fit`` takes it again."""
+        self._lock.release()
+
+    @contextmanager
+    def _stop_signals(self):
+        """SIGINT and SIGTERM only set a flag that the loop reads at the next step boundary;
+        a second SIGINT raises KeyboardInterrupt at once (the previous checkpoint stays)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be installed from the main thread
+            return
+
+        def handler(signum: int, frame: object) -> None:
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            if self.groups.is_main:  # os.write: safe even if the signal interrupted a print
+                note = (
+                    f"\nmoesaic: {signal.Signals(signum).name} received: stopping after the "
+                    f"current step and saving a checkpoint (Ctrl-C again stops at once)\n"
+                )
+                try:
+                    os.write(2, note.encode())
+                except OSError:
+                    pass
+
+        previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _stop_now(self) -> None:
+        """Checkpoint the finished step (unless it just was) and raise TrainingInterrupted."""
+        path = self.save() if self._saved_step != self.step else self._saved_path
+        signum = self._stop_signal if self._stop_signal is not None else signal.SIGTERM
+        raise TrainingInterrupted(signum, self.step, path)
+
+    def _resume_note(self) -> str:
+        found = list_checkpoints(self.run_dir / "checkpoints")
+        if not found:
+            return "No checkpoint was written yet: fix the cause and start the run again."
+        return f"The newest checkpoint, {found[-1].name}, is intact: fix the cause and --resume."
 
     def _train_step(self) -> dict[str, Any]:
         batch = self.sampler.next_batch()
@@ -241,13 +372,19 @@ class Trainer:
         sync_gradients(self.model, self.groups)
         # The global norm (every rank gets the same), clipping only when grad_clip > 0.
         grad_norm = clip_grad_norm(self.model, self.cfg.optim.grad_clip or math.inf, self.groups)
-        loss_v, ce_v, aux_v = _mean_over_ranks([loss, ce, aux], self.groups)
+        # The stop flag rides along, so every rank stops after the same step.
+        flag = torch.tensor(float(self._stop_signal is not None))
+        loss_v, ce_v, aux_v, stop_v = _mean_over_ranks([loss, ce, aux, flag], self.groups)
         step = self.step + 1
         skip = self.guard.skip_step(step, {"loss": loss_v, "ce": ce_v, "aux": aux_v}, grad_norm)
         if skip:  # no update at all: weights and optimizer moments stay as they were
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
+            bad = self._nonfinite_parameters()
+            if bad:
+                self.guard.bad_update(step, bad)  # raises TrainingHalted when it must stop
+                return {"rollback": step, "bad": bad}
             self.collapse.record()
         self.scheduler.step()  # the schedule follows the step count, skipped or not
         row = {
@@ -258,23 +395,46 @@ class Trainer:
             "grad_norm": grad_norm,
             "lr": self.scheduler.get_last_lr()[0],
             "dropped": _dropped_fraction(self.model),
+            "stop": stop_v > 0,
         }
         if skip:
             row.update(skipped=True, skipped_steps=self.guard.skipped)
-            self._say(
-                f"step {step}: non-finite loss or gradients, step skipped "
-                f"({self.guard.skipped} so far)"
+            why = (
+                "its update was rolled back before"
+                if step in self.guard.bad_updates
+                else "non-finite loss or gradients"
             )
+            self._say(f"step {step}: {why}, step skipped ({self.guard.skipped} so far)")
         spike = None if skip else self.guard.spike(step, loss_v)
         row["events"] = [spike] if spike else []
         return row
 
+    def _nonfinite_parameters(self) -> list[str]:
+        """Names of parameters holding inf or NaN after the update (any rank's, on every rank).
+        One max-abs pass over the weights: cheap next to the optimizer's own passes."""
+        params = [p.detach() for p in self.model.parameters()]
+        peak = torch.nn.utils.get_total_norm(params, norm_type=math.inf, foreach=True)
+        bad_here = not bool(torch.isfinite(peak))
+        if self.groups.distributed:
+            flag = torch.tensor([float(bad_here)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            bad_anywhere = bool(flag.item())
+        else:
+            bad_anywhere = bad_here
+        if not bad_anywhere:
+            return []
+        names = [n for n, p in self.model.named_parameters() if not p.isfinite().all()]
+        return names or ["(on another rank)"]
+
     def _eval(self) -> None:
-        row = {
-            "step": self.step,
-            "val_loss": evaluate(self.model, self.val_batches),
-            "train_s": self.train_s,
-        }
+        loss = evaluate(self.model, self.val_batches)
+        if not math.isfinite(loss):  # finite weights can still give inf: never checkpoint it
+            raise TrainingHalted(
+                f"step {self.step}: the validation loss is {loss}: the weights are finite but "
+                f"the model's outputs are not (too large a learning rate?); this step is not "
+                f"checkpointed."
+            )
+        row = {"step": self.step, "val_loss": loss, "train_s": self.train_s}
         self.evals.append(row)
         self._log(row)
         for event in self.collapse.at_eval(self.step, self.groups.distributed):
@@ -296,14 +456,11 @@ class Trainer:
                 if key != "step":
                     self._tensorboard.add_scalar(key, value, row["step"])
 
-    def save(self) -> Path | None:
-        """Checkpoint (collective under expert parallelism; rank 0 writes). The files have the
-        single-process layout whatever the expert-parallel size."""
-        weights = full_state_dict(self.model, self.groups)
-        optimizer = full_optimizer_state(self.optimizer, self.model, self.groups)
-        if not self.groups.is_main:
-            return None
-        state = {
+    def _state(self, optimizer: dict[str, Any]) -> dict[str, Any]:
+        """Everything but the weights that an exact resume needs (plain data: tensors, numbers,
+        strings), and the run's config, which survives in every checkpoint should config.json
+        be lost."""
+        return {
             "step": self.step,
             "train_s": self.train_s,
             "optimizer": optimizer,
@@ -314,37 +471,113 @@ class Trainer:
             "evals": [dict(e) for e in self.evals],
             "guard": self.guard.state_dict(),
             "collapse": self.collapse.state_dict(),
+            "config": json.dumps(config_to_dict(self.cfg)),
         }
-        return save_checkpoint(
+
+    def save(self) -> Path | None:
+        """Checkpoint (collective under expert parallelism; rank 0 writes). The files have the
+        single-process layout whatever the expert-parallel size."""
+        weights = full_state_dict(self.model, self.groups)
+        optimizer = full_optimizer_state(self.optimizer, self.model, self.groups)
+        self._saved_step, self._saved_path = self.step, None
+        if not self.groups.is_main:
+            return None
+        self._saved_path = save_checkpoint(
             self.run_dir / "checkpoints",
             self.step,
             weights,
-            state,
+            self._state(optimizer),
             keep=self.cfg.train.keep_checkpoints,
         )
+        self._initial = None  # from now on a rollback returns to a checkpoint
+        return self._saved_path
+
+    def _snapshot(self) -> dict[str, Any]:
+        """The initial state, kept in memory until the first checkpoint (a copy of the
+        weights; the optimizer has no state yet)."""
+        return {
+            "weights": {k: v.clone() for k, v in self.model.state_dict().items()},
+            **self._state(optimizer=self.optimizer.state_dict()),
+        }
 
     def _resume(self) -> None:
-        found = resumable_checkpoint(self.run_dir / "checkpoints", self._say)
+        expected = full_state_dict(self.model, self.groups)
+
+        def fits(weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+            check_fits(expected, weights, Path("model.safetensors"))
+            missing = [k for k in RESUME_KEYS if k not in state]
+            if missing:
+                raise CheckpointError(f"state.pt lacks the training state {missing}")
+
+        found = resumable_checkpoint(self.run_dir / "checkpoints", self._say, check=fits)
         if found is None:
             raise FileNotFoundError(f"--resume: {self.run_dir}/checkpoints has no checkpoint yet")
         path, weights, state = found
-        check_fits(full_state_dict(self.model, self.groups), weights, path / "model.safetensors")
-        load_sharded(self.model, weights, self.groups)
+        self._restore(weights, state, sharded=False)
+        self._saved_step, self._saved_path = self.step, path
+        if self.groups.is_main:
+            _truncate_metrics(self.metrics_path, self.step)
+
+    def _restore(self, weights: dict[str, torch.Tensor], state: dict[str, Any], sharded: bool):
+        """Load weights and training state (full single-process layout, or this rank's own
+        tensors when ``sharded``)."""
+        if sharded:
+            self.model.load_state_dict(weights)
+        else:
+            load_sharded(self.model, weights, self.groups)
         g = self.groups
-        self.optimizer.load_state_dict(
-            shard_optimizer_state(state["optimizer"], self.optimizer, self.model, g)
+        self.optimizer = _adamw(self.model, self.cfg)
+        o, t = self.cfg.optim, self.cfg.train
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, o.warmup_steps, t.steps, o.min_lr_ratio)
         )
+        optimizer = state["optimizer"]
+        if not sharded:
+            optimizer = shard_optimizer_state(optimizer, self.optimizer, self.model, g)
+        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(_python_rng_from_state(state["python_rng"]))
-        self.step, self.evals = int(state["step"]), list(state["evals"])
+        self.step, self.evals = int(state["step"]), [dict(e) for e in state["evals"]]
         self.train_s = float(state["train_s"])
         if "guard" in state:  # checkpoints from before the guard have none
             self.guard.load_state_dict(state["guard"])
             self.collapse.load_state_dict(state["collapse"])
+
+    def _rollback(self, bad_step: int, names: list[str]) -> None:
+        """Step ``bad_step``'s update left non-finite weights: return to the newest good
+        checkpoint (or the initial state) and replay with that update left out."""
+        left_out = set(self.guard.bad_updates)
+        if self._initial is not None:
+            self._restore(self._initial["weights"], self._initial, sharded=True)
+            where = "the initial state"
+        else:
+            found = resumable_checkpoint(self.run_dir / "checkpoints", self._say)
+            if found is None:
+                raise TrainingHalted(
+                    f"step {bad_step}: the update made the weights non-finite and no good "
+                    f"state is left to roll back to."
+                )
+            self._restore(found[1], found[2], sharded=False)
+            where = f"checkpoint {found[0].name}"
+        self.guard.bad_updates |= left_out
+        self._saved_step = self.step
         if self.groups.is_main:
             _truncate_metrics(self.metrics_path, self.step)
+        self.routing_log = self._routing_log()
+        event = {
+            "step": bad_step,
+            "event": "rollback",
+            "to_step": self.step,
+            "parameters": names[:5],
+        }
+        self._log(event)
+        self._say(
+            f"step {bad_step}: the update made {len(names)} parameter tensor(s) non-finite "
+            f"({', '.join(names[:3])}); rolled back to {where} (step {self.step}), replaying "
+            f"without that update"
+        )
 
 
 def _adamw(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -409,7 +642,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue
         if isinstance(row, dict) and row.get("step", step + 1) <= step:
             kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
+    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _tensorboard_writer(run_dir: Path):

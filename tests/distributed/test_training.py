@@ -77,6 +77,7 @@ def test_a_checkpoint_saved_with_expert_parallel_2_loads_with_sizes_1_and_4(tmp_
     saved = [r["val_loss"] for r in _rows(run) if "val_loss" in r][-1]
     one = load_run(run)  # single process, all experts
     trainer = Trainer(_cfg(1), run, progress=False, resume=True)
+    trainer.close()  # the run directory's lock: the ranks below open the run too
     assert one.model.blocks[1].ffn.experts.w1.shape[0] == 4
     assert evaluate(one.model, trainer.val_batches) == pytest.approx(saved, rel=1e-5)
     run_distributed(_eval_body, 4, 4, str(run), str(tmp_path / "ep4.json"))

@@ -29,6 +29,13 @@ BAD_OPTIONS = [
     ("train", ["--resume"], "--resume and --auto-resume need --run-dir"),
     ("train", ["--auto-resume"], "--resume and --auto-resume need --run-dir"),
     ("train", ["--resume", "--run-dir", "MISSING"], "is not a run directory"),
+    # valid field by field, impossible on any machine: refused before any work by the memory bound
+    ("train", ["--set", "model.num_experts=100000000"], "the run needs at least"),
+    ("train", ["--set", "model.d_model=1048576"], "the run needs at least"),
+    ("train", ["--set", "model.n_layers=100000"], "the run needs at least"),
+    ("train", ["--set", "data.batch_size=1000000000"], "the run needs at least"),
+    ("train", ["--set", "data.eval_batches=1000000000"], "data.eval_batches=1000000000"),
+    ("train", ["--set", "train.threads=100000"], "train.threads=100000 must be <="),
     ("compare", ["--set", "model.top_k=40"], "model.top_k=40 must be <= model.num_experts"),
     ("generate", ["--run", "RUN", "--prompt", ""], "--prompt must not be empty"),
     ("generate", ["--run", "RUN", "--prompt", "x" * 40], "--prompt is 40 tokens; the model's"),

@@ -67,7 +67,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, referen
     assert resumed.returncode == 0, err[-3000:]
     if damage:
         assert f"checkpoint {newest.name} is unusable (" in err and "model.safetensors" in err
-        assert "resuming from the previous good checkpoint step-" in err
+        assert "using the previous good checkpoint step-" in err
     else:
         assert "unusable" not in err
     ref_run, ref_proc = reference

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from moesaic.train.checkpoint import latest_checkpoint, load_checkpoint
+from moesaic.train.checkpoint import CheckpointWriteError, latest_checkpoint, load_checkpoint
 from moesaic.train.config import apply_overrides
 from moesaic.train.recipes import get_recipe
 from moesaic.train.trainer import Trainer, build_model
@@ -62,7 +62,10 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path, m
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr("moesaic.train.checkpoint.torch.save", crash)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(
+        CheckpointWriteError,
+        match=r"step-000020 \(OSError: disk full \(simulated\)\);.*step-000010 is intact",
+    ):
         trainer.fit()  # runs to step 20, then the save fails half-way
     monkeypatch.undo()
     assert latest_checkpoint(ckpt_dir) == before

@@ -48,7 +48,7 @@ BAD = {
     "data.val_fraction": ("1.0", "data.val_fraction=1.0 must be in (0, 1)"),
     "data.eval_batches": ("0", "data.eval_batches=0 must be >= 1"),
     "data.seed": ("-1", "data.seed=-1 must be an int >= 0"),
-    "optim.lr": ("0", "optim.lr=0.0 must be > 0"),
+    "optim.lr": ("0", "optim.lr=0.0 must be in (0, 1.0]"),
     "optim.min_lr_ratio": ("2", "optim.min_lr_ratio=2.0 must be <= 1"),
     "optim.warmup_steps": ("-1", "optim.warmup_steps=-1 must be >= 0"),
     "optim.weight_decay": ("-1", "optim.weight_decay=-1.0 must be a finite float >= 0"),
@@ -134,3 +134,16 @@ def test_a_value_of_the_wrong_type_fails_naming_the_field_and_type(path):
 )
 def test_incompatible_combinations_fail_naming_the_fields(overrides, message):
     assert message in _fails(overrides)
+
+
+# Values that pass every lower bound but have no sensible meaning: refused by an upper bound.
+TOO_LARGE = {
+    "optim.lr": ("1e308", "optim.lr=1e+308 must be in (0, 1.0]"),
+    "train.steps": ("100000000000000000000000", "train.steps=100000000000000000000000 must be <="),
+}
+
+
+@pytest.mark.parametrize("path", sorted(TOO_LARGE))
+def test_a_value_past_its_upper_bound_fails_in_one_line(path):
+    raw, message = TOO_LARGE[path]
+    assert message in _fails([f"{path}={raw}"])
