@@ -75,7 +75,8 @@ def test_a_second_process_on_the_run_directory_is_refused_with_the_holders_pid(t
             sys.executable,
             "-c",
             "import sys, time; from moesaic.train.runlock import RunLock; "
-            f"lock = RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)",
+            f"lock = RunLock({str(tmp_path)!r}).acquire(); "
+            "print('held', flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,
         text=True,
