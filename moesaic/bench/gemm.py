@@ -37,6 +37,7 @@ from moesaic.bench.layer import BlockedDense, OneDNNBlockedDense, _infer, _step
 from moesaic.experts import threads as expert_threads
 from moesaic.experts.ffn import Experts, expert_weights
 from moesaic.experts.gemm import onednn_available, packable
+from moesaic.kernels.cpu.capability import cpu_capability
 from moesaic.layer import MoE
 
 __all__ = ["main", "products", "workers", "sizes", "packed", "weights", "shared_weights"]
@@ -156,6 +157,11 @@ def _changing_step(layer: MoE, xs: list[torch.Tensor], g: torch.Tensor) -> Calla
 def packed(d_model: int, d_ff: int, repeats: int, dtype: torch.dtype = torch.float32) -> list[str]:
     """Forward-only ms of the layer unpacked and packed, and both over the dense limit (the
     faster of the torch.mm and the oneDNN token-blocked dense FFN, as in peers.py)."""
+    if not onednn_available(dtype):
+        return [
+            f"packing {str(dtype).removeprefix('torch.')} weights is not available on this CPU "
+            f"({cpu_capability().describe()}): such experts run on torch.mm unpacked"
+        ]
     lines = [
         "| T | E | k | rows/expert | family | fwd ms | packed fwd ms | limit ms | / limit | "
         "packed / limit |",

@@ -26,6 +26,7 @@ from moesaic.experts.gemm import (
 )
 from moesaic.experts.gradpool import GradPool
 from moesaic.experts.sliced import records_autograd, sliced_ffn
+from moesaic.kernels.cpu.capability import cpu_capability
 
 __all__ = ["Experts", "ACTIVATIONS", "expert_weights"]
 
@@ -144,6 +145,12 @@ class Experts(nn.Module):
             raise ValueError(
                 f"pack_for_inference needs fp32 or bf16 weights on CPU and a torch with oneDNN; "
                 f"the experts are {w.dtype} on {w.device}"
+            )
+        if not onednn_available(w.dtype):
+            raise ValueError(
+                f"pack_for_inference: oneDNN cannot run {w.dtype} products on this CPU "
+                f"({cpu_capability().describe()}), so these experts run on torch.mm unpacked "
+                "(pack_experts skips them)"
             )
         if not packable(self.gemm, w, self.d_model * self.d_ff):
             raise ValueError(

@@ -38,6 +38,8 @@ import functools
 import torch
 from torch.nn import functional as F
 
+from moesaic.kernels.cpu.capability import cpu_capability
+
 __all__ = [
     "ACT",
     "BACKENDS",
@@ -105,27 +107,27 @@ ACT = {
 }
 
 
-@functools.cache
-def onednn_available() -> bool:
-    """torch was built with oneDNN and registers its fused linear op."""
-    try:
-        return torch.backends.mkldnn.is_available() and hasattr(
-            torch.ops.mkldnn, "_linear_pointwise"
-        )
-    except (AttributeError, RuntimeError):
-        return False
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """oneDNN's fused linear runs, and matches ``F.linear``, in ``dtype`` on this CPU and torch
+    build (probed once: ``moesaic.kernels.cpu.cpu_capability``). bf16 needs AVX-512 BW/VL/DQ or
+    AVX-NE-CONVERT on x86; on other CPUs the products stay on torch.mm."""
+    cap = cpu_capability()
+    if dtype == torch.bfloat16:
+        return cap.onednn_bf16
+    return dtype == torch.float32 and cap.onednn_fp32
 
 
 def use_onednn(backend: str, t: torch.Tensor, weight_numel: int) -> bool:
     """Whether ``backend`` ("auto" | "onednn" | "torch") runs the products of ``t`` with expert
-    weights of ``weight_numel`` elements (D * F) on oneDNN: CPU tensors on a torch with oneDNN;
-    "auto" takes fp32 with weights of at least ``MIN_WEIGHT`` elements, "onednn" fp32 and bf16
-    of any size. In bf16 torch.mm already calls oneDNN's matmul, and measured faster than this
-    path (peers report)."""
-    if backend == "torch" or t.device.type != "cpu" or not onednn_available():
+    weights of ``weight_numel`` elements (D * F) on oneDNN: CPU tensors in a dtype oneDNN runs on
+    this CPU (``onednn_available``); "auto" takes fp32 with weights of at least ``MIN_WEIGHT``
+    elements, "onednn" fp32 and bf16 of any size. In bf16 torch.mm already calls oneDNN's
+    matmul, and measured faster than this path (peers report). Where the CPU cannot run a
+    requested path, torch.mm computes the same products."""
+    if backend == "torch" or t.device.type != "cpu" or not onednn_available(t.dtype):
         return False
     if backend == "onednn":
-        return t.dtype in (torch.float32, torch.bfloat16)
+        return True
     return t.dtype == torch.float32 and weight_numel >= MIN_WEIGHT
 
 

@@ -6,6 +6,7 @@ import torch
 import moesaic as ms
 from moesaic.experts import gemm
 from moesaic.experts.reference import reference_ffn
+from moesaic.kernels.cpu.capability import cpu_capability
 
 needs_onednn = pytest.mark.skipif(
     not gemm.onednn_available(), reason="this torch build has no oneDNN (x86 wheels all do)"
@@ -115,7 +116,11 @@ def test_backend_choice():
     assert not gemm.use_onednn("auto", cpu, small)  # small experts stay on torch.mm
     assert gemm.use_onednn("onednn", cpu, small) == gemm.onednn_available()
     assert not gemm.use_onednn("auto", cpu.bfloat16(), big)
-    assert gemm.use_onednn("onednn", cpu.bfloat16(), small) == gemm.onednn_available()
+    # bf16 on oneDNN where the CPU runs it (AVX-512 BW/VL/DQ, AVX-NE-CONVERT), else torch.mm
+    bf16 = cpu_capability().onednn_bf16
+    assert gemm.use_onednn("onednn", cpu.bfloat16(), small) == bf16
+    assert gemm.onednn_available(torch.bfloat16) == bf16
+    assert gemm.onednn_available() == cpu_capability().onednn_fp32
     with pytest.raises(ValueError, match="gemm"):
         ms.Experts(2, 4, 8, gemm="mkl")
 

@@ -10,6 +10,7 @@ import moesaic as ms
 from moesaic.experts import gemm
 from moesaic.experts.reference import reference_ffn
 from moesaic.inference import pack_experts, unpack_experts
+from moesaic.kernels.cpu.capability import cpu_capability
 
 pytestmark = pytest.mark.skipif(
     not gemm.onednn_available(), reason="this torch build has no oneDNN (x86 wheels all do)"
@@ -121,6 +122,26 @@ def _count_pack_uses(monkeypatch) -> list[torch.dtype]:
     return used
 
 
+def test_bf16_packing_where_the_cpu_cannot_run_it_says_so_and_pack_experts_skips_it():
+    layer = ms.MoE(16, 24, 4, expert_gemm="onednn").to(torch.bfloat16)
+    if cpu_capability().onednn_bf16:
+        assert pack_experts(layer) == 1
+    else:
+        with pytest.raises(ValueError, match="oneDNN cannot run torch.bfloat16 products on this"):
+            layer.experts.pack_for_inference()
+        assert pack_experts(layer) == 0 and layer.experts.packs is None
+        x = torch.randn(10, 16, dtype=torch.bfloat16)
+        with torch.inference_mode():  # the unpacked layer still runs (on torch.mm)
+            assert layer(x).dtype == torch.bfloat16
+
+
+needs_bf16 = pytest.mark.skipif(
+    not cpu_capability().onednn_bf16,
+    reason="oneDNN bf16 needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT; the test above covers the rest",
+)
+
+
+@needs_bf16
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_bf16_packed_forward_equals_the_reference(activation, monkeypatch):
     torch.manual_seed(0)
@@ -136,6 +157,7 @@ def test_bf16_packed_forward_equals_the_reference(activation, monkeypatch):
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
 
 
+@needs_bf16
 def test_bf16_packing_under_auto_follows_the_size_rule():
     big = ms.Experts(2, 512, 512, dtype=torch.bfloat16)  # D*F = 262144 = gemm.MIN_WEIGHT
     assert big.pack_for_inference().packs is not None

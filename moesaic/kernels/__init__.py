@@ -1,0 +1,1 @@
+"""Device-specific kernels behind the portable expert path (``moesaic.kernels.cpu``)."""

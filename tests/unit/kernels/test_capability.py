@@ -1,0 +1,56 @@
+"""The CPU capability probe decides every oneDNN path: it agrees with the CPU's instruction-set
+flags on x86, and where it says no, every path falls back to torch.mm with the same results."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import platform
+
+import pytest
+import torch
+
+import moesaic as ms
+from moesaic.experts import gemm
+from moesaic.experts.reference import reference_moe
+from moesaic.kernels.cpu import capability
+from moesaic.kernels.cpu.capability import cpu_capability
+from tests.cases import capture_routing
+
+
+def test_the_probe_agrees_with_the_instruction_set_flags():
+    cap = cpu_capability()
+    assert cap.arch == platform.machine() and cap.isa
+    if cap.arch in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available():
+        assert cap.onednn_fp32  # every x86 wheel bundles oneDNN, which runs fp32 on AVX2
+        flags = set(cap.flags)
+        # oneDNN's bf16 linear needs AVX-512 BW, VL and DQ, or AVX-NE-CONVERT
+        expected = {"avx512_bw", "avx512_vl", "avx512_dq"} <= flags or "avx_ne_convert" in flags
+        assert cap.onednn_bf16 == expected, cap.describe()
+    assert "oneDNN fp32" in cap.describe() and cap.name in cap.describe()
+
+
+def test_a_probe_that_fails_turns_its_path_off(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("could not create a primitive descriptor")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", broken, raising=False)
+    assert not capability._probe(torch.float32)
+    assert not capability._probe(torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_without_onednn_every_expert_path_runs_on_torch_mm_and_matches(monkeypatch, dtype):
+    off = dataclasses.replace(cpu_capability(), onednn_fp32=False, onednn_bf16=False)
+    monkeypatch.setattr(gemm, "cpu_capability", lambda: off)
+    assert not gemm.use_onednn("onednn", torch.zeros(1, dtype=dtype), gemm.MIN_WEIGHT)
+    assert not gemm.gate_onednn(torch.zeros(4096, 8), torch.float32)
+    torch.manual_seed(0)
+    layer = ms.MoE(16, 32, 4, router="topk", top_k=2, expert_gemm="onednn").to(dtype)
+    x = torch.randn(600, 16, dtype=dtype)
+    seen = capture_routing(layer)
+    y = layer(x)
+    with torch.no_grad():
+        want = reference_moe(x.float(), seen[-1], copy.deepcopy(layer.experts).float())
+    tol = {"atol": 3e-2, "rtol": 3e-2} if dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(y.float(), want, **tol)
