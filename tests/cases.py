@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 from typing import Any
 
+import pytest
 import torch
 
 import moesaic as ms
@@ -70,3 +71,17 @@ def capture_routing(layer: ms.MoE) -> list[ms.Routing]:
     seen: list[ms.Routing] = []
     layer.router.register_forward_hook(lambda module, args, out: seen.append(out))
     return seen
+
+
+def require_debian(*packages: str) -> None:
+    """Fail (never skip) a test whose Debian data is missing, naming the command that fixes it:
+    every machine that runs README's test command has it."""
+    from moesaic.data.debian import install_line, missing
+
+    absent = missing(packages)
+    if absent:
+        pytest.fail(
+            f"needs the Debian packages {', '.join(absent)}: run `moesaic data install --yes` "
+            f"({install_line(absent)})",
+            pytrace=False,
+        )

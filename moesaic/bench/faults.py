@@ -306,13 +306,22 @@ def sigkill_train(work: Path, refs: References, rng: random.Random) -> Drill:
 _SAVE_KILLER = """
 import os, signal, sys
 from moesaic.train import checkpoint
-n, calls, real = int(sys.argv[1]), [0], checkpoint._fsync
+import moesaic.train.trainer as trainer
+n, calls, inside = int(sys.argv[1]), [0], [False]
+real_fsync, real_save = checkpoint._fsync, trainer.save_checkpoint
 def fsync(path):
-    calls[0] += 1
-    if calls[0] == n:
-        os.kill(os.getpid(), signal.SIGKILL)
-    real(path)
-checkpoint._fsync = fsync
+    if inside[0]:  # only a save's fsyncs: run files are written atomically too
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+    real_fsync(path)
+def save(*args, **kwargs):
+    inside[0] = True
+    try:
+        return real_save(*args, **kwargs)
+    finally:
+        inside[0] = False
+checkpoint._fsync, trainer.save_checkpoint = fsync, save
 from moesaic.cli.train import main
 sys.exit(main(sys.argv[2:]))
 """

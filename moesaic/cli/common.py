@@ -38,11 +38,19 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     try:
-        return apply_overrides(get_recipe(args.recipe), args.overrides)
+        recipe = get_recipe(args.recipe)
+        cfg = apply_overrides(recipe, args.overrides)
     except ConfigError:
         raise
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if recipe.model.is_moe and not cfg.model.is_moe and cfg.recipe == recipe.recipe:
+        raise ConfigError(
+            f"--set model.num_experts=0 would train a dense model under the MoE recipe's name "
+            f"{recipe.recipe!r}; the dense baseline has its own recipe (lm-dense-tiny for "
+            f"lm-moe-tiny), or also --set recipe=NAME"
+        )
+    return cfg
 
 
 def saved_config(run_dir: Path, overrides: list[str]) -> RunConfig:

@@ -37,16 +37,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"{flag}={value} must be {rule}")
     run = load_run(args.run)
     prompt = [int(i) for i in run.tokenizer.encode(args.prompt)]
-    room = run.cfg.model.max_seq_len - len(prompt)
+    context = run.cfg.model.max_seq_len
+    room = context - len(prompt)
     if room < 1:
+        parser.error(f"--prompt is {len(prompt)} tokens; the model's context is {context}")
+    if args.max_new_tokens > room:  # no sliding window: say so before generating anything
         parser.error(
-            f"--prompt is {len(prompt)} tokens; the model's context is {run.cfg.model.max_seq_len}"
+            f"--max-new-tokens={args.max_new_tokens} must be <= {room}: the model's context is "
+            f"{context} tokens (model.max_seq_len) and the prompt takes {len(prompt)}"
         )
     try:
         ids = generate_ids(
             run.model,
             prompt,
-            min(args.max_new_tokens, room),
+            args.max_new_tokens,
             temperature=args.temperature,
             top_k=args.top_k or None,
             top_p=args.top_p,

@@ -18,6 +18,7 @@ COMMANDS = {
     "bench": ("moesaic.bench.layer", "time the MoE layer against a naive loop and a dense FFN"),
     "report": ("moesaic.cli.report", "parameters, FLOPs, energy, routing and plots of a run"),
     "upcycle": ("moesaic.cli.upcycle", "turn a trained dense run into an MoE run and train it"),
+    "data": ("moesaic.cli.data", "the Debian packages the corpora, datasets and tests read"),
     "skillnet": (
         "moesaic.cli.skillnet",
         "SkillNet on text, image, sound, video, code: train|eval|retrieve",

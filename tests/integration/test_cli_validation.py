@@ -40,6 +40,12 @@ BAD_OPTIONS = [
     ("generate", ["--run", "RUN", "--prompt", ""], "--prompt must not be empty"),
     ("generate", ["--run", "RUN", "--prompt", "x" * 40], "--prompt is 40 tokens; the model's"),
     ("generate", ["--run", "RUN", "--prompt", "a", "--max-new-tokens", "-1"], "--max-new-tokens"),
+    (
+        "generate",
+        ["--run", "RUN", "--prompt", "ab", "--max-new-tokens", "100000"],
+        "--max-new-tokens=100000 must be <= 30: the model's context is 32 tokens",
+    ),
+    ("train", ["--set", "model.num_experts=0"], "would train a dense model under the MoE recipe"),
     ("generate", ["--run", "RUN", "--prompt", "a", "--temperature", "-0.5"], "--temperature"),
     ("generate", ["--run", "RUN", "--prompt", "a", "--temperature", "nan"], "--temperature=nan"),
     ("generate", ["--run", "RUN", "--prompt", "a", "--top-k", "-3"], "--top-k=-3 must be >= 0"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 
 import pytest
@@ -16,6 +15,7 @@ from moesaic.train.compare import run_compare
 from moesaic.train.config import apply_overrides
 from moesaic.train.recipes import get_recipe
 from moesaic.train.trainer import Trainer
+from tests.cases import require_debian
 
 SHORT = ["train.steps=10", "train.eval_every=5", "train.log_every=5", "data.corpus=mixture"]
 
@@ -86,11 +86,8 @@ def _loaded_images(page, tmp_path) -> tuple[int, int]:
     return int(body.group(1)), int(body.group(2))
 
 
-@pytest.mark.skipif(
-    shutil.which("chromium") is None,
-    reason="Debian package 'chromium' is not installed (.ci/run installs it)",
-)
 def test_report_renders_every_image_in_headless_chromium(run, tmp_path):
+    require_debian("chromium")
     run_dir, _ = run
     page = build_report(run_dir).html_path.read_text()
     assert _loaded_images(page, tmp_path) == (4, 4)

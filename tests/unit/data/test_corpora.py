@@ -5,6 +5,7 @@ import pytest
 
 import moesaic.data as md
 from moesaic.data import corpora
+from tests.cases import require_debian
 
 MISSING = Path("/nonexistent/moesaic-test")
 
@@ -122,11 +123,12 @@ def test_mixture_budget_must_be_positive():
         md.load_mixture(budget_bytes=0)
 
 
-# Real data: each runs where its Debian package is installed (CI installs them all).
+# Real data: a missing Debian package fails the test with the command that installs it
+# (README's test command runs `moesaic data install --yes` first).
 
 
-@pytest.mark.skipif(not _installed("bible-kjv"), reason="needs apt-get install -y bible-kjv")
 def test_kjv_has_66_books_and_31102_verses():
+    require_debian("bible-kjv")
     docs = md.load_corpus("kjv")
     assert len(docs) == 66 and {d.domain for d in docs} == {"kjv"}
     # Numbered books prove headers are matched before verses (DATA.md 1a: else 31,331).
@@ -136,24 +138,24 @@ def test_kjv_has_66_books_and_31102_verses():
     assert docs[0].text.startswith("In the beginning God created the heaven and the earth.\n")
 
 
-@pytest.mark.skipif(not _installed("python3.11-doc"), reason="needs python3.11-doc")
 def test_pydocs_are_the_rst_sources_labelled_by_folder():
+    require_debian("python3.11-doc")
     docs = md.load_corpus("pydocs")
     assert len(docs) > 400 and 8_000_000 < _bytes(docs) < 14_000_000
     assert {"library", "whatsnew", "tutorial", "reference"} <= {d.domain for d in docs}
     assert all(d.name.endswith(".rst.txt") for d in docs)
 
 
-@pytest.mark.skipif(not _installed("wordnet-base"), reason="needs wordnet-base")
 def test_wordnet_has_every_synset_gloss_in_45_lexicographer_files():
+    require_debian("wordnet-base")
     docs = md.load_corpus("wordnet")
     assert len(docs) == 45 and sum(d.text.count("\n") for d in docs) == 117_659
     animal = next(d.text for d in docs if d.name == "wordnet/noun.animal")
     assert "\ndog, domestic dog, Canis familiaris: a member of the genus Canis" in animal
 
 
-@pytest.mark.skipif(not _installed("fortunes-min", "fortunes"), reason="needs fortunes")
 def test_fortunes_are_english_categories_without_markup():
+    require_debian("fortunes-min", "fortunes")
     docs = md.load_corpus("fortunes")
     names = {d.name for d in docs}
     assert len(docs) >= 40 and {"fortunes/fortunes", "fortunes/computers"} <= names
@@ -161,8 +163,8 @@ def test_fortunes_are_english_categories_without_markup():
     assert not any("." in n or "\x1b" in d.text or "\n%\n" in d.text for n, d in zip(names, docs))
 
 
-@pytest.mark.skipif(not _installed("jargon-text"), reason="needs jargon-text")
 def test_jargon_file_is_split_into_its_parts():
+    require_debian("jargon-text")
     docs = md.load_corpus("jargon")
     names = [d.name.removeprefix("jargon/") for d in docs]
     letters = list("0ABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -175,8 +177,7 @@ ALL_PACKAGES = ("bible-kjv", "python3.11-doc", "wordnet-base", "fortunes-min", "
 
 @pytest.fixture(scope="module")
 def mixture():
-    if not _installed(*ALL_PACKAGES, "jargon-text"):
-        pytest.skip("needs every Debian corpus package")
+    require_debian(*ALL_PACKAGES, "jargon-text")
     return md.load_corpus("mixture")
 
 
