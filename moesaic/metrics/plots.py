@@ -10,7 +10,15 @@ import io
 from collections import defaultdict
 from typing import Any
 
-__all__ = ["require_matplotlib", "loss_curves", "routing_curves", "expert_load", "affinity_maps"]
+__all__ = [
+    "require_matplotlib",
+    "loss_curves",
+    "routing_panels",
+    "routing_curves",
+    "expert_load",
+    "sampled_affinity",
+    "affinity_maps",
+]
 
 _DPI = 100
 
@@ -28,6 +36,9 @@ def require_matplotlib():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+TITLE_SIZE = 13  # panel titles: readable in the HTML report at its 1200-pixel width
 
 
 def _png(fig) -> bytes:
@@ -65,22 +76,44 @@ def _by_layer(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return dict(layers)
 
 
-def routing_curves(rows: list[dict[str, Any]]) -> bytes:
-    """Load CV, router entropy, dropped fraction and dead experts over training, per layer."""
-    plt = require_matplotlib()
-    keys = (
+def routing_panels(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(key, title) of the routing panels worth drawing for ``rows``."""
+    keys = [
         ("load_cv", "load coefficient of variation"),
         ("entropy", "router entropy (nats)"),
         ("dropped_fraction", "dropped fraction"),
         ("dead_experts", "dead experts"),
-    )
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+    ]
+    if not any(r["dropped_fraction"] for r in rows):
+        keys.remove(("dropped_fraction", "dropped fraction"))
+    return keys
+
+
+def sampled_affinity(affinity: dict[str, Any]) -> tuple[list[str], dict[str, list]]:
+    """(labels, layer -> rows) of affinity.json without the labels no layer saw a token of."""
+    sampled = [
+        i
+        for i in range(len(affinity["labels"]))
+        if any(sum(counts[i]) for counts in affinity["layers"].values())
+    ]
+    labels = [affinity["labels"][i] for i in sampled]
+    layers = {name: [counts[i] for i in sampled] for name, counts in affinity["layers"].items()}
+    return labels, layers
+
+
+def routing_curves(rows: list[dict[str, Any]]) -> bytes:
+    """Load CV, router entropy, dropped fraction and dead experts over training, per layer (no
+    dropped-fraction panel for a run that never dropped a token: dropless, or capacity never
+    reached)."""
+    plt = require_matplotlib()
+    keys = routing_panels(rows)
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.75 * len(keys), 3.4))
     for layer, layer_rows in _by_layer(rows).items():
         steps = [r["step"] for r in layer_rows]
         for ax, (key, _) in zip(axes, keys):
             ax.plot(steps, [r[key] for r in layer_rows], marker=".", label=layer)
     for ax, (_, title) in zip(axes, keys):
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=TITLE_SIZE)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -101,15 +134,16 @@ def expert_load(rows: list[dict[str, Any]]) -> bytes:
         _integer_ticks(ax, y=True)
         ax.set_xlabel("expert")
         ax.set_ylabel("step")
-        ax.set_title(f"{layer}: share of assignments per expert", fontsize=10)
+        ax.set_title(f"{layer}: share of assignments per expert", fontsize=TITLE_SIZE)
         fig.colorbar(image, ax=ax)
     return _png(fig)
 
 
 def affinity_maps(affinity: dict[str, Any]) -> bytes:
-    """Label-by-expert heatmaps (affinity.json): each label's assignments as shares of experts."""
+    """Label-by-expert heatmaps (affinity.json): each label's assignments as shares of experts,
+    for the labels that were sampled (a domain with no training tokens has no row)."""
     plt = require_matplotlib()
-    labels, layers = affinity["labels"], affinity["layers"]
+    labels, layers = sampled_affinity(affinity)
     fig, axes = plt.subplots(
         1, len(layers), figsize=(6 * len(layers), 0.5 * len(labels) + 2), squeeze=False
     )
@@ -120,7 +154,7 @@ def affinity_maps(affinity: dict[str, Any]) -> bytes:
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
         _integer_ticks(ax)
         ax.set_xlabel("expert")
-        ax.set_title(f"{layer}: label -> expert share", fontsize=10)
+        ax.set_title(f"{layer}: label -> expert share", fontsize=TITLE_SIZE)
         fig.colorbar(image, ax=ax)
     return _png(fig)
 

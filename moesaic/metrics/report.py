@@ -126,7 +126,8 @@ def build_report(
     sections = _sections(runs, compare)
     markdown = _markdown(run_dir, sections, figures)
     (run_dir / "report.md").write_text(markdown)
-    (run_dir / "report.html").write_text(_html(run_dir, sections, figures))
+    recipes = " vs ".join(dict.fromkeys(r.recipe for r in runs))
+    (run_dir / "report.html").write_text(_html(run_dir, recipes, sections, figures))
     return Report(run_dir / "report.html", run_dir / "report.md", images, runs, markdown)
 
 
@@ -261,13 +262,14 @@ _STYLE = (
 )
 
 
-def _html(run_dir: Path, sections, figures) -> str:
+def _html(run_dir: Path, recipes: str, sections, figures) -> str:
     esc = html.escape
+    title = f"moesaic report: {recipes} ({run_dir.name})"
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>moesaic report: {esc(run_dir.name)}</title><style>{_STYLE}</style></head>",
-        f"<body><h1>moesaic report: {esc(run_dir.name)}</h1>",
+        f"<title>{esc(title)}</title><style>{_STYLE}</style></head>",
+        f"<body><h1>{esc(title)}</h1>",
     ]
     for title, header, rows in sections:
         parts.append(f"<h2>{esc(title)}</h2><table><tr>")

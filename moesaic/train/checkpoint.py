@@ -182,8 +182,11 @@ def resumable_checkpoint(
     named = _named_by_latest(checkpoint_dir)
     pointer = checkpoint_dir / LATEST
     if pointer.exists() and (named is None or not named.is_dir()):
-        shown = named.name if named is not None else "no checkpoint name"
-        log(f"{pointer} holds {shown!s:.60}, not an existing checkpoint; ignoring it")
+        try:
+            text = pointer.read_bytes()[:60].decode(errors="replace").strip()
+        except OSError as err:
+            text = f"(unreadable: {err.strerror})"
+        log(f"{pointer} names {text!r}, which is not a checkpoint here; ignoring it")
     candidates = list_checkpoints(checkpoint_dir)[::-1]
     failures = []
     for path in candidates:
@@ -211,7 +214,8 @@ def _named_by_latest(checkpoint_dir: Path) -> Path | None:
         name = pointer.read_text().strip()
     except (OSError, UnicodeDecodeError):
         return None
-    return checkpoint_dir / name if checkpoint_step(Path(name)) is not None else None
+    valid = "/" not in name and checkpoint_step(Path(name)) is not None
+    return checkpoint_dir / name if valid else None
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import signal
+import time
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from moesaic.bench.faults import (
     EVERY,
     STEPS,
     kill_at_step,
+    logged_steps,
     start,
     stop,
     torchrun_command,
@@ -70,6 +73,38 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, referen
         assert "using the previous good checkpoint step-" in err
     else:
         assert "unusable" not in err
+    ref_run, ref_proc = reference
+    assert ref_proc.wait(timeout=300) == 0, ref_proc.stderr.read()[-3000:]
+    _assert_identical(run, ref_run)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_sigint_or_sigterm_checkpoints_at_the_step_boundary_and_resumes_bit_identical(
+    tmp_path, reference, signum
+):
+    run = tmp_path / "run"
+    proc = start(train_command(run))
+    try:
+        at = random.randint(1, STEPS - 3)
+        while logged_steps(run) < at:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.002)
+        time.sleep(random.uniform(0, 0.05))  # anywhere inside a step, an eval or a save
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        stop(proc)
+    assert proc.returncode == 128 + signum, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    name = signal.Signals(signum).name
+    step = int(re.search(rf"{name} at step (\d+): checkpoint step-0*(\d+) saved", last)[1])
+    assert latest_checkpoint(run / "checkpoints").name == f"step-{step:06d}"
+    resumed = start(train_command(run, "--resume"))
+    try:
+        out, err = resumed.communicate(timeout=300)
+    finally:
+        stop(resumed)
+    assert resumed.returncode == 0, err[-3000:]
     ref_run, ref_proc = reference
     assert ref_proc.wait(timeout=300) == 0, ref_proc.stderr.read()[-3000:]
     _assert_identical(run, ref_run)

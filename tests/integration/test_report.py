@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from moesaic.cli.main import main as cli
-from moesaic.metrics import build_report, count_parameters, read_routing
+from moesaic.metrics import build_report, count_parameters, plots, read_routing
 from moesaic.train.compare import run_compare
 from moesaic.train.config import apply_overrides
 from moesaic.train.recipes import get_recipe
@@ -55,6 +55,7 @@ def test_report_is_self_contained_and_counts_the_trained_model(run):
     for image in report.images:
         assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({image.name})" in report.md_path.read_text()
+    assert "<title>moesaic report: lm-moe-test (run)</title>" in page  # the recipe in the title
     (summary,) = report.runs
     assert summary.count.total_params == count_parameters(trainer.model).total
     assert summary.train_s == pytest.approx(trainer.train_s)
@@ -112,3 +113,13 @@ def test_report_of_a_compare_run_shows_both_models(tmp_path, capsys):
         "report_routing_moe.png",
     ]
     assert (tmp_path / "dense" / "routing.jsonl").read_text() == ""  # no MoE layer to log
+
+
+def test_dropless_runs_have_no_dropped_panel_and_unsampled_labels_no_row():
+    rows = [{"step": 1, "dropped_fraction": 0.0}, {"step": 2, "dropped_fraction": 0.0}]
+    assert [k for k, _ in plots.routing_panels(rows)] == ["load_cv", "entropy", "dead_experts"]
+    rows[1]["dropped_fraction"] = 0.01
+    assert "dropped_fraction" in [k for k, _ in plots.routing_panels(rows)]
+    affinity = {"labels": ["a", "b", "c"], "layers": {"l0": [[1, 2], [0, 0], [0, 3]]}}
+    labels, layers = plots.sampled_affinity(affinity)
+    assert labels == ["a", "c"] and layers == {"l0": [[1, 2], [0, 3]]}

@@ -143,3 +143,12 @@ def test_compare_writes_plot_json_and_ratios(tmp_path):
     assert s["step_cost_ratio"] > 0 and s["flops_per_token_ratio"] >= 1.0
     dense_evals = s["runs"]["dense"]["evals"]
     assert dense_evals[-1]["val_loss"] == s["dense_final_val_loss"]
+
+
+def test_resuming_a_finished_run_says_nothing_was_trained(tmp_path):
+    run = tmp_path / "run"
+    Trainer(_cfg("train.steps=2", "train.sample_tokens=0"), run, progress=False).fit()
+    done = _cli("train", "--run-dir", str(run), "--resume", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert "training speed: no steps trained (the run had already reached step 2" in done.stdout
+    assert "0 tokens/s" not in done.stdout

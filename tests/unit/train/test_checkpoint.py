@@ -112,8 +112,17 @@ def test_latest_naming_a_missing_directory_falls_back(tmp_path):
     said = []
     assert resumable_checkpoint(tmp_path, said.append)[0] == paths[1]
     assert said == [
-        f"{tmp_path / 'latest'} holds step-000003, not an existing checkpoint; ignoring it"
+        f"{tmp_path / 'latest'} names 'step-000003', which is not a checkpoint here; ignoring it"
     ]
+
+
+@pytest.mark.parametrize("junk", [b"garbage", b"\xff\xfe\x00", b"", b"../step-000001"])
+def test_a_garbage_latest_pointer_is_ignored_with_a_word(tmp_path, junk):
+    paths = _three(tmp_path)
+    (tmp_path / "latest").write_bytes(junk)
+    said = []
+    assert resumable_checkpoint(tmp_path, said.append)[0] == paths[-1]
+    assert len(said) == 1 and "which is not a checkpoint here; ignoring it" in said[0]
 
 
 def test_when_no_checkpoint_verifies_every_failure_is_named(tmp_path):

@@ -44,11 +44,11 @@ def poison_update():
     one weight (whatever optimizer object the trainer holds after a rollback)."""
     handles = []
 
-    def arm(trainer, bad_step):
+    def arm(trainer, bad_step, value=math.inf):
         def hook(optimizer, args, kwargs):
             if trainer.step + 1 == bad_step and optimizer is trainer.optimizer:
                 with torch.no_grad():
-                    trainer.model.blocks[0].attn.qkv.weight[0, 0] = math.inf
+                    trainer.model.blocks[0].attn.qkv.weight[0, 0] = value
 
         handles.append(register_optimizer_step_post_hook(hook))
 
@@ -134,8 +134,8 @@ def test_stop_mode_halts_on_a_non_finite_update_and_names_the_real_checkpoint(
 
 def test_too_many_rolled_back_updates_halt_the_run(tmp_path, poison_update):
     trainer = _trainer(tmp_path / "run", "guard.max_skipped=2")
-    for step in (2, 4, 5):
-        poison_update(trainer, step)
+    for step, value in ((2, math.inf), (4, math.nan), (5, -math.inf)):
+        poison_update(trainer, step, value)
     with pytest.raises(TrainingHalted, match="3 updates left out so far, more than"):
         trainer.fit()
 
@@ -156,3 +156,16 @@ def test_save_checkpoint_refuses_non_finite_weights_before_writing(tmp_path):
     with pytest.raises(NonFiniteWeightsError, match="step 7: refusing .* non-finite .*head.weight"):
         save_checkpoint(tmp_path, 7, model, {"step": 7})
     assert not any(tmp_path.iterdir())
+
+
+def test_the_check_finds_nan_and_inf_and_clears_large_finite_weights(tmp_path):
+    trainer = _trainer(tmp_path / "run")
+    assert trainer._nonfinite_parameters() == []
+    w = trainer.model.blocks[0].attn.proj.weight
+    with torch.no_grad():
+        w.fill_(3e38)  # finite, but the tensor's sum overflows: the screen trips, the check clears
+        assert not torch.isfinite(w.sum())
+        assert trainer._nonfinite_parameters() == []
+        w.fill_(0.0)
+        w[1, 1] = math.nan
+        assert trainer._nonfinite_parameters() == ["blocks.0.attn.proj.weight"]
