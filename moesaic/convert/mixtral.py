@@ -28,7 +28,14 @@ from safetensors.torch import load_file, save_file
 
 from moesaic.models.lm import LMConfig, MoELM
 
-__all__ = ["export_mixtral", "import_mixtral", "mixtral_config", "lm_config_from_mixtral"]
+__all__ = [
+    "export_mixtral",
+    "import_mixtral",
+    "mixtral_config",
+    "lm_config_from_mixtral",
+    "hf_aux_coef",
+    "aux_weight_from_hf",
+]
 
 WEIGHTS = "model.safetensors"
 
@@ -75,6 +82,25 @@ def _incompatibilities(model: MoELM) -> list[str]:
     return wrong
 
 
+def hf_aux_coef(cfg: LMConfig) -> float:
+    """``router_aux_loss_coef`` with the balancing pressure of ``cfg.aux_loss_weight``.
+
+    Ours: ``aux_loss_weight`` times the sum over MoE layers of ``E * sum_i f_i P_i``, with
+    ``f_i`` the share of first choices (Switch eq. 4). transformers' ``load_balancing_loss_func``
+    counts all k choices (its ``f`` sums to k) and pools the layers (its ``f`` and ``P`` are means
+    over every layer's tokens) before one product. At any routing whose second choices spread
+    like the first, its loss is k times one layer's of ours, and its gradient on a layer's
+    probabilities is 1/L of the pooled one's: the coefficient is ``aux_loss_weight * L / k``
+    for L MoE layers (exactly equal losses at uniform router probabilities)."""
+    layers = sum(cfg.moe_layer(i) for i in range(cfg.n_layers))
+    return cfg.aux_loss_weight * layers / cfg.top_k
+
+
+def aux_weight_from_hf(coef: float, n_moe_layers: int, top_k: int) -> float:
+    """The inverse of ``hf_aux_coef``."""
+    return coef * top_k / max(1, n_moe_layers)
+
+
 def mixtral_config(cfg: LMConfig) -> dict[str, Any]:
     """The ``config.json`` of ``cfg`` as a Mixtral model (checked by ``export_mixtral``)."""
     return {
@@ -85,7 +111,7 @@ def mixtral_config(cfg: LMConfig) -> dict[str, Any]:
         "intermediate_size": cfg.d_ff,
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
         "head_dim": cfg.d_model // cfg.n_heads,
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len,
@@ -97,7 +123,7 @@ def mixtral_config(cfg: LMConfig) -> dict[str, Any]:
         "tie_word_embeddings": cfg.tie_embeddings,
         "num_local_experts": cfg.num_experts,
         "num_experts_per_tok": cfg.top_k,
-        "router_aux_loss_coef": cfg.aux_loss_weight,
+        "router_aux_loss_coef": hf_aux_coef(cfg),
         "router_jitter_noise": 0.0,
         "output_router_logits": False,
         "torch_dtype": "float32",
@@ -129,17 +155,18 @@ def export_mixtral(model: MoELM, out_dir: str | Path) -> Path:
 
 def _hf_state(model: MoELM) -> dict[str, torch.Tensor]:
     cfg, H, D = model.cfg, model.cfg.n_heads, model.cfg.d_model
+    Hkv, D_kv = cfg.kv_heads, cfg.kv_heads * (D // H)
     sd = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.ln_f.weight}
     if not cfg.tie_embeddings:
         sd["lm_head.weight"] = model.head.weight
     for i, block in enumerate(model.blocks):
         p = f"model.layers.{i}."
-        q, k, v = block.attn.qkv.weight.split(D, dim=0)
+        q, k, v = block.attn.qkv.weight.split([D, D_kv, D_kv], dim=0)
         sd |= {
             p + "input_layernorm.weight": block.ln1.weight,
             p + "post_attention_layernorm.weight": block.ln2.weight,
             p + "self_attn.q_proj.weight": _to_halves(q, H),
-            p + "self_attn.k_proj.weight": _to_halves(k, H),
+            p + "self_attn.k_proj.weight": _to_halves(k, Hkv),
             p + "self_attn.v_proj.weight": v,
             p + "self_attn.o_proj.weight": block.attn.proj.weight,
             p + "block_sparse_moe.gate.weight": block.ffn.router.gate.weight,
@@ -164,8 +191,10 @@ def lm_config_from_mixtral(config: Any, max_seq_len: int | None = None) -> LMCon
     heads, hidden = c["num_attention_heads"], c["hidden_size"]
     seq = max_seq_len or c.get("max_position_embeddings", 4096)
     wrong = []
+    kv_heads = c.get("num_key_value_heads") or heads
+    if heads % kv_heads:
+        wrong.append(f"num_key_value_heads={kv_heads} must divide num_attention_heads={heads}")
     checks = [
-        ("num_key_value_heads", c.get("num_key_value_heads", heads), heads, "no grouped-query"),
         ("hidden_act", c.get("hidden_act", "silu"), "silu", "SwiGLU experts"),
         ("head_dim", c.get("head_dim") or hidden // heads, hidden // heads, "hidden / heads"),
         ("rope type", rope.get("rope_type", rope.get("type", "default")), "default", "plain"),
@@ -184,6 +213,7 @@ def lm_config_from_mixtral(config: Any, max_seq_len: int | None = None) -> LMCon
         d_model=hidden,
         n_layers=c["num_hidden_layers"],
         n_heads=heads,
+        n_kv_heads=None if kv_heads == heads else kv_heads,
         d_ff=c["intermediate_size"],
         activation="swiglu",
         positions="rope",
@@ -195,7 +225,11 @@ def lm_config_from_mixtral(config: Any, max_seq_len: int | None = None) -> LMCon
         moe_every=1,
         top_k=c["num_experts_per_tok"],
         router="topk",
-        aux_loss_weight=float(c.get("router_aux_loss_coef", 0.01)),
+        aux_loss_weight=aux_weight_from_hf(
+            float(c.get("router_aux_loss_coef", 0.001)),
+            c["num_hidden_layers"],
+            c["num_experts_per_tok"],
+        ),
     )
 
 
@@ -248,7 +282,7 @@ def _moe(head: str) -> str:
 
 
 def _moesaic_state(cfg: LMConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    H = cfg.n_heads
+    H, Hkv = cfg.n_heads, cfg.kv_heads
     out = {"embed.weight": sd["model.embed_tokens.weight"], "ln_f.weight": sd["model.norm.weight"]}
     out["head.weight"] = sd["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"]
     for i in range(cfg.n_layers):
@@ -256,7 +290,7 @@ def _moesaic_state(cfg: LMConfig, sd: dict[str, torch.Tensor]) -> dict[str, torc
         out[b + "ln1.weight"] = sd[p + "input_layernorm.weight"]
         out[b + "ln2.weight"] = sd[p + "post_attention_layernorm.weight"]
         q = _from_halves(sd[p + "self_attn.q_proj.weight"], H)
-        k = _from_halves(sd[p + "self_attn.k_proj.weight"], H)
+        k = _from_halves(sd[p + "self_attn.k_proj.weight"], Hkv)
         out[b + "attn.qkv.weight"] = torch.cat([q, k, sd[p + "self_attn.v_proj.weight"]])
         out[b + "attn.proj.weight"] = sd[p + "self_attn.o_proj.weight"]
         out[b + "ffn.router.gate.weight"] = sd[p + "block_sparse_moe.gate.weight"]

@@ -36,6 +36,7 @@ class LMConfig:
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
+    n_kv_heads: int | None = None  # grouped-query attention (Mistral, Mixtral); None: n_heads
     d_ff: int = 1024  # hidden width of the dense FFN, and of each expert
     activation: str = "gelu"
     positions: str = "rope"  # "rope" | "learned"
@@ -80,6 +81,13 @@ class LMConfig:
         check_nonnegative_float("model.dropout", self.dropout)
         if self.dropout >= 1:
             raise ValueError(f"model.dropout={self.dropout} must be < 1")
+        if self.n_kv_heads is not None:
+            check_positive_int("model.n_kv_heads", self.n_kv_heads)
+            if self.n_heads % self.n_kv_heads:
+                raise ValueError(
+                    f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads} "
+                    f"(each key/value head serves a group of query heads)"
+                )
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}"
@@ -101,6 +109,11 @@ class LMConfig:
             raise ValueError(
                 f"model.top_k={self.top_k} must be <= model.num_experts={self.num_experts}"
             )
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_heads``, or ``n_heads`` (plain multi-head attention)."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     @property
     def is_moe(self) -> bool:
@@ -159,18 +172,28 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class Attention(nn.Module):
+    """Causal self-attention; with ``n_kv_heads`` < ``n_heads``, grouped-query attention
+    (Ainslie et al. 2023): each key/value head serves ``n_heads / n_kv_heads`` query heads, and
+    the KV cache holds only the key/value heads. ``qkv`` stacks the query rows (H * hd), then the
+    key rows and the value rows (Hkv * hd each)."""
+
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
         self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.n_kv_heads = cfg.kv_heads
+        kv = self.n_kv_heads * self.head_dim
+        self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
     def forward(self, x_BSD, rope, cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
         """``start``: how many tokens the cache held before this forward."""
         B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, self.head_dim).unbind(2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, hd)
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x_BSD).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+        q = q.view(B, S, H, hd).transpose(1, 2)  # (B, H, S, hd)
+        k = k.view(B, S, Hkv, hd).transpose(1, 2)  # (B, Hkv, S, hd)
+        v = v.view(B, S, Hkv, hd).transpose(1, 2)
         if rope is not None:
             cos, sin = rope[0][start : start + S], rope[1][start : start + S]
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
@@ -185,6 +208,7 @@ class Attention(nn.Module):
             attn_mask=mask,
             is_causal=mask is None,
             dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=Hkv != H,
         )
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
 

@@ -81,6 +81,30 @@ def lm_dense_tiny() -> LMConfig:
     return lm_moe_tiny().dense_equivalent()
 
 
+@register_model("lm-mixtral-tiny", MoELM)
+def lm_mixtral_tiny() -> LMConfig:
+    """A byte-level model in Mixtral's architecture, exportable to transformers
+    (``ms.convert.export_mixtral``): RMSNorm, rotary positions, grouped-query attention, SwiGLU
+    experts in every layer, a top-2 softmax router renormalised over the two."""
+    return LMConfig(
+        vocab_size=256,
+        max_seq_len=256,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=128,
+        activation="swiglu",
+        norm="rmsnorm",
+        tie_embeddings=False,
+        num_experts=8,
+        moe_every=1,
+        top_k=2,
+        router="topk",
+        capacity_factor=None,
+    )
+
+
 @register_model("lm-moe-test", MoELM)
 def lm_moe_test() -> LMConfig:
     """A model small enough for unit tests (a few ms per step)."""

@@ -68,3 +68,16 @@ def lm_moe_test() -> RunConfig:
             steps=30, eval_every=10, checkpoint_every=10, log_every=5, sample_tokens=16
         ),
     )
+
+
+@recipe("lm-mixtral-tiny")
+def lm_mixtral_tiny() -> RunConfig:
+    """A small Mixtral-architecture MoE LM (GQA, SwiGLU experts, top-2 in every layer) on the
+    default data; its runs export to transformers (``ms.convert.export_mixtral``)."""
+    return RunConfig(
+        recipe="lm-mixtral-tiny",
+        model=model_config("lm-mixtral-tiny"),
+        data=DataConfig(corpus="stdlib", seq_len=256, batch_size=32, eval_batches=16),
+        optim=OptimConfig(lr=3e-3, warmup_steps=50),
+        train=TrainConfig(steps=3000, eval_every=250, checkpoint_every=500),
+    )

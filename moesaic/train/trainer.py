@@ -177,7 +177,7 @@ class Trainer:
                 newest = list_checkpoints(self.run_dir / "checkpoints")[-1].name
                 raise RunDirError(
                     f"{self.run_dir} already holds a run (newest checkpoint {newest}); "
-                    f"--resume continues it, another --run-dir starts a new one"
+                    f"--resume continues it; another directory starts a new one"
                 )
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)

@@ -2,12 +2,14 @@
 imports with equal logits, and export -> import is the identity."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
 import transformers
 
-from moesaic.convert.mixtral import export_mixtral, import_mixtral
+from moesaic.convert.mixtral import export_mixtral, import_mixtral, lm_config_from_mixtral
+from moesaic.inference.generate import generate_ids
 from moesaic.models.lm import LMConfig, MoELM
 
 MIXTRAL_LIKE = LMConfig(
@@ -81,15 +83,89 @@ def test_export_names_every_field_mixtral_cannot_represent(tmp_path):
     assert not (tmp_path / "config.json").exists()
 
 
-def test_import_refuses_grouped_query_attention_by_name():
+def test_import_refuses_key_value_heads_that_do_not_divide_the_heads_by_name():
+    config = {
+        "vocab_size": 60,
+        "hidden_size": 32,
+        "intermediate_size": 40,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 3,
+        "num_local_experts": 2,
+        "num_experts_per_tok": 2,
+    }
+    with pytest.raises(ValueError, match="num_key_value_heads=3 must divide num_attention_heads=4"):
+        lm_config_from_mixtral(config)
+
+
+def test_grouped_query_attention_exports_and_imports_with_equal_logits_and_greedy_text(tmp_path):
+    model = _ours(dataclasses.replace(MIXTRAL_LIKE, n_heads=4, n_kv_heads=2))
+    assert model.blocks[0].attn.qkv.weight.shape == (32 + 2 * 16, 32)  # H*hd + 2*Hkv*hd rows
+    export_mixtral(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["num_key_value_heads"] == 2
+    hf = transformers.MixtralForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 50, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), atol=1e-4, rtol=0)
+        greedy = hf.generate(ids[:1, :5], max_new_tokens=12, do_sample=False, pad_token_id=0)
+    ours = generate_ids(model, ids[0, :5].tolist(), 12, temperature=0.0)
+    assert greedy[0, 5:].tolist() == ours
+    back = import_mixtral(tmp_path)
+    assert back.cfg.n_kv_heads == 2
+    for name, value in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], value), name
+
+
+def test_a_published_style_gqa_mixtral_imports_with_equal_logits():
     config = transformers.MixtralConfig(
         vocab_size=60,
-        hidden_size=32,
+        hidden_size=64,
         intermediate_size=40,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=2,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,  # as every released Mixtral (32 / 8)
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
     )
-    with pytest.raises(ValueError, match="num_key_value_heads=2 must be 4"):
-        import_mixtral(transformers.MixtralForCausalLM(config))
+    hf = transformers.MixtralForCausalLM(config).eval()
+    ids = torch.randint(0, 60, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(import_mixtral(hf)(ids), hf(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_the_aux_coefficient_keeps_the_balancing_loss_equal_to_transformers(tmp_path):
+    """At uniform router probabilities (zero gate weights) transformers' load-balancing loss
+    times the exported coefficient equals ours, for k = 1 and 2 and two MoE layers."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from moesaic.layer import aux_loss
+
+    for top_k in (1, 2):
+        model = _ours(dataclasses.replace(MIXTRAL_LIKE, top_k=top_k, aux_loss_weight=0.02))
+        with torch.no_grad():
+            for block in model.blocks:
+                block.ffn.router.gate.weight.zero_()
+        export_mixtral(model, tmp_path / str(top_k))
+        hf = transformers.MixtralForCausalLM.from_pretrained(tmp_path / str(top_k))
+        ids = torch.randint(0, 50, (2, 16))
+        model.train()
+        model(ids)
+        ours = aux_loss(model)
+        out = hf(ids, output_router_logits=True)
+        theirs = load_balancing_loss_func(out.router_logits, 4, top_k)
+        assert hf.config.router_aux_loss_coef == pytest.approx(0.02 * 2 / top_k)
+        torch.testing.assert_close(hf.config.router_aux_loss_coef * theirs, ours.detach())
+        assert import_mixtral(tmp_path / str(top_k)).cfg.aux_loss_weight == pytest.approx(0.02)
+
+
+def test_the_mixtral_recipe_exports(tmp_path):
+    from moesaic.models.registry import create
+
+    model = create("lm-mixtral-tiny").eval()
+    assert model.cfg.n_kv_heads == 2
+    path = export_mixtral(model, tmp_path)
+    hf = transformers.MixtralForCausalLM.from_pretrained(path).eval()
+    ids = torch.randint(0, 256, (1, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), atol=1e-4, rtol=0)

@@ -41,10 +41,10 @@ def test_forward_shapes_and_causality(positions):
     assert not torch.allclose(model(changed)[:, 10:], logits[:, 10:])
 
 
-@pytest.mark.parametrize("positions", ["rope", "learned"])
-def test_cached_decoding_equals_full_recompute(positions):
+@pytest.mark.parametrize("positions,kv", [("rope", None), ("learned", None), ("rope", 1)])
+def test_cached_decoding_equals_full_recompute(positions, kv):
     torch.manual_seed(0)
-    model = _tiny(positions=positions, router="topk", top_k=2).eval()
+    model = _tiny(positions=positions, router="topk", top_k=2, n_kv_heads=kv).eval()
     prompt = [5, 17, 99, 3]
     cached = generate_ids(model, prompt, 12, temperature=0.0)
     full = generate_ids(model, prompt, 12, temperature=0.0, use_cache=False)
@@ -57,6 +57,27 @@ def test_cached_decoding_equals_full_recompute(positions):
         step_logits.append(model(ids[:, t : t + 1], cache)[:, -1])
     full_logits = model(ids[:, :-1])[:, 3:]
     torch.testing.assert_close(torch.stack(step_logits, 1), full_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_query_attention_equals_multi_head_attention_with_shared_key_value_heads():
+    """The reference: plain multi-head attention whose every query head's key and value
+    projections are copies of its group's one."""
+    torch.manual_seed(0)
+    gqa = _tiny(n_heads=4, n_kv_heads=2, d_model=32).eval()
+    mha = _tiny(n_heads=4, d_model=32).eval()
+    state = gqa.state_dict()
+    hd = 32 // 4
+    for i in range(gqa.cfg.n_layers):
+        q, k, v = state[f"blocks.{i}.attn.qkv.weight"].split([32, 2 * hd, 2 * hd])
+
+        def widen(w):  # (Hkv * hd, D) -> (H * hd, D): each kv head serves 2 query heads
+            return w.view(2, hd, 32).repeat_interleave(2, dim=0).reshape(4 * hd, 32)
+
+        state[f"blocks.{i}.attn.qkv.weight"] = torch.cat([q, widen(k), widen(v)])
+    mha.load_state_dict(state)
+    idx = torch.randint(0, 256, (2, 20))
+    torch.testing.assert_close(gqa(idx), mha(idx), atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in gqa.parameters()) < sum(p.numel() for p in mha.parameters())
 
 
 def test_sampling_is_deterministic_under_a_seed_and_varies_across_seeds():

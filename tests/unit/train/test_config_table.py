@@ -19,6 +19,7 @@ BAD = {
     "model.d_model": ("0", "model.d_model=0 must be >= 1"),
     "model.n_layers": ("0", "model.n_layers=0 must be >= 1"),
     "model.n_heads": ("0", "model.n_heads=0 must be >= 1"),
+    "model.n_kv_heads": ("3", "model.n_kv_heads=3 must divide model.n_heads=2"),
     "model.d_ff": ("-1", "model.d_ff=-1 must be >= 1"),
     "model.activation": ("tanh", "model.activation='tanh' is not one of"),
     "model.positions": ("alibi", "model.positions='alibi' is not one of"),
