@@ -410,7 +410,9 @@ def _signal(signum: int) -> Callable[[Path, References, random.Random], Drill]:
         proc.send_signal(signum)
         done = _finish(proc)
         last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
-        if done.returncode != 128 + signum or "saved; continue with --resume" not in last:
+        # In training: the step boundary's checkpoint; after it (summary): nothing in flight.
+        said = "saved; continue with --resume" in last or "newest checkpoint, if any" in last
+        if done.returncode != 128 + signum or not said:
             return Drill(False, 0, 0, f"rc={done.returncode} {last[-200:]}")
         seen = logged_steps(run)
         return _resume_and_compare(run, refs.single, seen)

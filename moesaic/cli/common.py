@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -59,6 +61,31 @@ def saved_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     return apply_overrides(config_from_dict(RunConfig, read_run_config(run_dir)), overrides)
 
 
+class _Interrupted(KeyboardInterrupt):
+    """SIGTERM outside a training loop: handled like Ctrl-C (the trainer's own handler takes
+    over inside ``fit``), so a preempted command exits 143 with a line, never silently."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__()
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise _Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def friendly_errors(prog: str) -> Callable:
     """Turn user mistakes into ``prog: error: ...`` on stderr and exit status 2, no traceback;
     a run the guard stopped (moesaic/train/guard.py) exits 3 with its report."""
@@ -66,6 +93,10 @@ def friendly_errors(prog: str) -> Callable:
     def wrap(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
         @functools.wraps(main)
         def run(argv: Sequence[str] | None = None) -> int:
+            with _sigterm_as_interrupt():
+                return _run(argv)
+
+        def _run(argv: Sequence[str] | None) -> int:
             try:
                 return main(argv)
             except CheckpointWriteError as err:  # disk full, file size limit, permissions
@@ -86,9 +117,10 @@ def friendly_errors(prog: str) -> Callable:
                 return 3
             except KeyboardInterrupt as err:
                 # TrainingInterrupted (a signal, handled at a step boundary) says what it saved;
-                # a bare KeyboardInterrupt (Ctrl-C twice, or outside training) saved nothing.
+                # a bare one (Ctrl-C twice, or a signal outside training) had nothing in flight.
                 signum = getattr(err, "signum", signal.SIGINT)
-                text = str(err) or "interrupted; the newest checkpoint, if any, is intact"
+                name = signal.Signals(signum).name
+                text = str(err) or f"{name}: stopped; the newest checkpoint, if any, is intact"
                 print(f"\n{prog}: {text}", file=sys.stderr)
                 return 128 + int(signum)
             except OSError as err:  # e.g. the disk filled while writing the metrics

@@ -260,3 +260,22 @@ def test_a_failed_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
     assert not list((run / "checkpoints").glob(".tmp-*"))
     weights, state = read_checkpoint(run / "checkpoints" / "step-000002")
     assert state["step"] == 2 and all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_sigterm_outside_training_exits_143_with_a_line(capsys):
+    import signal
+    import time
+
+    from moesaic.cli.common import friendly_errors
+
+    @friendly_errors("moesaic demo")
+    def main(argv=None):
+        os.kill(os.getpid(), signal.SIGTERM)  # e.g. preempted while printing the summary
+        time.sleep(5)
+        return 0
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert main([]) == 143
+    assert signal.getsignal(signal.SIGTERM) == before  # restored
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["moesaic demo: SIGTERM: stopped; the newest checkpoint, if any, is intact"]
