@@ -16,8 +16,10 @@ the same family:
   of GB here), ``Qwen2MoeSparseMoeBlock`` with "grouped_mm" (a shared expert of width 0 is not
   allowed, so it has one of width F and its dense limit is k*F + F wide).
 
-moesaic runs its expert products on oneDNN on CPU (moesaic/experts/gemm.py); ``moesaic-mm`` is the
-same layer on torch.mm, which every peer and ``nn.Linear`` use. The dense limit of a family is
+moesaic runs its expert products on oneDNN on AVX-512 CPUs and on torch.mm elsewhere
+(moesaic/experts/gemm.py, ``AUTO_ONEDNN_ISAS``); ``moesaic-mm`` and ``moesaic-onednn`` are the same
+GELU layer with the choice forced either way (torch.mm is what every peer and ``nn.Linear`` use),
+so each run shows whether the automatic choice was right on its CPU. The dense limit of a family is
 the faster of two blocked dense FFNs: ``blocked-dense`` (``nn.Linear``, torch.mm) and
 ``blocked-dense-onednn`` (the same FFN with its products on oneDNN: moesaic's ``Experts`` with one
 expert and the intra-op loop), so a faster GEMM library alone does not count as beating the limit.
@@ -161,7 +163,8 @@ def _init(module: nn.Module) -> None:
 
 PEERS = ("transformers", "deepspeed")
 ONEDNN = "blocked-dense-onednn"
-OURS = ("moesaic", "moesaic-mm", "naive", "dense", "blocked-dense", ONEDNN)  # not peer libraries
+# not peer libraries
+OURS = ("moesaic", "moesaic-mm", "moesaic-onednn", "naive", "dense", "blocked-dense", ONEDNN)
 
 
 def limit(times: dict[str, float], family: str) -> float:
@@ -182,6 +185,7 @@ def build(
 
     impls = [ours("gelu"), Impl("naive", "gelu", NaiveMoE(D, Fh, E, K), _plain), ours("swiglu")]
     impls.append(ours("gelu", name="moesaic-mm", expert_gemm="torch"))
+    impls.append(ours("gelu", name="moesaic-onednn", expert_gemm="onednn"))
     impls.append(ours("swiglu+shared", shared_d_ff=Fh))
     if K == 1:
         impls.append(ours("relu"))

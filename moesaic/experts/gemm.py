@@ -46,6 +46,7 @@ __all__ = [
     "GATE_MIN_ROWS",
     "MIN_ROWS",
     "MIN_WEIGHT",
+    "AUTO_ONEDNN_ISAS",
     "SWAP_ROWS",
     "SWAP_BLOCK",
     "SWAP_PAD",
@@ -71,6 +72,10 @@ MIN_ROWS = 4
 # oneDNN builds (JIT compiles) a kernel for every new row count, ~0.4 ms each, and small
 # products never win it back.
 MIN_WEIGHT = 256 * 1024
+# "auto" puts expert products on oneDNN only where its kernels were measured faster than
+# torch.mm for training steps: AVX-512 CPUs. On an AVX2-only AMD EPYC every size measured slower
+# on oneDNN (docs/performance.md, "The GEMM library by CPU"), so there "auto" is torch.mm.
+AUTO_ONEDNN_ISAS = ("AVX512",)
 # Forward-only fp32 products on oneDNN with rows in SWAP_ROWS (inclusive) and at most SWAP_PAD
 # rows short of a multiple of SWAP_BLOCK run swapped (b^T a^T, the weight as the left operand,
 # read in place). Swapped, the rows are the product's columns, computed in blocks of 16 (one
@@ -121,14 +126,19 @@ def use_onednn(backend: str, t: torch.Tensor, weight_numel: int) -> bool:
     """Whether ``backend`` ("auto" | "onednn" | "torch") runs the products of ``t`` with expert
     weights of ``weight_numel`` elements (D * F) on oneDNN: CPU tensors in a dtype oneDNN runs on
     this CPU (``onednn_available``); "auto" takes fp32 with weights of at least ``MIN_WEIGHT``
-    elements, "onednn" fp32 and bf16 of any size. In bf16 torch.mm already calls oneDNN's
+    elements on CPUs whose instruction set is in ``AUTO_ONEDNN_ISAS``, "onednn" fp32 and bf16 of
+    any size. In bf16 torch.mm already calls oneDNN's
     matmul, and measured faster than this path (peers report). Where the CPU cannot run a
     requested path, torch.mm computes the same products."""
     if backend == "torch" or t.device.type != "cpu" or not onednn_available(t.dtype):
         return False
     if backend == "onednn":
         return True
-    return t.dtype == torch.float32 and weight_numel >= MIN_WEIGHT
+    return (
+        t.dtype == torch.float32
+        and weight_numel >= MIN_WEIGHT
+        and cpu_capability().isa in AUTO_ONEDNN_ISAS
+    )
 
 
 def gate_onednn(x_TD: torch.Tensor, dtype: torch.dtype) -> bool:

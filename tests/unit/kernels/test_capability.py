@@ -54,3 +54,14 @@ def test_without_onednn_every_expert_path_runs_on_torch_mm_and_matches(monkeypat
         want = reference_moe(x.float(), seen[-1], copy.deepcopy(layer.experts).float())
     tol = {"atol": 3e-2, "rtol": 3e-2} if dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-5}
     torch.testing.assert_close(y.float(), want, **tol)
+
+
+@pytest.mark.parametrize("isa,expected", [("AVX512", True), ("AVX2", False), ("SVE256", False)])
+def test_auto_takes_onednn_only_on_the_instruction_sets_where_it_measured_faster(
+    monkeypatch, isa, expected
+):
+    cap = dataclasses.replace(cpu_capability(), isa=isa, onednn_fp32=True)
+    monkeypatch.setattr(gemm, "cpu_capability", lambda: cap)
+    big = torch.zeros(1)
+    assert gemm.use_onednn("auto", big, gemm.MIN_WEIGHT) == expected
+    assert gemm.use_onednn("onednn", big, 1)  # an explicit request runs wherever oneDNN does
