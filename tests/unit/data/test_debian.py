@@ -78,3 +78,17 @@ def test_without_yes_and_no_terminal_it_refuses_with_the_line(debian, capsys, mo
 
 def test_every_corpus_package_is_in_the_registry():
     assert set(corpora._INSTALLED) <= set(DATA_PACKAGES)
+
+
+def test_a_test_whose_data_is_missing_fails_with_the_install_line(monkeypatch):
+    from moesaic.data import debian
+    from tests.cases import require_debian
+
+    monkeypatch.setattr(debian, "missing", lambda packages: [p for p in packages if p != "x"])
+    with pytest.raises(pytest.fail.Exception) as failed:
+        require_debian("x", "bible-kjv")
+    assert "needs the Debian packages bible-kjv: run `moesaic data install --yes`" in str(
+        failed.value
+    )
+    assert install_line(["bible-kjv"]) in str(failed.value)
+    require_debian("x")  # present: nothing happens
