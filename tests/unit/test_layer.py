@@ -250,3 +250,8 @@ def test_a_layer_can_be_deep_copied_after_a_forward():
     assert twin.last_stats is None and twin.aux_loss.item() == 0.0
     x = torch.randn(5, 8)
     torch.testing.assert_close(twin.eval()(x), layer.eval()(x))
+
+
+def test_the_router_battery_covers_every_registered_router():
+    """A router added to ``ms.ROUTERS`` cannot skip the battery above: it needs a RouterCase."""
+    assert {case.router for case in ROUTER_CASES} == set(ms.ROUTERS)
