@@ -15,7 +15,7 @@ negligible at these widths. The rule, per part of the model:
   S x S product ``scaled_dot_product_attention`` computes).
 
 A training step costs three forwards (the backward does twice the forward's matmuls: Kaplan et
-al. 2020; Artetxe et al. 2021, PAPERS.md section 15). ``measure_flops`` cross-checks the
+al. 2020; Artetxe et al. 2021). ``measure_flops`` cross-checks the
 forward against ``torch.utils.flop_counter`` on a real forward.
 
 Activated parameters follow ``count_parameters``: everything outside the experts, plus ``k / E``

@@ -1,4 +1,4 @@
-"""Training energy and operational CO2e, as in Patterson et al. 2021 (PAPERS.md section 17).
+"""Training energy and operational CO2e, as in Patterson et al. 2021.
 
     energy (kWh) = hours x devices x average power per device (kW) x PUE
     CO2e (kg)    = energy (kWh) x grid intensity (kgCO2e / kWh)
@@ -6,7 +6,7 @@
 Operational emissions only, not embodied ones. Power is always in watts here (``avg_power_w``),
 so a value in kW cannot slip through unnoticed: anything under 1 W is rejected as a likely kW.
 
-Evidence tags as in PAPERS.md: [V] checked against primary text, [M] from memory (check before
+Evidence tags: [V] checked against primary text, [M] from memory (check before
 quoting), [C] our calculation.
 """
 
@@ -42,8 +42,8 @@ DEVICE_POWER_W: dict[str, float] = {
 
 # Power usage effectiveness: facility energy / IT energy.
 PUE: dict[str, float] = {
-    "google": 1.1,  # [V] PAPERS.md 17 reference point (Google datacenters)
-    "us_average": 1.58,  # [V] PAPERS.md 17 reference point (typical US datacenter)
+    "google": 1.1,  # [V] Patterson et al. 2021's reference point (Google datacenters)
+    "us_average": 1.58,  # [V] Patterson et al. 2021's reference point (typical US datacenter)
     "none": 1.0,  # a machine whose cooling you do not count
 }
 

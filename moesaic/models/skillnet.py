@@ -1,4 +1,4 @@
-"""SkillNet (Dai et al. 2022, PAPERS.md section 1): one sparsely activated model for text, image,
+"""SkillNet (Dai et al. 2022): one sparsely activated model for text, image,
 sound, video and code.
 
 Each modality has its own front-end (byte tokens for text and code, patch embeddings for images

@@ -1,4 +1,4 @@
-"""Clustering router for hard mixtures of experts (Gross, Ranzato, Szlam 2017; PAPERS.md 11).
+"""Clustering router for hard mixtures of experts (Gross, Ranzato, Szlam 2017).
 
 The gater is a fixed hard assignment to the nearest of E centroids, found by k-means on features
 (``fit``) before the experts are trained; each expert then sees only its cluster. For k > 1 the

@@ -1,6 +1,6 @@
 """GShard top-2 router with random second expert (Lepikhin et al. 2021, Algorithm 1).
 
-PAPERS.md section 4. Weights g1, g2 are the two largest softmax probabilities renormalised to sum
+Weights g1, g2 are the two largest softmax probabilities renormalised to sum
 to one; in training the second expert is kept with probability min(1, 2 * g2). Capacity places
 every first choice before any second choice (the layer's drop policy does that for all routers).
 """

@@ -1,6 +1,6 @@
 """Noisy top-k gating (Shazeer et al. 2017, "Outrageously Large Neural Networks").
 
-PAPERS.md section 5::
+Section 2.1, eqs. 3-5::
 
     H(x)_i = (x W_g)_i + eps_i * softplus((x W_noise)_i),  eps_i ~ N(0, 1), training only
     G(x)   = softmax(KeepTopK(H(x), k))

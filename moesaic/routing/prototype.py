@@ -1,6 +1,6 @@
 """Expert prototyping (M6-T, Yang et al. 2021): k groups of E/k experts, top-1 inside each.
 
-PAPERS.md section 8: ``y = sum_j g_j(x) Expert_{j, argmax_j}(x)`` with g_j the softmax over
+Expert prototyping: ``y = sum_j g_j(x) Expert_{j, argmax_j}(x)`` with g_j the softmax over
 group j's logits at its argmax. Compute equals top-k; the k choices are made in parallel and every
 group is balanced on its own (the aux loss is the mean of the per-group Switch losses).
 

@@ -1,6 +1,6 @@
 """Switch Transformer router (Fedus, Zoph, Shazeer 2021): top-1, y = p_i*(x) E_i*(x).
 
-PAPERS.md section 3. The kept weight is the raw softmax probability of the chosen expert, which
+Section 2.1, eqs. 1-2. The kept weight is the raw softmax probability of the chosen expert, which
 is what makes the router differentiable; the input gets multiplicative jitter in training.
 """
 

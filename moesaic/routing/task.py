@@ -1,9 +1,9 @@
 """Task-level routers: every token of a task takes the same experts.
 
-- ``task`` (TaskMoE, Kudugunta et al. 2021; PAPERS.md section 7): a learned gate on a learned task
+- ``task`` (TaskMoE, Kudugunta et al. 2021): a learned gate on a learned task
   embedding, ``g = softmax(W_g emb(task))``, then top-k. Because routing depends on the task alone,
   a task's sub-network can be extracted and served as a dense model.
-- ``skill`` (SkillNet, Dai et al. 2022; PAPERS.md section 1): a fixed task -> skill-set table, no
+- ``skill`` (SkillNet, Dai et al. 2022): a fixed task -> skill-set table, no
   gate and no aux loss; the active skills' outputs are averaged.
 
 Task ids come from ``ms.routing_context(task=...)``: an int, one id per batch row (B,), or one per

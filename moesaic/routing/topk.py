@@ -21,7 +21,7 @@ class TopKRouter(LearnedRouter):
 
     Args:
         normalize: renormalise the k chosen probabilities to sum to one (default). False keeps the
-            raw softmax probabilities (GLaM and Mixtral differ here; PAPERS.md section 16).
+            raw softmax probabilities (GLaM, Du et al. 2022, and Mixtral differ here).
 
     The aux loss is ``E * sum_i f_i P_i`` with f over first choices (Switch / GShard form).
     Subclasses change where the logits come from by overriding ``route_logits``.

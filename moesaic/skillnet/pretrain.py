@@ -1,5 +1,5 @@
-"""Sparse self-supervised pretraining of SkillNet (PAPERS.md section 1): every objective runs with
-only its modality's skills active, exactly as the downstream tasks will.
+"""Sparse self-supervised pretraining of SkillNet (Dai et al. 2022): every objective runs
+with only its modality's skills active, exactly as the downstream tasks will.
 
 Objectives, one batch each per step (their sum is minimised):
 

@@ -96,7 +96,7 @@ def test_any_leading_shape_round_trips(case: RouterCase):
 
 
 def test_tokens_dropped_by_capacity_get_exactly_zero():
-    # PAPERS.md 3, check 3: T=1024, E=8, cf=1.25 -> C=160; all tokens pick expert 0.
+    # Fedus et al. 2022 (Switch): T=1024, E=8, cf=1.25 -> C=160; all tokens pick expert 0.
     layer = ms.MoE(4, 8, 8, router="switch", capacity_factor=1.25, jitter=0.0)
     with torch.no_grad():
         layer.router.gate.weight.zero_()

@@ -1,4 +1,4 @@
-"""Energy and CO2e as in Patterson et al. 2021 (PAPERS.md section 17)."""
+"""Energy and CO2e as in Patterson et al. 2021."""
 
 import builtins
 
@@ -6,7 +6,7 @@ import pytest
 
 from moesaic.metrics import DEVICE_POWER_W, PUE, co2e_kg, energy_kwh, estimate_emissions
 
-# PAPERS.md 17 table: (chips, days, avg W, PUE, kgCO2e/kWh) -> published (MWh, tCO2e).
+# Patterson et al. 2021's table: (chips, days, avg W, PUE, kgCO2e/kWh) -> published (MWh, tCO2e).
 # Evidence [M/C]: the rows are from memory of the paper, but they re-multiply consistently.
 # GPT-3, Meena and Switch reproduce to 0.5%. T5 and GShard-600B give 85.3 vs 86 MWh and 23.9 vs
 # 24.1 MWh: their days (20, 3.1) are rounded to two significant figures, which alone moves the

@@ -33,7 +33,7 @@ BPR_WEIGHTS = [0.90, 0.60, 0.80, 0.55, 0.95, 0.70, 0.65, 0.52]
 
 @pytest.mark.parametrize("policy,kept", [("position", [0, 1]), ("priority", [4, 0])])
 def test_bpr_example_from_the_vmoe_paper(policy, kept):
-    # PAPERS.md 6, check 1: 8 tokens, E=2, k=1, all on expert 0, ratio 0.5 -> B = 2.
+    # Riquelme et al. 2021 (V-MoE): 8 tokens, E=2, k=1, all on expert 0, ratio 0.5 -> B = 2.
     assert ms.expert_capacity(0.5, 1, 8, 2) == 2
     routing = _top1(BPR_WEIGHTS, [0] * 8)
     plan = make_plan(routing, 2, 8, 2, DROP_POLICIES[policy]())
@@ -50,8 +50,8 @@ def test_priority_dropping_keeps_exactly_the_highest_gate_tokens():
 
 
 def test_a_first_choice_beats_a_higher_priority_second_choice():
-    # PAPERS.md 6, check 2: k=2, C=1; token A's 2nd choice and token B's 1st choice hit expert 1;
-    # B's first choice wins though A has the higher priority.
+    # Riquelme et al. 2021 (V-MoE): k=2, C=1; token A's 2nd choice and token B's 1st choice hit
+    # expert 1; B's first choice wins though A has the higher priority.
     routing = Routing(
         token=torch.tensor([0, 1, 0, 1]),
         expert=torch.tensor([0, 1, 1, 2]),

@@ -24,7 +24,7 @@ def test_gshard_aux_loss_hand_worked():
 
 
 def test_lingvo_scaled_gshard_loss_equals_the_switch_form():
-    # PAPERS.md 4, check 3: E^2 * mean_e(f_e * m_e) == E * sum_e f_e P_e
+    # Lepikhin et al. 2021 (GShard): E^2 * mean_e(f_e * m_e) == E * sum_e f_e P_e
     probs = torch.randn(64, 8).softmax(-1)
     first = probs.argmax(-1)
     f = torch.bincount(first, minlength=8).float() / 64
@@ -33,7 +33,8 @@ def test_lingvo_scaled_gshard_loss_equals_the_switch_form():
 
 
 def test_random_second_expert_keep_rate_matches_its_expectation():
-    # PAPERS.md 4, check 1: second expert kept with probability min(1, 2 g2), over 10k tokens.
+    # Lepikhin et al. 2021 (GShard): second expert kept with probability min(1, 2 g2), over 10k
+    # tokens.
     router = ms.ROUTERS["gshard"](16, 8)
     x = torch.randn(10_000, 16) * 3
     g2 = route(router.eval(), x).weight[10_000:]
@@ -44,7 +45,8 @@ def test_random_second_expert_keep_rate_matches_its_expectation():
 
 
 def test_first_choices_are_placed_before_any_second_choice():
-    # PAPERS.md 4, check 2, with C=1. First choices: token 0 -> e0, token 1 -> e0, token 2 -> e1.
+    # Lepikhin et al. 2021 (GShard), with C=1. First choices: token 0 -> e0, token 1 -> e0,
+    # token 2 -> e1.
     # Second choices: token 0 -> e1, token 1 -> e2, token 2 -> e0. The second pass must never
     # evict a first-pass assignment, even one made by a later token.
     routing = ms.Routing(

@@ -24,7 +24,7 @@ def test_noisy_topk_aux_loss_hand_worked_without_noise():
 
 
 def test_zero_init_gives_balanced_load_in_training():
-    # PAPERS.md 5, check 2: W_g = W_noise = 0 -> all signal is noise -> CV(load) < 0.05.
+    # Shazeer et al. 2017: W_g = W_noise = 0 -> all signal is noise -> CV(load) < 0.05.
     router = ms.ROUTERS["noisy_topk"](16, 8, 2).train()
     assert not router.gate.weight.any() and not router.noise.weight.any()
     r = route(router, torch.randn(10_000, 16))
@@ -41,7 +41,7 @@ def test_gates_are_k_sparse_and_sum_to_one():
 
 
 def test_smooth_load_matches_monte_carlo_and_beats_the_naive_threshold():
-    # PAPERS.md 5, check 1: redraw only expert i's noise, count how often i lands in the top k.
+    # Shazeer et al. 2017: redraw only expert i's noise, count how often i lands in the top k.
     torch.manual_seed(1)
     T, E, K, M = 300, 8, 2, 2000
     clean = torch.randn(T, E)
@@ -64,7 +64,7 @@ def test_smooth_load_matches_monte_carlo_and_beats_the_naive_threshold():
 
 
 def test_importance_loss_has_zero_gradient_at_uniform_importance():
-    # PAPERS.md 5, check 4
+    # Shazeer et al. 2017
     from moesaic.routing.losses import cv_squared
 
     v = torch.full((8,), 3.0, requires_grad=True)

@@ -27,7 +27,7 @@ def test_one_expert_in_each_group_with_the_groups_softmax_weight():
 
 
 def test_one_prototype_equals_switch_top1():
-    # PAPERS.md 8, check 1
+    # Yang et al. 2021 (M6-T)
     proto = ms.ROUTERS["prototype"](8, 4, 1).eval()
     switch = ms.ROUTERS["switch"](8, 4).eval()
     switch.load_state_dict(proto.state_dict())

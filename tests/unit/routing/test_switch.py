@@ -22,7 +22,7 @@ def test_switch_aux_loss_hand_worked():
 
 
 def test_switch_aux_loss_is_one_at_uniform_routing_so_the_layer_reports_alpha():
-    # PAPERS.md 3: minimised by uniform routing, where alpha * E * sum f P == alpha.
+    # Fedus et al. 2022 (Switch): minimised by uniform routing, where alpha * E * sum f P == alpha.
     layer = ms.MoE(4, 8, 4, router="switch", aux_loss_weight=0.01, jitter=0.0)
     identity_gate(layer.router)
     x = torch.eye(4).repeat(25, 1) * 1e-6  # near-uniform probs, one first choice per expert
