@@ -48,6 +48,7 @@ __all__ = [
     "torchrun_command",
     "start",
     "stop",
+    "wait_for_step",
     "kill_at_step",
     "logged_steps",
     "outcome",
@@ -148,6 +149,20 @@ def logged_steps(run_dir: Path) -> int:
     return last
 
 
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120.0) -> int:
+    """Wait until ``run_dir`` has logged ``step``; returns the last step logged then. Raises
+    RuntimeError if ``proc`` ends first, TimeoutError (after stopping it) past ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while (seen := logged_steps(run_dir)) < step:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the run ended before step {step}: {proc.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            stop(proc)
+            raise TimeoutError(f"step {step} was not reached in {timeout} s")
+        time.sleep(0.002)
+    return seen
+
+
 def kill_at_step(
     proc: subprocess.Popen,
     run_dir: Path,
@@ -157,14 +172,7 @@ def kill_at_step(
 ) -> int:
     """SIGKILL ``victim()`` (default ``proc``) once ``run_dir`` has logged ``step``; returns the
     last step logged at the kill. Raises if ``proc`` ends first."""
-    deadline = time.monotonic() + timeout
-    while (seen := logged_steps(run_dir)) < step:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the run ended before step {step}: {proc.stderr.read()[-2000:]}")
-        if time.monotonic() > deadline:
-            stop(proc)
-            raise TimeoutError(f"step {step} was not reached in {timeout} s")
-        time.sleep(0.005)
+    seen = wait_for_step(proc, run_dir, step, timeout)
     os.kill(victim() if victim else proc.pid, signal.SIGKILL)
     return seen
 
@@ -401,11 +409,10 @@ def _signal(signum: int) -> Callable[[Path, References, random.Random], Drill]:
     def scenario(work: Path, refs: References, rng: random.Random) -> Drill:
         run = work / "run"
         proc = start(train_command(run))
-        kill_at = rng.randint(1, STEPS - 2)
-        while logged_steps(run) < kill_at:
-            if proc.poll() is not None:
-                return Drill(False, 0, 0, f"the run ended first (rc={proc.returncode})")
-            time.sleep(0.002)
+        try:
+            wait_for_step(proc, run, rng.randint(1, STEPS - 2))
+        except RuntimeError:
+            return Drill(False, 0, 0, f"the run ended first (rc={proc.returncode})")
         time.sleep(rng.uniform(0, 0.05))  # anywhere in a step, an evaluation or a save
         proc.send_signal(signum)
         done = _finish(proc)
@@ -480,9 +487,10 @@ def concurrent(work: Path, refs: References, rng: random.Random) -> Drill:
     cannot finish before the second starts."""
     run = work / "run"
     first = start(train_command(run))
-    at = rng.randint(1, STEPS - 2)
-    while logged_steps(run) < at and first.poll() is None:
-        time.sleep(0.002)
+    try:
+        wait_for_step(first, run, rng.randint(1, STEPS - 2))
+    except RuntimeError:
+        return Drill(False, 0, 0, f"the first run ended early (rc={first.returncode})")
     os.kill(first.pid, signal.SIGSTOP)
     try:
         flags = rng.choice([["--resume"], ["--auto-resume"], []])

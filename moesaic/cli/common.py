@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import signal
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from moesaic.train.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
 from moesaic.train.resources import ResourceError
 from moesaic.train.run import read_run_config
 from moesaic.train.runlock import RunDirError
+from moesaic.train.signals import signal_handlers
 
 __all__ = ["add_config_arguments", "config_from_args", "friendly_errors", "saved_config"]
 
@@ -70,20 +69,11 @@ class _Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-@contextlib.contextmanager
 def _sigterm_as_interrupt():
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
     def handler(signum: int, frame: object) -> None:
         raise _Interrupted(signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return signal_handlers([signal.SIGTERM], handler)
 
 
 def friendly_errors(prog: str) -> Callable:

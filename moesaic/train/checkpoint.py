@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 __all__ = [
@@ -223,7 +223,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
     Any problem (missing, truncated, corrupted or unsafe file) raises ``CheckpointError`` naming
     the file; nothing in a checkpoint is ever executed."""
-    manifest = _read_manifest(path / MANIFEST)
+    manifest_step, manifest = _read_manifest(path / MANIFEST)
     for name, digest in manifest.items():
         file = path / name
         if not file.is_file() or _sha256(file) != digest:
@@ -231,7 +231,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     try:
         with safe_open(path / WEIGHTS, framework="pt") as f:
             weights_step = (f.metadata() or {}).get("step")
-        weights = load_file(path / WEIGHTS)
+            weights = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as err:  # safetensors raises its own error types for malformed headers
         raise CheckpointError(f"{path / WEIGHTS} is not a valid safetensors file: {err}") from None
     state = _load_state(path / STATE)
@@ -240,7 +240,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     steps = {
         "weights metadata": weights_step,
         "state": str(state["step"]),
-        "manifest": str(_manifest_step(path / MANIFEST)),
+        "manifest": str(manifest_step),
     }
     if weights_step is not None and len(set(steps.values())) > 1:
         shown = ", ".join(f"{k} step {v}" for k, v in steps.items())
@@ -248,15 +248,13 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     return weights, state
 
 
-def _manifest_step(manifest_path: Path) -> object:
-    return json.loads(manifest_path.read_bytes()).get("step")
-
-
-def _read_manifest(manifest_path: Path) -> dict[str, str]:
+def _read_manifest(manifest_path: Path) -> tuple[object, dict[str, str]]:
+    """(the step it records, file name -> SHA-256)."""
     if not manifest_path.is_file():
         raise CheckpointError(f"{manifest_path} is missing: the checkpoint is incomplete")
     try:
-        manifest = json.loads(manifest_path.read_bytes())["sha256"]
+        data = json.loads(manifest_path.read_bytes())
+        manifest = data["sha256"]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{manifest_path} is unreadable: {err!r}") from None
     if (
@@ -267,7 +265,7 @@ def _read_manifest(manifest_path: Path) -> dict[str, str]:
         raise CheckpointError(
             f"{manifest_path} is malformed: it must map exactly {WEIGHTS} and {STATE} to digests"
         )
-    return manifest
+    return data.get("step"), manifest
 
 
 def _load_state(file: Path) -> dict[str, Any]:

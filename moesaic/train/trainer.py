@@ -29,9 +29,7 @@ import os
 import random
 import signal
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +67,7 @@ from moesaic.train.data import TOKENIZER_FILE, PreparedData, prepare_data
 from moesaic.train.guard import CollapseWatch, TrainingGuard, TrainingHalted
 from moesaic.train.resources import check_resources
 from moesaic.train.runlock import RunDirError, RunLock
+from moesaic.train.signals import signal_handlers
 
 __all__ = [
     "Trainer",
@@ -172,11 +171,11 @@ class Trainer:
         if groups.is_main:  # before anything in the directory is written or removed
             self._lock.acquire()
             remove_stale_files(self.run_dir)
-            if not resume and list_checkpoints(self.run_dir / "checkpoints"):
+            existing = [] if resume else list_checkpoints(self.run_dir / "checkpoints")
+            if existing:
                 self._lock.release()
-                newest = list_checkpoints(self.run_dir / "checkpoints")[-1].name
                 raise RunDirError(
-                    f"{self.run_dir} already holds a run (newest checkpoint {newest}); "
+                    f"{self.run_dir} already holds a run (newest checkpoint {existing[-1].name}); "
                     f"--resume continues it; another directory starts a new one"
                 )
         if cfg.train.threads:
@@ -189,13 +188,9 @@ class Trainer:
         if groups.is_main and not tokenizer_file.exists():
             write_atomic(tokenizer_file, self.data.tokenizer.to_json())
         self.model = build_model(cfg, self.data.tokenizer.vocab_size, groups.expert_group)
-        self.optimizer = _adamw(self.model, cfg)
+        self._new_optimizer()
         self.guard = TrainingGuard(cfg.guard)
         self.collapse = CollapseWatch(cfg.guard, self.model)
-        o, t = cfg.optim, cfg.train
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, o.warmup_steps, t.steps, o.min_lr_ratio)
-        )
         self.sampler = self.data.sampler(cfg.data, groups.rank, groups.world_size)
         self.val_batches = self.data.eval_batches(cfg.data)
         self.step = 0
@@ -216,6 +211,15 @@ class Trainer:
             write_atomic(self.run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=1))
         self._tensorboard = _tensorboard_writer(self.run_dir) if groups.is_main else None
         self.routing_log = self._routing_log()
+
+    def _new_optimizer(self) -> None:
+        """A fresh AdamW and its warm-up + cosine schedule (at the start, and before loading a
+        checkpoint's or the initial state's)."""
+        o, t = self.cfg.optim, self.cfg.train
+        self.optimizer = _adamw(self.model, self.cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, o.warmup_steps, t.steps, o.min_lr_ratio)
+        )
 
     def _routing_log(self) -> RoutingLog:
         t = self.cfg.train
@@ -293,7 +297,6 @@ class Trainer:
                 if self._stop_signal is not None:  # arrived during the last step's eval or save
                     self._stop_now()
         except TrainingHalted as err:  # the report goes into the metrics too
-            bar.close()
             report = TrainingHalted(f"{err} {self._resume_note()}")
             self._log({"step": self.step + 1, "event": "halted", "reason": str(report)})
             raise report from None
@@ -320,13 +323,9 @@ class Trainer:
         evaluate or inspect a run); ``fit`` takes it again."""
         self._lock.release()
 
-    @contextmanager
     def _stop_signals(self):
         """SIGINT and SIGTERM only set a flag that the loop reads at the next step boundary;
         a second SIGINT raises KeyboardInterrupt at once (the previous checkpoint stays)."""
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signal handlers can only be installed from the main thread
-            return
 
         def handler(signum: int, frame: object) -> None:
             if self._stop_signal is not None and signum == signal.SIGINT:
@@ -342,12 +341,7 @@ class Trainer:
                 except OSError:
                     pass
 
-        previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
+        return signal_handlers(STOP_SIGNALS, handler)
 
     def _stop_now(self) -> None:
         """Checkpoint the finished step (unless it just was) and raise TrainingInterrupted."""
@@ -525,15 +519,10 @@ class Trainer:
             self.model.load_state_dict(weights)
         else:
             load_sharded(self.model, weights, self.groups)
-        g = self.groups
-        self.optimizer = _adamw(self.model, self.cfg)
-        o, t = self.cfg.optim, self.cfg.train
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, o.warmup_steps, t.steps, o.min_lr_ratio)
-        )
+        self._new_optimizer()
         optimizer = state["optimizer"]
         if not sharded:
-            optimizer = shard_optimizer_state(optimizer, self.optimizer, self.model, g)
+            optimizer = shard_optimizer_state(optimizer, self.optimizer, self.model, self.groups)
         self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
@@ -561,8 +550,8 @@ class Trainer:
                 )
             self._restore(found[1], found[2], sharded=False)
             where = f"checkpoint {found[0].name}"
+            self._saved_step, self._saved_path = self.step, found[0]
         self.guard.bad_updates |= left_out
-        self._saved_step = self.step
         if self.groups.is_main:
             _truncate_metrics(self.metrics_path, self.step)
         self.routing_log = self._routing_log()

@@ -17,11 +17,11 @@ from moesaic.bench.faults import (
     EVERY,
     STEPS,
     kill_at_step,
-    logged_steps,
     start,
     stop,
     torchrun_command,
     train_command,
+    wait_for_step,
     worker_pid,
 )
 from moesaic.train.checkpoint import latest_checkpoint, read_checkpoint
@@ -40,6 +40,23 @@ def _assert_identical(run, reference):
     assert got.keys() == want.keys()
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+def _resume(run):
+    """``moesaic train --resume`` of ``run``, which must succeed; its stderr."""
+    resumed = start(train_command(run, "--resume"))
+    try:
+        out, err = resumed.communicate(timeout=300)
+    finally:
+        stop(resumed)
+    assert resumed.returncode == 0, err[-3000:]
+    return err
+
+
+def _assert_like_reference(run, reference):
+    ref_run, ref_proc = reference
+    assert ref_proc.wait(timeout=300) == 0, ref_proc.stderr.read()[-3000:]
+    _assert_identical(run, ref_run)
 
 
 @pytest.fixture(scope="module")
@@ -62,20 +79,13 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, referen
     if damage:  # the newest checkpoint cut short: --resume must fall back and say so
         data = (newest / "model.safetensors").read_bytes()
         (newest / "model.safetensors").write_bytes(data[: random.randrange(len(data))])
-    resumed = start(train_command(run, "--resume"))
-    try:
-        out, err = resumed.communicate(timeout=300)
-    finally:
-        stop(resumed)
-    assert resumed.returncode == 0, err[-3000:]
+    err = _resume(run)
     if damage:
         assert f"checkpoint {newest.name} is unusable (" in err and "model.safetensors" in err
         assert "using the previous good checkpoint step-" in err
     else:
         assert "unusable" not in err
-    ref_run, ref_proc = reference
-    assert ref_proc.wait(timeout=300) == 0, ref_proc.stderr.read()[-3000:]
-    _assert_identical(run, ref_run)
+    _assert_like_reference(run, reference)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -85,10 +95,7 @@ def test_sigint_or_sigterm_checkpoints_at_the_step_boundary_and_resumes_bit_iden
     run = tmp_path / "run"
     proc = start(train_command(run))
     try:
-        at = random.randint(1, STEPS - 3)
-        while logged_steps(run) < at:
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            time.sleep(0.002)
+        wait_for_step(proc, run, random.randint(1, STEPS - 3))
         time.sleep(random.uniform(0, 0.05))  # anywhere inside a step, an eval or a save
         proc.send_signal(signum)
         out, err = proc.communicate(timeout=300)
@@ -99,15 +106,8 @@ def test_sigint_or_sigterm_checkpoints_at_the_step_boundary_and_resumes_bit_iden
     name = signal.Signals(signum).name
     step = int(re.search(rf"{name} at step (\d+): checkpoint step-0*(\d+) saved", last)[1])
     assert latest_checkpoint(run / "checkpoints").name == f"step-{step:06d}"
-    resumed = start(train_command(run, "--resume"))
-    try:
-        out, err = resumed.communicate(timeout=300)
-    finally:
-        stop(resumed)
-    assert resumed.returncode == 0, err[-3000:]
-    ref_run, ref_proc = reference
-    assert ref_proc.wait(timeout=300) == 0, ref_proc.stderr.read()[-3000:]
-    _assert_identical(run, ref_run)
+    _resume(run)
+    _assert_like_reference(run, reference)
 
 
 def test_torchrun_restarts_after_a_rank_is_killed_and_ends_bit_identical(tmp_path):
