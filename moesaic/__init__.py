@@ -6,16 +6,15 @@ layer = ms.MoE(d_model=512, d_ff=2048, num_experts=8, router="switch")
 
 from moesaic import convert, metrics, models, parallel
 from moesaic.context import RoutingContext, current_context, routing_context
-from moesaic.experts import Experts
+from moesaic.dispatch import DROP_POLICIES, expert_capacity
+from moesaic.experts import Experts, backend_names
 from moesaic.layer import MoE, aux_loss
 from moesaic.routing import (
-    DROP_POLICIES,
     ROUTERS,
     LearnedRouter,
     Router,
     Routing,
     build_router,
-    expert_capacity,
     register_router,
 )
 from moesaic.routing.stats import RoutingStats
@@ -35,6 +34,7 @@ __all__ = [
     "ROUTERS",
     "DROP_POLICIES",
     "aux_loss",
+    "backend_names",
     "build_router",
     "current_context",
     "expert_capacity",

@@ -13,33 +13,14 @@ from torch import nn
 
 from moesaic._validate import check_choice, check_nonnegative_float, check_positive_int
 from moesaic.context import current_context
-from moesaic.experts.dispatch import (
-    DispatchPlan,
-    combine,
-    make_plan,
-    permute,
-    scatter_combine,
-)
-from moesaic.experts.ffn import IMPLS, Experts
-from moesaic.experts.gemm import BACKENDS
-from moesaic.experts.sliced import records_autograd
+from moesaic.dispatch import DROP_POLICIES, combine, expert_capacity, make_plan, permute
+from moesaic.experts import ExpertBackend, Experts
 from moesaic.parallel.expert_parallel import run_experts_parallel
 from moesaic.routing.base import Router
-from moesaic.routing.capacity import DROP_POLICIES, expert_capacity
 from moesaic.routing.registry import build_router
 from moesaic.routing.stats import RoutingStats
 
 __all__ = ["MoE", "aux_loss"]
-
-
-# The shared expert runs on long inputs in blocks of this many tokens, so that its (tokens, F)
-# temporaries stay in cache and small enough for the allocator to reuse (one (8192, 2048) fp32
-# hidden is 64 MiB of fresh pages every call). Measured on the layer (SwiGLU, D=512, F=2048,
-# shared_d_ff=2048, 2 threads): T=8192 fwd+bwd 722 vs 1035 ms at E=32, k=1 and 1050 vs 1286 ms
-# at E=8, k=2 (now 0.93-0.97x its dense limit, before 1.14-1.39x); forward-only and T=4096
-# within 3%; at T=2048 (the expert alone) blocking was 7% slower forward, so inputs up to
-# 2 * SHARED_BLOCK tokens run whole.
-SHARED_BLOCK = 1024
 
 
 class MoE(nn.Module):
@@ -68,9 +49,8 @@ class MoE(nn.Module):
         router_dtype: dtype of the router math, fp32 by default even for bf16 activations.
         router_options: extra keyword arguments of the router class (e.g. ``num_tasks`` for
             "task", ``task_skills`` for "skill", ``normalize`` for "topk").
-        expert_impl: "auto" | "loop" | "threads" | "grouped", see ``Experts``.
-        expert_gemm: "auto" | "onednn" | "torch": the experts' matrix products on CPU, see
-            ``Experts``.
+        expert_backend: how the experts run: "auto" | "torch" | "grouped" | "cpu" or an
+            ``ExpertBackend`` instance, see ``Experts``. Every backend computes the same.
         expert_group: a ``torch.distributed`` process group for expert parallelism: each of its
             W ranks keeps E / W experts (``experts.w1`` is then (E / W, D, F)) and tokens travel
             to them by all-to-all. Routing and capacity stay per rank over its local tokens.
@@ -108,8 +88,7 @@ class MoE(nn.Module):
         jitter: float | None = None,
         router_dtype: torch.dtype = torch.float32,
         router_options: dict[str, Any] | None = None,
-        expert_impl: str = "auto",
-        expert_gemm: str = "auto",
+        expert_backend: str | ExpertBackend = "auto",
         expert_group: object | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -122,8 +101,6 @@ class MoE(nn.Module):
             if capacity_factor <= 0:
                 raise ValueError(f"capacity_factor={capacity_factor} must be > 0 (or None)")
         check_choice("drop_policy", drop_policy, DROP_POLICIES)
-        check_choice("expert_impl", expert_impl, IMPLS)
-        check_choice("expert_gemm", expert_gemm, BACKENDS)
         check_nonnegative_float("aux_loss_weight", aux_loss_weight)
         check_nonnegative_float("z_loss_weight", z_loss_weight)
         if isinstance(shared_d_ff, bool) or not isinstance(shared_d_ff, int) or shared_d_ff < 0:
@@ -142,7 +119,7 @@ class MoE(nn.Module):
             options=router_options,
         ).to(device=device)
         self.top_k = self.router.top_k
-        kw = {"bias": expert_bias, "impl": expert_impl, "gemm": expert_gemm}
+        kw = {"bias": expert_bias, "backend": expert_backend}
         kw |= {"device": device, "dtype": dtype}
         self.experts = Experts(num_experts, d_model, d_ff, activation, **kw)
         self.expert_group = None
@@ -202,16 +179,12 @@ class MoE(nn.Module):
         T = x_TD.shape[0]
         routing = self.router(x_TD, current_context())
         plan = make_plan(routing, self.num_experts, T, self.capacity(T), self.drop_policy)
-        if self._forward_only(x_TD, plan):
-            # each expert gathers its own rows; with a sink it also writes straight to its
-            # tokens' rows (moesaic/experts/dispatch.py)
-            sink = scatter_combine(plan, x_TD)
-            y = self.experts(x_TD, plan.counts, sink=sink, rows=plan.token)
-            y_TD = y if sink is not None else combine(y, plan)
-        else:
+        # forward-only calls on one process may run experts and combine in one pass
+        y_TD = None if self.expert_group is not None else self.experts.forward_combined(x_TD, plan)
+        if y_TD is None:
             y_TD = combine(self._run_experts(permute(x_TD, plan), plan.counts), plan)
         if self.shared is not None:
-            y_TD = y_TD + self._run_shared(x_TD)
+            y_TD = y_TD + self.shared(x_TD, [T])
         self._last.aux_loss = (
             self.aux_loss_weight * routing.aux_loss + self.z_loss_weight * routing.z_loss
         )
@@ -219,21 +192,6 @@ class MoE(nn.Module):
             plan.tokens_per_expert, plan.requested_per_expert, routing.probs_TE, plan.token
         )
         return y_TD.reshape(x.shape)
-
-    def _forward_only(self, x_TD: torch.Tensor, plan: DispatchPlan) -> bool:
-        """No autograd recording, on one process: the experts may gather their own rows and
-        combine as they go."""
-        return self.expert_group is None and not records_autograd(
-            x_TD, plan.weight, *self.experts.parameters()
-        )
-
-    def _run_shared(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """The shared expert on every token, in blocks of ``SHARED_BLOCK`` tokens when there are
-        more than twice that many."""
-        T = x_TD.shape[0]
-        if T <= 2 * SHARED_BLOCK:
-            return self.shared(x_TD, [T])
-        return torch.cat([self.shared(c, [c.shape[0]]) for c in x_TD.split(SHARED_BLOCK)])
 
     def _run_experts(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         if self.expert_group is None:

@@ -85,3 +85,13 @@ def require_debian(*packages: str) -> None:
             f"({install_line(absent)})",
             pytrace=False,
         )
+
+
+def expert_backend(impl: str = "auto", gemm: str = "auto"):
+    """An ``Experts`` backend for a test: "torch" or "grouped" by name, else the CPU backend
+    with ``workers=impl`` ("auto" | "loop" | "threads") and ``gemm``."""
+    if impl in ("torch", "grouped"):
+        return impl
+    from moesaic.kernels.cpu import CpuBackend, CpuTuning
+
+    return CpuBackend(CpuTuning(gemm=gemm, workers=impl))

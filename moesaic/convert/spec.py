@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from moesaic._validate import check_choice
-from moesaic.experts.ffn import ACTIVATIONS
+from moesaic.experts import ACTIVATIONS
 from moesaic.layer import MoE
 
 __all__ = ["FFNSpec", "MoEFFN", "MoEResidualNorm", "Passthrough", "activation_name"]

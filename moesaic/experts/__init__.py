@@ -1,6 +1,13 @@
-"""Expert FFNs and the sort-based dispatch that feeds them."""
+"""Expert FFNs (``Experts``) and the backends that run them, looked up by name."""
 
-from moesaic.experts.dispatch import DispatchPlan, combine, make_plan, permute
-from moesaic.experts.ffn import ACTIVATIONS, Experts
+from moesaic.experts.backend import ExpertBackend, backend_names, get_backend, register_backend
+from moesaic.experts.experts import ACTIVATIONS, Experts
 
-__all__ = ["Experts", "ACTIVATIONS", "DispatchPlan", "make_plan", "permute", "combine"]
+__all__ = [
+    "ACTIVATIONS",
+    "ExpertBackend",
+    "Experts",
+    "backend_names",
+    "get_backend",
+    "register_backend",
+]

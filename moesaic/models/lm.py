@@ -20,9 +20,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from moesaic._validate import check_choice, check_nonnegative_float, check_positive_int
-from moesaic.experts.ffn import ACTIVATIONS
+from moesaic.dispatch import DROP_POLICIES
+from moesaic.experts import ACTIVATIONS
 from moesaic.layer import MoE
-from moesaic.routing import DROP_POLICIES, ROUTERS
+from moesaic.routing import ROUTERS
 
 __all__ = ["LMConfig", "MoELM", "KVCache"]
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from moesaic._validate import check_choice, check_positive_int
 from moesaic.context import routing_context
-from moesaic.experts.ffn import ACTIVATIONS
+from moesaic.experts import ACTIVATIONS
 from moesaic.layer import MoE
 from moesaic.models.skillnet_parts import (
     BytesFrontEnd,

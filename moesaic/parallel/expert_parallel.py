@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from moesaic.experts.ffn import Experts
+from moesaic.experts import Experts
 from moesaic.parallel.alltoall import all_to_all
 
 __all__ = ["run_experts_parallel"]

@@ -12,7 +12,6 @@ from moesaic.routing import (  # noqa: F401  (importing registers each router in
     topk,
 )
 from moesaic.routing.base import LearnedRouter, Router, Routing
-from moesaic.routing.capacity import DROP_POLICIES, expert_capacity
 from moesaic.routing.registry import ROUTERS, build_router, register_router
 
 __all__ = [
@@ -20,8 +19,6 @@ __all__ = [
     "LearnedRouter",
     "Routing",
     "ROUTERS",
-    "DROP_POLICIES",
     "register_router",
     "build_router",
-    "expert_capacity",
 ]

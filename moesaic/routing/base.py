@@ -21,7 +21,7 @@ from torch import nn
 
 from moesaic._validate import check_positive_int, check_tokens
 from moesaic.context import RoutingContext
-from moesaic.experts.gemm import gate_onednn, matmul
+from moesaic.routing.gate import gate_product
 
 __all__ = ["Routing", "Router", "LearnedRouter"]
 
@@ -91,31 +91,6 @@ class Routing:
             and getattr(self, f.name) is not None
         }
         return dataclasses.replace(self, **pick, dense_k=None)
-
-
-class _GateLinear(torch.autograd.Function):
-    """``x @ w.T`` in ``dtype`` (x and w cast when stored in another), its products on oneDNN
-    when ``onednn`` (moesaic/experts/gemm.py ``gate_onednn``); saves x and w as given and casts
-    again in backward, so a bf16 x keeps no (T, D) fp32 copy."""
-
-    @staticmethod
-    def forward(ctx, x, w, dtype, onednn):
-        ctx.save_for_backward(x, w)
-        ctx.dtype, ctx.onednn = dtype, onednn
-        return matmul(x.to(dtype), w.to(dtype).t(), onednn=onednn)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, w = ctx.saved_tensors
-        dtype, onednn = ctx.dtype, ctx.onednn
-        g = g.to(dtype)
-        gx = gw = None
-        if ctx.needs_input_grad[0]:
-            gx = matmul(g, w.to(dtype), onednn=onednn).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            g_ET = g.t().contiguous() if onednn else g.t()
-            gw = matmul(g_ET, x.to(dtype), onednn=onednn).to(w.dtype)
-        return gx, gw, None, None
 
 
 class Router(nn.Module, abc.ABC):
@@ -211,10 +186,7 @@ class LearnedRouter(Router):
     def linear(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
         """``layer(x)`` computed in ``router_dtype``, whatever dtype x and the weights are stored
         in; backward keeps x in its own dtype (no (T, D) fp32 copy of bf16 activations)."""
-        onednn = gate_onednn(x, self.router_dtype)
-        if x.dtype == layer.weight.dtype == self.router_dtype and not onednn:
-            return nn.functional.linear(x, layer.weight)
-        return _GateLinear.apply(x, layer.weight, self.router_dtype, onednn)
+        return gate_product(x, layer.weight, self.router_dtype)
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """Gate logits (T, E) in ``router_dtype``."""

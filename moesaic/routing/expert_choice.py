@@ -9,12 +9,13 @@ Shape legend (docs/shapes.md): T tokens, E experts, C capacity.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from moesaic._validate import check_nonnegative_float
 from moesaic.context import RoutingContext
 from moesaic.routing.base import LearnedRouter, Routing
-from moesaic.routing.capacity import expert_capacity
 from moesaic.routing.losses import z_loss
 from moesaic.routing.registry import register_router
 
@@ -48,7 +49,9 @@ class ExpertChoiceRouter(LearnedRouter):
         self.capacity_factor = float(capacity_factor)
 
     def capacity(self, num_tokens: int) -> int:
-        C = expert_capacity(self.capacity_factor, self.top_k, num_tokens, self.num_experts)
+        # Zhou et al. 2022, section 3.1: each expert takes k = n * c / e tokens (here c counts
+        # per choice, as a token-choice layer's capacity factor does)
+        C = max(1, math.ceil(self.capacity_factor * self.top_k * num_tokens / self.num_experts))
         return min(C, num_tokens)
 
     def forward(self, x_TD: torch.Tensor, context: RoutingContext) -> Routing:

@@ -8,6 +8,7 @@ import torch
 
 import moesaic as ms
 from moesaic.models.lm import LMConfig, MoELM
+from tests.cases import expert_backend
 
 
 @pytest.mark.parametrize(
@@ -15,9 +16,10 @@ from moesaic.models.lm import LMConfig, MoELM
     [
         {"top_k": 2},  # dropless top-k: the fused forward-only combine
         {"top_k": 1, "capacity_factor": 1.0},  # drops: the unfused combine
-        {"top_k": 2, "expert_gemm": "onednn", "expert_impl": "threads"},
+        {"top_k": 2, "expert_backend": expert_backend("threads", "onednn")},
+        {"top_k": 2, "expert_backend": "torch"},
     ],
-    ids=["dropless", "capacity", "onednn-threads"],
+    ids=["dropless", "capacity", "onednn-threads", "torch-loop"],
 )
 def test_compiled_layer_equals_eager(kw):
     torch.manual_seed(0)

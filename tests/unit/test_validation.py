@@ -32,8 +32,7 @@ BAD_CONSTRUCTOR_ARGS = [
         "num_tasks=0 must be >= 1",
     ),
     ({"router_options": {"bogus": 1}}, TypeError, "router_options for router='switch'.*bogus"),
-    ({"expert_impl": "cuda"}, ValueError, "expert_impl='cuda' is not one of"),
-    ({"expert_gemm": "mkl"}, ValueError, "expert_gemm='mkl' is not one of"),
+    ({"expert_backend": "cuda"}, ValueError, "backend='cuda' is not one of"),
 ]
 
 

@@ -3,6 +3,7 @@ import torch
 
 import moesaic as ms
 from moesaic.experts.reference import reference_ffn
+from tests.cases import expert_backend
 
 
 @pytest.mark.parametrize("impl", ["loop", "threads"])
@@ -10,7 +11,7 @@ from moesaic.experts.reference import reference_ffn
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "silu", "swiglu"])
 @pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 0, 0, 4], [0, 0, 0, 0], [1, 1, 1, 1]])
 def test_sliced_experts_equal_the_per_token_reference(activation, counts, bias, impl):
-    experts = ms.Experts(4, 6, 10, activation, bias=bias, impl=impl)
+    experts = ms.Experts(4, 6, 10, activation, bias=bias, backend=expert_backend(impl))
     x = torch.randn(sum(counts), 6, requires_grad=True)
     y = experts(x, counts)
     owner = torch.repeat_interleave(torch.arange(4), torch.tensor(counts)).tolist()
@@ -33,8 +34,8 @@ def test_sliced_experts_equal_the_per_token_reference(activation, counts, bias, 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_grouped_mm_path_equals_the_loop(activation, bias):
-    experts = ms.Experts(4, 16, 32, activation, bias=bias, impl="loop")
-    grouped = ms.Experts(4, 16, 32, activation, bias=bias, impl="grouped")
+    experts = ms.Experts(4, 16, 32, activation, bias=bias, backend=expert_backend("loop"))
+    grouped = ms.Experts(4, 16, 32, activation, bias=bias, backend=expert_backend("grouped"))
     grouped.load_state_dict(experts.state_dict())
     counts = [5, 0, 7, 4]
     x = torch.randn(16, 16)

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import moesaic as ms
-from moesaic.experts import gemm
 from moesaic.experts.reference import reference_moe
-from moesaic.kernels.cpu import capability
+from moesaic.kernels.cpu import capability, gemm
 from moesaic.kernels.cpu.capability import cpu_capability
-from tests.cases import capture_routing
+from moesaic.kernels.cpu.tuning import DEFAULT_TUNING, CpuTuning
+from tests.cases import capture_routing, expert_backend
 
 
 def test_the_probe_agrees_with_the_instruction_set_flags():
@@ -43,10 +43,14 @@ def test_a_probe_that_fails_turns_its_path_off(monkeypatch):
 def test_without_onednn_every_expert_path_runs_on_torch_mm_and_matches(monkeypatch, dtype):
     off = dataclasses.replace(cpu_capability(), onednn_fp32=False, onednn_bf16=False)
     monkeypatch.setattr(gemm, "cpu_capability", lambda: off)
-    assert not gemm.use_onednn("onednn", torch.zeros(1, dtype=dtype), gemm.MIN_WEIGHT)
-    assert not gemm.gate_onednn(torch.zeros(4096, 8), torch.float32)
+    assert not gemm.use_onednn(
+        CpuTuning(gemm="onednn"), torch.zeros(1, dtype=dtype), DEFAULT_TUNING.min_weight
+    )
+    assert not gemm.gate_onednn(DEFAULT_TUNING, torch.zeros(4096, 8), torch.float32)
     torch.manual_seed(0)
-    layer = ms.MoE(16, 32, 4, router="topk", top_k=2, expert_gemm="onednn").to(dtype)
+    layer = ms.MoE(
+        16, 32, 4, router="topk", top_k=2, expert_backend=expert_backend(gemm="onednn")
+    ).to(dtype)
     x = torch.randn(600, 16, dtype=dtype)
     seen = capture_routing(layer)
     y = layer(x)
@@ -63,5 +67,7 @@ def test_auto_takes_onednn_only_on_the_instruction_sets_where_it_measured_faster
     cap = dataclasses.replace(cpu_capability(), isa=isa, onednn_fp32=True)
     monkeypatch.setattr(gemm, "cpu_capability", lambda: cap)
     big = torch.zeros(1)
-    assert gemm.use_onednn("auto", big, gemm.MIN_WEIGHT) == expected
-    assert gemm.use_onednn("onednn", big, 1)  # an explicit request runs wherever oneDNN does
+    assert gemm.use_onednn(CpuTuning(gemm="auto"), big, DEFAULT_TUNING.min_weight) == expected
+    assert gemm.use_onednn(
+        CpuTuning(gemm="onednn"), big, 1
+    )  # an explicit request runs wherever oneDNN does

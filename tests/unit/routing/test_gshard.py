@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import moesaic as ms
-from moesaic.experts.dispatch import make_plan
-from moesaic.routing.capacity import PositionPolicy
+from moesaic.dispatch import make_plan
+from moesaic.dispatch.capacity import PositionPolicy
 from moesaic.routing.losses import balance_loss
 from tests.unit.routing._util import identity_gate, route
 

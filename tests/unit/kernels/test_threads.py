@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import moesaic as ms
-from moesaic.experts import threads as expert_threads
-from moesaic.experts.threads import expert_order, makespan, run_experts
+from moesaic.kernels.cpu import threads as expert_threads
+from moesaic.kernels.cpu.threads import expert_order, makespan, run_experts
+from moesaic.kernels.cpu.tuning import CpuTuning
+from tests.cases import expert_backend
 
 
 @pytest.mark.parametrize(
@@ -69,8 +71,8 @@ def test_workers_inherit_inference_and_grad_mode():
 
 def test_threads_path_keeps_the_callers_thread_count_and_matches_the_loop():
     before = torch.get_num_threads()
-    loop = ms.Experts(6, 16, 32, "swiglu", impl="loop")
-    threads = ms.Experts(6, 16, 32, "swiglu", impl="threads")
+    loop = ms.Experts(6, 16, 32, "swiglu", backend=expert_backend("loop"))
+    threads = ms.Experts(6, 16, 32, "swiglu", backend=expert_backend("threads"))
     threads.load_state_dict(loop.state_dict())
     counts = [8, 0, 8, 7, 1, 8]
     x = torch.randn(sum(counts), 16)
@@ -96,7 +98,7 @@ def test_thread_local_modes_see_every_expert_matmul():
     counts = [8, 8, 8, 8]
     flops = {}
     for impl in ("loop", "threads"):
-        experts = ms.Experts(4, 16, 32, impl=impl)
+        experts = ms.Experts(4, 16, 32, backend=expert_backend(impl))
         with FlopCounterMode(display=False) as counter:
             experts(torch.randn(32, 16), counts)
         flops[impl] = counter.get_total_flops()
@@ -106,7 +108,7 @@ def test_thread_local_modes_see_every_expert_matmul():
 def test_a_forked_child_runs_experts_on_its_own_threads():
     import multiprocessing as mp
 
-    experts = ms.Experts(4, 8, 16, impl="threads")
+    experts = ms.Experts(4, 8, 16, backend=expert_backend("threads"))
     counts = [4, 4, 4, 4]
     x = torch.randn(16, 8)
     want = experts(x, counts)  # the parent's worker threads exist now
@@ -131,8 +133,7 @@ def test_the_callers_openmp_team_is_released_only_before_pool_threads(monkeypatc
     assert calls == [1]
     run_experts(lambda e: None, [1000] * 4, 2)  # large experts: one team, nothing released
     run_experts(lambda e: None, [4] * 8, 1)
-    monkeypatch.setattr(expert_threads, "RELEASE_OPENMP", False)
-    run_experts(lambda e: None, [4] * 8, 2)
+    run_experts(lambda e: None, [4] * 8, 2, CpuTuning(release_openmp=False))
     assert calls == [1]
 
 
@@ -148,8 +149,8 @@ def test_releasing_the_openmp_team_leaves_torch_working():
         assert pause() == 0
         torch.testing.assert_close(x.sum(), want)  # the next parallel op rebuilds the team
     assert torch.get_num_threads() == before
-    on_threads = ms.Experts(8, 16, 32, impl="threads")
-    on_loop = ms.Experts(8, 16, 32, impl="loop")
+    on_threads = ms.Experts(8, 16, 32, backend=expert_backend("threads"))
+    on_loop = ms.Experts(8, 16, 32, backend=expert_backend("loop"))
     on_loop.load_state_dict(on_threads.state_dict())
     y = torch.randn(320, 16)
     for _ in range(2):  # each threads call releases the team, each loop call rebuilds it

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import moesaic as ms
-from moesaic.experts import gemm
 from moesaic.experts.reference import reference_ffn
+from moesaic.kernels.cpu import CpuBackend, gemm
+from moesaic.kernels.cpu.tuning import DEFAULT_TUNING, CpuTuning
 from moesaic.train.checkpoint import load_checkpoint, save_checkpoint
+from tests.cases import expert_backend
 
 COUNTS = [9, 0, 3, 17]  # an empty expert, one under MIN_ROWS (torch.mm), two on oneDNN
 
@@ -52,7 +54,7 @@ def test_both_layouts_equal_the_reference_forward_and_backward(activation, impl,
     if gemm_backend == "onednn" and not gemm.onednn_available():
         pytest.skip("this torch build has no oneDNN (x86 wheels all do)")
     torch.manual_seed(0)
-    new = ms.Experts(4, 16, 40, activation, bias=True, impl=impl, gemm=gemm_backend)
+    new = ms.Experts(4, 16, 40, activation, bias=True, backend=expert_backend(impl, gemm_backend))
     old = _row_major(new)
     assert old.w1.is_contiguous() and not new.w1.is_contiguous()
     x = torch.randn(sum(COUNTS), 16)
@@ -74,7 +76,7 @@ def test_both_layouts_equal_the_reference_forward_and_backward(activation, impl,
             assert p.grad.stride() == p.stride(), name  # gradients in the weight's own layout
 
 
-@pytest.mark.parametrize("onednn", [False, True])
+@pytest.mark.parametrize("onednn", [None, DEFAULT_TUNING], ids=["torch", "onednn"])
 def test_matmul_writes_a_transposed_out_in_its_own_order(onednn):
     if onednn and not gemm.onednn_available():
         pytest.skip("this torch build has no oneDNN (x86 wheels all do)")
@@ -113,10 +115,10 @@ def test_forward_only_swapped_products_equal_the_reference(
     swapped = []
     real = gemm._swapped
     monkeypatch.setattr(gemm, "_swapped", lambda *a, **k: swapped.append(1) or real(*a, **k))
-    monkeypatch.setattr(gemm, "SWAP_ROWS", (4, 10))  # the 9-row expert, not 3 or 17 rows
-    monkeypatch.setattr(gemm, "SWAP_PAD", 15)  # whatever its padding to 16
+    # the 9-row expert swaps (not the 3- or 17-row ones), whatever its padding to 16
+    tuning = CpuTuning(gemm=backend, swap_rows=(4, 10), swap_pad=15)
     torch.manual_seed(0)
-    experts = ms.Experts(4, 16, 40, activation, bias=bias, gemm=backend).to(dtype)
+    experts = ms.Experts(4, 16, 40, activation, bias=bias, backend=CpuBackend(tuning)).to(dtype)
     x = torch.randn(sum(COUNTS), 16).to(dtype)
     with torch.inference_mode():
         got = experts(x, COUNTS)
@@ -133,20 +135,21 @@ def test_swapped_products_are_fp32_ones_at_or_just_under_a_multiple_of_16_rows()
     if not gemm.onednn_available():
         pytest.skip("this torch build has no oneDNN (x86 wheels all do)")
     w = ms.Experts(1, 16, 40, "gelu").w1[0]
-    assert gemm.SWAP_ROWS == (16, 128) and gemm.SWAP_PAD == 2
-    swaps = [m for m in range(1, 160) if gemm._swaps(torch.empty(m, 16), w, onednn=True)]
+    assert DEFAULT_TUNING.swap_rows == (16, 128) and DEFAULT_TUNING.swap_pad == 2
+    swaps = [m for m in range(1, 160) if gemm._swaps(torch.empty(m, 16), w, onednn=DEFAULT_TUNING)]
     expected = [m for m in range(16, 129) if m % 16 in (0, 14, 15)]
     assert swaps == expected
-    assert not gemm._swaps(torch.empty(64, 16), w, onednn=False)
-    assert not gemm._swaps(torch.empty(64, 16), w.contiguous(), onednn=True)
+    assert not gemm._swaps(torch.empty(64, 16), w, onednn=None)
+    assert not gemm._swaps(torch.empty(64, 16), w.contiguous(), onednn=DEFAULT_TUNING)
     w16 = w.to(torch.bfloat16)
-    assert not gemm._swaps(torch.empty(64, 16, dtype=torch.bfloat16), w16, onednn=True)
+    assert not gemm._swaps(torch.empty(64, 16, dtype=torch.bfloat16), w16, onednn=DEFAULT_TUNING)
 
 
-def test_the_layer_forward_only_with_swapped_products_equals_its_training_forward(monkeypatch):
-    monkeypatch.setattr(gemm, "SWAP_PAD", 15)  # every expert of 16-128 rows swaps
+def test_the_layer_forward_only_with_swapped_products_equals_its_training_forward():
     torch.manual_seed(0)
-    layer = ms.MoE(512, 1024, 16, router="topk", top_k=2)  # ~32 rows per expert: swapped
+    # ~32 rows per expert, and every expert of 16-128 rows swaps
+    swapping = CpuBackend(CpuTuning(gemm="onednn", swap_pad=15))
+    layer = ms.MoE(512, 1024, 16, router="topk", top_k=2, expert_backend=swapping)
     x = torch.randn(256, 512)
     with torch.inference_mode():
         fast = layer(x)

@@ -4,12 +4,14 @@ otherwise; both must equal a float64 reference forward and backward."""
 import pytest
 import torch
 
-import moesaic.experts.gemm as gemm
+import moesaic.kernels.cpu.gemm as gemm
+import moesaic.routing.gate as gate
 from moesaic.context import RoutingContext
+from moesaic.kernels.cpu import DEFAULT_TUNING
 from moesaic.routing.noisy import NoisyTopKRouter
 from moesaic.routing.topk import TopKRouter
 
-T_BIG = gemm.GATE_MIN_ROWS + 37  # not a multiple of any block size
+T_BIG = DEFAULT_TUNING.gate_min_rows + 37  # not a multiple of any block size
 
 
 def _reference(x, w):
@@ -23,15 +25,15 @@ def _reference(x, w):
 def spy(monkeypatch):
     """The (a, b) shapes of every product that runs on oneDNN."""
     calls = []
-    real = gemm._onednn
+    real = gemm._fits
 
-    def recording(a, b):
-        ok = real(a, b)
+    def recording(tuning, a, b):
+        ok = real(tuning, a, b)
         if ok:
             calls.append((tuple(a.shape), tuple(b.shape)))
         return ok
 
-    monkeypatch.setattr(gemm, "_onednn", recording)
+    monkeypatch.setattr(gemm, "_fits", recording)
     return calls
 
 
@@ -74,13 +76,14 @@ def test_large_fp32_batches_run_the_gate_on_onednn_small_ones_on_torch_mm(spy):
 
 
 def test_gate_on_onednn_routes_like_torch_mm(monkeypatch):
-    """The same routing decisions either way (the logits differ by rounding only)."""
+    """The same routing decisions with the CPU kernels' gate product unregistered (the logits
+    differ by rounding only)."""
     torch.manual_seed(0)
     router = NoisyTopKRouter(64, 16, top_k=2).eval()
     x = torch.randn(T_BIG, 64)
     with torch.no_grad():
         fast = router(x, RoutingContext())
-        monkeypatch.setattr(gemm, "GATE_MIN_ROWS", 10**9)
+        monkeypatch.setattr(gate, "_PRODUCTS", [])
         slow = router(x, RoutingContext())
     assert torch.equal(fast.expert, slow.expert)
     torch.testing.assert_close(fast.weight, slow.weight)

@@ -1,4 +1,4 @@
-"""Forward-only un-permute + combine fused into the expert loop (dispatch.ScatterCombine)
+"""Forward-only un-permute + combine fused into the expert loop (fused.ScatterCombine)
 against the unfused combine and experts/reference.py."""
 
 from __future__ import annotations
@@ -7,13 +7,14 @@ import pytest
 import torch
 
 import moesaic as ms
-from moesaic.experts import dispatch
-from moesaic.experts import threads as expert_threads
-from moesaic.experts.dispatch import ScatterCombine, combine, make_plan, scatter_combine
+from moesaic.dispatch import combine, make_plan
+from moesaic.dispatch.capacity import DROP_POLICIES
 from moesaic.experts.reference import reference_moe
+from moesaic.kernels.cpu import combine as fused
+from moesaic.kernels.cpu import threads as expert_threads
+from moesaic.kernels.cpu.combine import ScatterCombine, scatter_combine
 from moesaic.routing.base import Routing
-from moesaic.routing.capacity import DROP_POLICIES
-from tests.cases import ROUTER_CASES, RouterCase, capture_routing
+from tests.cases import ROUTER_CASES, RouterCase, capture_routing, expert_backend
 
 
 def _topk_plan(T: int, E: int, K: int, capacity: int | None = None):
@@ -56,13 +57,13 @@ def test_plans_without_slot_get_no_sink():
 
 def _count_sinks(monkeypatch) -> list[int]:
     made: list[int] = []
-    original = dispatch.ScatterCombine.__init__
+    original = fused.ScatterCombine.__init__
 
     def init(self, plan, like):
         made.append(plan.top_k)
         original(self, plan, like)
 
-    monkeypatch.setattr(dispatch.ScatterCombine, "__init__", init)
+    monkeypatch.setattr(fused.ScatterCombine, "__init__", init)
     return made
 
 
@@ -94,12 +95,11 @@ def test_forward_only_equals_the_reference(case: RouterCase, capacity_factor, mo
 @pytest.mark.parametrize("K", [1, 2])
 def test_fused_forward_equals_the_training_forward(impl, gemm, K, monkeypatch):
     """Sizes above oneDNN's row threshold, one expert empty, every product path; "threads" on
-    two worker threads whatever the size rule says (the sink is called from both)."""
+    two worker threads whatever the size rule says (the sink is called from both); "grouped"
+    has no fused path and combines afterwards."""
     made = _count_sinks(monkeypatch)
     orders: list = []
     if impl == "threads":
-        monkeypatch.setattr(expert_threads, "LOOP_ROWS", (0, 0))
-        monkeypatch.setattr(expert_threads, "MAX_IMBALANCE", 100.0)
         expert_order = expert_threads.expert_order
         monkeypatch.setattr(
             expert_threads, "expert_order", lambda *a: orders.append(expert_order(*a)) or orders[-1]
@@ -107,7 +107,7 @@ def test_fused_forward_equals_the_training_forward(impl, gemm, K, monkeypatch):
         threads = torch.get_num_threads()
         torch.set_num_threads(2)
     torch.manual_seed(K)
-    layer = ms.MoE(16, 32, 4, router="topk", top_k=K, expert_impl=impl, expert_gemm=gemm)
+    layer = ms.MoE(16, 32, 4, router="topk", top_k=K, expert_backend=expert_backend(impl, gemm))
     x = torch.randn(300, 16)
     x[:, 0] = 5.0
     with torch.no_grad():
@@ -118,7 +118,7 @@ def test_fused_forward_equals_the_training_forward(impl, gemm, K, monkeypatch):
     if impl == "threads":
         torch.set_num_threads(threads)
         assert orders and all(o is not None for o in orders)  # workers ran every call
-    assert made == [K]
+    assert made == ([] if impl == "grouped" else [K])
     assert layer.last_stats.tokens_per_expert[3] == 0
     torch.testing.assert_close(fused, trained.detach(), rtol=1e-6, atol=1e-6)
 
@@ -127,5 +127,6 @@ def test_sink_refuses_a_recording_call():
     layer = ms.MoE(8, 16, 2, router="topk", top_k=1)
     x = torch.randn(6, 8)
     plan = _topk_plan(6, 2, 1)
+    backend = layer.experts.backend_for(x)
     with pytest.raises(ValueError, match="forward-only"):
-        layer.experts(x[plan.token], plan.counts, sink=ScatterCombine(plan, x))
+        backend.run(layer.experts, x[plan.token], plan.counts, sink=ScatterCombine(plan, x))

@@ -1,8 +1,8 @@
-"""``Experts(x, counts, rows=...)``: the experts gather their own input rows ``x[rows]``.
+"""The CPU backend's forward-only ``run(..., rows=...)``: each expert gathers its own input rows
+``x[rows]``.
 
-Checked against the per-token reference (experts/reference.py) on every expert path, in
-forward-only calls (gathered inside the loop) and recording ones (gathered first), and that the
-MoE layer's forward-only calls never copy all A rows up front.
+Checked against the per-token reference (experts/reference.py) on both worker modes and both
+product paths, and that the MoE layer's forward-only calls never copy all A rows up front.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch
 
 import moesaic as ms
 from moesaic import layer as layer_module
-from moesaic.experts import sliced
-from moesaic.experts import threads as expert_threads
 from moesaic.experts.reference import reference_ffn
+from moesaic.kernels.cpu import ffn as sliced
+from tests.cases import expert_backend
 
 COUNTS = [3, 0, 6, 5]  # one empty expert; 14 rows of a 9-token input, some tokens twice
 
@@ -31,17 +31,15 @@ def _rows() -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
 @pytest.mark.parametrize("gemm", ["torch", "onednn"])
-@pytest.mark.parametrize("impl", ["loop", "threads", "grouped"])
+@pytest.mark.parametrize("impl", ["loop", "threads"])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_forward_only_rows_equal_the_reference(activation, impl, gemm, mode, monkeypatch):
-    if impl == "threads":  # two worker threads whatever the size rule says
-        monkeypatch.setattr(expert_threads, "LOOP_ROWS", (0, 0))
-        monkeypatch.setattr(expert_threads, "MAX_IMBALANCE", 100.0)
-    experts = ms.Experts(4, 16, 32, activation, bias=True, impl=impl, gemm=gemm)
+def test_forward_only_rows_equal_the_reference(activation, impl, gemm, mode):
+    backend = expert_backend(impl, gemm)  # "threads": worker threads whatever the size rule
+    experts = ms.Experts(4, 16, 32, activation, bias=True, backend=backend)
     x, rows = torch.randn(9, 16), _rows()
     ctx = torch.inference_mode() if mode == "inference_mode" else torch.no_grad()
     with ctx:
-        got = experts(x, COUNTS, rows=rows)
+        got = backend.run(experts, x, COUNTS, rows=rows)
         want = _reference(experts, x, rows)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -57,25 +55,12 @@ def test_forward_only_rows_are_gathered_per_expert(impl, monkeypatch):
         return original(x_AD, *args, **kwargs)
 
     monkeypatch.setattr(sliced, "_forward", spy)
-    experts = ms.Experts(4, 16, 32, impl=impl)
+    backend = expert_backend(impl)
+    experts = ms.Experts(4, 16, 32, backend=backend)
     x, rows = torch.randn(9, 16), _rows()
     with torch.inference_mode():
-        experts(x, COUNTS, rows=rows)
+        backend.run(experts, x, COUNTS, rows=rows)
     assert gathered == [9]  # the loop saw the 9 tokens, not the 14 gathered rows
-
-
-def test_recording_calls_gather_first_and_give_every_gradient():
-    experts = ms.Experts(4, 16, 32, "swiglu", bias=True)
-    x, rows = torch.randn(9, 16, requires_grad=True), _rows()
-    got = experts(x, COUNTS, rows=rows)
-    want = _reference(experts, x, rows)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    g = torch.randn_like(got)
-    params = [x, *experts.parameters()]
-    for a, b in zip(
-        torch.autograd.grad((got * g).sum(), params), torch.autograd.grad((want * g).sum(), params)
-    ):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])
@@ -88,18 +73,3 @@ def test_forward_only_layer_never_permutes(capacity_factor, monkeypatch):
     with torch.inference_mode():
         layer(x)
     assert calls == []
-
-
-@pytest.mark.parametrize(
-    ("rows", "error", "match"),
-    [
-        ([0, 1], TypeError, "rows=.*1-D LongTensor"),
-        (torch.zeros(14), TypeError, r"rows=.*torch.float32.*1-D LongTensor"),
-        (torch.zeros(2, 7, dtype=torch.long), TypeError, "1-D LongTensor"),
-        (torch.zeros(13, dtype=torch.long), ValueError, r"sum\(counts\)=14 .*rows.shape\[0\]=13"),
-    ],
-)
-def test_bad_rows_are_named(rows, error, match):
-    experts = ms.Experts(4, 16, 32)
-    with pytest.raises(error, match=match):
-        experts(torch.randn(9, 16), COUNTS, rows=rows)

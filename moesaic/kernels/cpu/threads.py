@@ -11,18 +11,15 @@ worker ran what.
 
 The calling thread is one of the workers: for the call it runs single-threaded too
 (``torch.set_num_threads(1)``, restored afterwards), so only ``threads - 1`` pool threads wake up
-and the caller's core never idles while they work (measured on 2 threads, T=2048, E=32, k=1,
-interleaved with dense FFNs: forward 35.6 ms instead of 46.0 ms with two pool threads and a
-waiting caller). The pool threads are created once per thread count; each sets its own intra-op
-thread count to 1 (an OpenMP per-thread setting), after which the process default is restored.
+and the caller's core never idles while they work. The pool threads are created once per thread
+count; each sets its own intra-op thread count to 1 (an OpenMP per-thread setting), after which
+the process default is restored.
 
 Before the pool threads start, the caller releases its OpenMP team (``omp_pause_resource_all``,
 OpenMP 5.0): after every parallel region libgomp's idle team threads spin-wait for the next one
 for milliseconds (``GOMP_SPINCOUNT``), and on a machine with as many cores as threads a spinning
-team thread holds the core a pool thread needs. Measured on 2 threads, T=2048, E=32, k=1
-forward: the pool thread started its first expert 1.7-4.3 ms after the caller and once stalled
-for 4 ms mid-call; released, it starts within 0.3 ms (expert phase 30.7-30.9 ms instead of
-33.1-36.1). The team is recreated by the next parallel op (~0.05 ms).
+team thread holds the core a pool thread needs. The team is recreated by the next parallel op.
+docs/performance.md ("CPU kernel tuning") has the measurements.
 """
 
 from __future__ import annotations
@@ -38,20 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-__all__ = ["expert_order", "makespan", "run_experts"]
+from moesaic.kernels.cpu.tuning import DEFAULT_TUNING, CpuTuning
 
-RELEASE_OPENMP = True  # release the caller's OpenMP team before the pool threads start
-MAX_IMBALANCE = 1.25  # busiest worker's rows / the even share, beyond which one team is faster
-# When one team of intra-op threads per kernel is faster: mean rows per expert strictly inside
-# LOOP_ROWS on at most LOOP_MAX_TOTAL rows in all. Measured side by side on 2 threads, D=512,
-# F=2048, oneDNN products, gelu and swiglu (benchmarks/gemm.py workers; time with workers over
-# time with the loop, fwd+bwd / fwd): 64 and 128 rows per expert 0.97-1.04 / 0.97-1.03 (a tie);
-# T=2048, E=8: 256 rows 1.05-1.10 / 1.13-1.17, 512 rows 0.99-1.11 / 1.06-1.12 (the loop wins);
-# T=8192, E=32, 256 rows 0.96 / 0.97-1.03; T=8192, E=8, 2048 rows 1.01-1.02 / 1.01-1.04. The
-# default LM of `moesaic train` (D=64, F=256, E=32, 8192 rows, 256 per expert) measured its
-# training step 5-7% faster on the loop, hence "at most" 8192.
-LOOP_ROWS = (128, 1024)
-LOOP_MAX_TOTAL = 8192
+__all__ = ["expert_order", "makespan", "run_experts"]
 
 _lock = threading.Lock()
 _pools: dict[int, ThreadPoolExecutor] = {}
@@ -75,7 +61,9 @@ def makespan(rows: Sequence[int], workers: int) -> int:
     return max(loads)
 
 
-def expert_order(counts: Sequence[int], threads: int) -> list[int] | None:
+def expert_order(
+    counts: Sequence[int], threads: int, tuning: CpuTuning = DEFAULT_TUNING
+) -> list[int] | None:
     """Experts with rows, largest first, when worker threads should run them; None for the
     intra-op loop: mid-sized experts measured faster with all threads inside each kernel, and a
     skewed routing that puts most rows on one expert would leave the other threads idle."""
@@ -83,10 +71,13 @@ def expert_order(counts: Sequence[int], threads: int) -> list[int] | None:
     active = [e for e, n in enumerate(counts) if n]
     if threads <= 1 or not total:
         return None
-    if LOOP_ROWS[0] * len(active) < total < LOOP_ROWS[1] * len(active) and total <= LOOP_MAX_TOTAL:
-        return None
     order = sorted(active, key=lambda e: -counts[e])
-    if makespan([counts[e] for e in order], threads) > MAX_IMBALANCE * total / threads:
+    if tuning.workers == "threads":
+        return order
+    lo, hi = tuning.loop_rows
+    if lo * len(active) < total < hi * len(active) and total <= tuning.loop_max_total:
+        return None
+    if makespan([counts[e] for e in order], threads) > tuning.max_imbalance * total / threads:
         return None
     return order
 
@@ -110,7 +101,7 @@ def _openmp_pause() -> Callable[[], int] | None:
 def _release_openmp() -> None:
     """Let the caller's idle OpenMP team threads exit instead of spinning on the cores the pool
     threads are about to use (they only ever belong to the calling thread's team)."""
-    pause = _openmp_pause() if RELEASE_OPENMP else None
+    pause = _openmp_pause()
     if pause is not None:
         pause()
 
@@ -137,7 +128,12 @@ def _pool(threads: int) -> ThreadPoolExecutor:
         return pool
 
 
-def run_experts(fn: Callable[[int], None], counts: Sequence[int], threads: int) -> None:
+def run_experts(
+    fn: Callable[[int], None],
+    counts: Sequence[int],
+    threads: int,
+    tuning: CpuTuning = DEFAULT_TUNING,
+) -> None:
     """Call ``fn(e)`` once for every expert with rows and return when all calls have.
 
     ``threads`` > 1 and small, evenly routed experts (``expert_order``): the calling thread and
@@ -146,7 +142,7 @@ def run_experts(fn: Callable[[int], None], counts: Sequence[int], threads: int) 
     The workers copy the caller's grad and inference mode (both are thread-local in torch). An
     error in any call empties the queue and reaches the caller.
     """
-    order = expert_order(counts, threads)
+    order = expert_order(counts, threads, tuning)
     if order is None:
         for e, n in enumerate(counts):
             if n:
@@ -170,7 +166,8 @@ def run_experts(fn: Callable[[int], None], counts: Sequence[int], threads: int) 
                     raise
 
     pool = _pool(threads)
-    _release_openmp()
+    if tuning.release_openmp:
+        _release_openmp()
     futures = [pool.submit(work) for _ in range(threads - 1)]
     before = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -2,10 +2,10 @@ import pytest
 import torch
 
 import moesaic as ms
-from moesaic.experts.dispatch import make_plan
+from moesaic.dispatch import make_plan
+from moesaic.dispatch.capacity import DROP_POLICIES, PositionPolicy, PriorityPolicy
 from moesaic.experts.reference import reference_keep
 from moesaic.routing.base import Router, Routing
-from moesaic.routing.capacity import DROP_POLICIES, PositionPolicy, PriorityPolicy
 
 
 def _top1(weights, expert):
