@@ -58,7 +58,7 @@ def lm_moe_tiny() -> LMConfig:
 
     Deliberately narrow (D=64, 2 layers): on 2 CPU cores a few minutes of training feed it ~25M
     tokens, enough that the dense baseline is limited by its capacity, which is the regime where
-    experts pay off (README has the measured comparison).
+    experts pay off (docs/compare.md has the measured comparison).
     """
     return LMConfig(
         vocab_size=256,

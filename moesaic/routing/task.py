@@ -111,8 +111,8 @@ class SkillRouter(Router):
         self.num_tasks = len(task_skills)
         self.task_skills = [list(s) for s in task_skills]
         self.register_buffer("table_NK", table, persistent=False)
-        # each task's routing distribution, looked up per token (a per-token scatter_add_ of
-        # the same rows measured ~35% of a small SkillNet step on CPU)
+        # each task's routing distribution, computed once per task and looked up per token
+        # (a per-token scatter_add_ of the same rows is a large share of a small step on CPU)
         valid_NK = table >= 0
         probs_NE = torch.zeros(len(task_skills), num_experts)
         probs_NE.scatter_add_(

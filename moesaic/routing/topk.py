@@ -50,7 +50,7 @@ class TopKRouter(LearnedRouter):
     def forward(self, x_TD: torch.Tensor, context: RoutingContext) -> Routing:
         logits_TE = self.route_logits(x_TD, context)
         probs_TE = logits_TE.softmax(dim=-1)
-        if self.top_k == 1:  # max is ~10x faster than topk(1) on CPU
+        if self.top_k == 1:  # max is a cheaper kernel than topk(1) on CPU
             weight_T, expert_T = probs_TE.max(dim=-1)
             weight_TK, expert_TK = weight_T.unsqueeze(1), expert_T.unsqueeze(1)
         else:

@@ -1,9 +1,9 @@
 """Recycle the stacked expert-weight gradients between training steps (CPU).
 
-The gradient of a stacked expert weight is one large tensor (E*D*F floats: 134 MB at E=32,
-D=512, F=2048). After ``optimizer.zero_grad()`` frees it, glibc returns such a block to the OS and
-the next step's fresh one page-faults on first touch: ~27 ms per 134 MB on a 2-core machine, the
-whole gap between a stacked-weight MoE and a loop over separate ``nn.Linear`` experts.
+The gradient of a stacked expert weight is one large tensor (E*D*F floats). After
+``optimizer.zero_grad()`` frees it, glibc returns such a block to the OS and the next step's
+fresh one page-faults on first touch, on CPU the whole gap between a stacked-weight MoE and a
+loop over separate ``nn.Linear`` experts (docs/performance.md, "CPU kernel tuning").
 
 A ``GradPool`` keeps a reference to each weight's last gradient (taken by a post-accumulate-grad
 hook). In the next backward it hands the same memory out again, but only when nothing else holds

@@ -1,0 +1,1 @@
+"""Training: config and recipes, the trainer loop, checkpoints, the guard, run directories."""
