@@ -5,6 +5,7 @@ layer = ms.MoE(d_model=512, d_ff=2048, num_experts=8, router="switch")
 """
 
 from moesaic import convert, metrics, models, parallel
+from moesaic.config import MoEConfig
 from moesaic.context import RoutingContext, current_context, routing_context
 from moesaic.dispatch import DROP_POLICIES, expert_capacity
 from moesaic.experts import Experts, backend_names
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MoE",
+    "MoEConfig",
     "Experts",
     "Router",
     "LearnedRouter",

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+import re
+from collections.abc import Iterator
 
 import torch
 
-__all__ = ["check_positive_int", "check_choice", "check_nonnegative_float", "check_tokens"]
+__all__ = [
+    "check_positive_int",
+    "check_choice",
+    "check_nonnegative_float",
+    "check_tokens",
+    "prefixed_errors",
+]
 
 
 def check_positive_int(name: str, value: object) -> None:
@@ -39,3 +49,21 @@ def check_tokens(name: str, x: object, d_model: int, like: torch.Tensor) -> None
         raise ValueError(f"{name}.shape={tuple(x.shape)} must be (tokens, d_model={d_model})")
     if x.device != like.device:
         raise ValueError(f"{name}.device={x.device} must match the module's device {like.device}")
+
+
+@contextlib.contextmanager
+def prefixed_errors(path: str, cls: type) -> Iterator[None]:
+    """Re-raise a TypeError / ValueError about the dataclass ``cls`` held at ``path`` with the
+    path in front: "top_k=9 must be ..." -> "model.moe.top_k=9 must be ..." when the message
+    starts with a field of ``cls``, else "model.moe: ..."; a message naming ``path`` already
+    stays as it is."""
+    try:
+        yield
+    except (TypeError, ValueError) as err:
+        message = str(err)
+        if message.startswith((f"{path}.", f"{path}:")):
+            raise
+        first = re.match(r"\w+", message)
+        names = {f.name for f in dataclasses.fields(cls)}
+        sep = "." if first and first.group() in names else ": "
+        raise type(err)(f"{path}{sep}{message}") from None

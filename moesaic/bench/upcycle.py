@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from moesaic.bench.harness import environment
+from moesaic.config import MoEConfig
 from moesaic.convert.run import upcycle_run
 from moesaic.train.config import apply_overrides
 from moesaic.train.recipes import get_recipe
@@ -52,9 +53,7 @@ def run(args: argparse.Namespace) -> dict:
     up = upcycle_run(
         dense_dir,
         out / "upcycle",
-        num_experts=args.experts,
-        router=args.router,
-        top_k=args.top_k,
+        moe=MoEConfig(num_experts=args.experts, router=args.router, top_k=args.top_k),
         overrides=steps,
         progress=False,
     )

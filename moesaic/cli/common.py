@@ -47,7 +47,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         raise ConfigError(str(err)) from None
     if recipe.model.is_moe and not cfg.model.is_moe and cfg.recipe == recipe.recipe:
         raise ConfigError(
-            f"--set model.num_experts=0 would train a dense model under the MoE recipe's name "
+            f"--set model.moe=none would train a dense model under the MoE recipe's name "
             f"{recipe.recipe!r}; the dense baseline has its own recipe (lm-dense-tiny for "
             f"lm-moe-tiny), or also --set recipe=NAME"
         )

@@ -8,8 +8,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from moesaic._validate import prefixed_errors
 from moesaic.cli.common import friendly_errors
 from moesaic.cli.train import summary
+from moesaic.config import MoEConfig
 from moesaic.train.config import ConfigError
 
 __all__ = ["main"]
@@ -53,12 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     out = args.out or Path(f"{args.run}-upcycled-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
+        with prefixed_errors("model.moe", MoEConfig):
+            moe = MoEConfig(num_experts=args.experts, router=args.router, top_k=args.top_k)
         trainer = upcycle_run(
             args.run,
             out,
-            num_experts=args.experts,
-            router=args.router,
-            top_k=args.top_k,
+            moe=moe,
             noise=args.noise,
             overrides=args.overrides,
             progress=not args.no_progress,

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from moesaic.config import MoEConfig
 from moesaic.models.lm import LMConfig, MoELM
 
 __all__ = [
@@ -69,21 +70,25 @@ def _incompatibilities(model: MoELM) -> list[str]:
     need(cfg.norm == "rmsnorm", "norm", cfg.norm, "Mixtral uses 'rmsnorm'")
     need(cfg.activation == "swiglu", "activation", cfg.activation, "Mixtral experts are 'swiglu'")
     need(cfg.positions == "rope", "positions", cfg.positions, "Mixtral uses 'rope'")
-    need(cfg.num_experts > 0, "num_experts", cfg.num_experts, "Mixtral needs an MoE model")
+    if cfg.moe is None:
+        return [*wrong, "model.moe=None (Mixtral needs an MoE model)"]
+    moe = cfg.moe
     need(cfg.moe_every == 1, "moe_every", cfg.moe_every, "Mixtral has an MoE in every layer: 1")
-    need(cfg.router == "topk", "router", cfg.router, "Mixtral's router is 'topk'")
-    normalize = cfg.router_options.get("normalize", True)
-    need(normalize is True, "router_options['normalize']", normalize, "Mixtral renormalises")
-    extra = sorted(set(cfg.router_options) - {"normalize"})
-    need(not extra, "router_options", extra, "Mixtral's router has no such options")
-    need(cfg.capacity_factor is None, "capacity_factor", cfg.capacity_factor, "Mixtral: None")
+    need(moe.router == "topk", "moe.router", moe.router, "Mixtral's router is 'topk'")
+    normalize = moe.router_options.get("normalize", True)
+    need(normalize is True, "moe.router_options['normalize']", normalize, "Mixtral renormalises")
+    extra = sorted(set(moe.router_options) - {"normalize"})
+    need(not extra, "moe.router_options", extra, "Mixtral's router has no such options")
+    need(moe.capacity_factor is None, "moe.capacity_factor", moe.capacity_factor, "Mixtral: None")
+    need(moe.shared_d_ff == 0, "moe.shared_d_ff", moe.shared_d_ff, "Mixtral has no shared expert")
+    need(not moe.expert_bias, "moe.expert_bias", moe.expert_bias, "Mixtral experts have none")
     sharded = any(getattr(b.ffn, "expert_group", None) is not None for b in model.blocks)
     need(not sharded, "expert_group", "set", "gather the experts first: export from one process")
     return wrong
 
 
 def hf_aux_coef(cfg: LMConfig) -> float:
-    """``router_aux_loss_coef`` with the balancing pressure of ``cfg.aux_loss_weight``.
+    """``router_aux_loss_coef`` with the balancing pressure of ``cfg.moe.aux_loss_weight``.
 
     Ours: ``aux_loss_weight`` times the sum over MoE layers of ``E * sum_i f_i P_i``, with
     ``f_i`` the share of first choices (Switch eq. 4). transformers' ``load_balancing_loss_func``
@@ -93,7 +98,7 @@ def hf_aux_coef(cfg: LMConfig) -> float:
     probabilities is 1/L of the pooled one's: the coefficient is ``aux_loss_weight * L / k``
     for L MoE layers (exactly equal losses at uniform router probabilities)."""
     layers = sum(cfg.moe_layer(i) for i in range(cfg.n_layers))
-    return cfg.aux_loss_weight * layers / cfg.top_k
+    return cfg.moe.aux_loss_weight * layers / cfg.moe.experts_per_token
 
 
 def aux_weight_from_hf(coef: float, n_moe_layers: int, top_k: int) -> float:
@@ -121,10 +126,10 @@ def mixtral_config(cfg: LMConfig) -> dict[str, Any]:
         "sliding_window": None,
         "attention_dropout": cfg.dropout,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "num_local_experts": cfg.num_experts,
-        "num_experts_per_tok": cfg.top_k,
+        "num_local_experts": cfg.moe.num_experts,
+        "num_experts_per_tok": cfg.moe.experts_per_token,
         "router_aux_loss_coef": hf_aux_coef(cfg),
-        "router_jitter_noise": 0.0,
+        "router_jitter_noise": cfg.moe.jitter or 0.0,  # both: x * U(1 - eps, 1 + eps) in training
         "output_router_logits": False,
         "torch_dtype": "float32",
     }
@@ -172,7 +177,7 @@ def _hf_state(model: MoELM) -> dict[str, torch.Tensor]:
             p + "block_sparse_moe.gate.weight": block.ffn.router.gate.weight,
         }
         experts = block.ffn.experts
-        for e in range(cfg.num_experts):  # ours x @ w[e]; nn.Linear's x @ W.T: transpose
+        for e in range(cfg.moe.num_experts):  # ours x @ w[e]; nn.Linear's x @ W.T: transpose
             q_ = p + f"block_sparse_moe.experts.{e}."
             sd[q_ + "w1.weight"] = experts.w1[e].t()
             sd[q_ + "w2.weight"] = experts.w2[e].t()
@@ -221,15 +226,18 @@ def lm_config_from_mixtral(config: Any, max_seq_len: int | None = None) -> LMCon
         norm="rmsnorm",
         norm_eps=float(c.get("rms_norm_eps", 1e-5)),
         tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-        num_experts=c["num_local_experts"],
-        moe_every=1,
-        top_k=c["num_experts_per_tok"],
-        router="topk",
-        aux_loss_weight=aux_weight_from_hf(
-            float(c.get("router_aux_loss_coef", 0.001)),
-            c["num_hidden_layers"],
-            c["num_experts_per_tok"],
+        moe=MoEConfig(
+            num_experts=c["num_local_experts"],
+            top_k=c["num_experts_per_tok"],
+            router="topk",
+            aux_loss_weight=aux_weight_from_hf(
+                float(c.get("router_aux_loss_coef", 0.001)),
+                c["num_hidden_layers"],
+                c["num_experts_per_tok"],
+            ),
+            jitter=float(c.get("router_jitter_noise") or 0.0) or None,  # None: topk's 0
         ),
+        moe_every=1,
     )
 
 
@@ -297,7 +305,7 @@ def _moesaic_state(cfg: LMConfig, sd: dict[str, torch.Tensor]) -> dict[str, torc
         for name in ("w1", "w2", "w3"):
             per_expert = [
                 sd[p + f"block_sparse_moe.experts.{e}.{name}.weight"].t()
-                for e in range(cfg.num_experts)
+                for e in range(cfg.moe.num_experts)
             ]
             out[b + f"ffn.experts.{name}"] = torch.stack(per_expert)
     return out

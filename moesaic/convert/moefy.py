@@ -10,6 +10,7 @@ Switch's top-1 weight is the raw probability p < 1, so a switch-routed upcycled 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from moesaic._validate import check_nonnegative_float, check_positive_int
+from moesaic.config import MoEConfig
 from moesaic.convert.patterns import PATTERNS, Conversion, recognise
 from moesaic.convert.spec import FFNSpec, MoEFFN
 from moesaic.layer import MoE
@@ -29,12 +31,13 @@ Match = Callable[[str, nn.Module], "FFNSpec | bool | None"]
 
 def moefy(
     model: nn.Module,
-    num_experts: int = 8,
-    router: str = "switch",
+    num_experts: int | None = None,
+    router: str | None = None,
     every: int = 2,
     upcycle: bool = True,
     match: Match | None = None,
     *,
+    config: MoEConfig | None = None,
     noise: float = 0.0,
     seed: int | None = None,
     **moe_options: Any,
@@ -46,8 +49,8 @@ def moefy(
             DenseFFN, ``nn.Sequential(Linear, act, Linear)``, GPT-2 ``c_fc``/``c_proj``, LLaMA
             ``gate_proj``/``up_proj``/``down_proj``, BERT ``intermediate``/``output``, timm
             ``Mlp``).
-        num_experts: E experts per converted FFN, each as wide as the dense FFN.
-        router: a name in ``ms.ROUTERS``.
+        num_experts: E experts per converted FFN, each as wide as the dense FFN (default 8).
+        router: a name in ``ms.ROUTERS`` (default "switch").
         every: FFN i (0-based, in module order) is converted when ``(i + 1) % every == 0``
             (every=2: the 2nd, 4th, ... FFN, as GShard and Switch do; every=1: all).
         upcycle: start every expert as a copy of the dense FFN; False gives fresh experts.
@@ -59,8 +62,12 @@ def moefy(
             experts can diverge; 0 keeps exact copies.
         seed: seeds the noise (None: torch's global RNG). Routers initialise from the global
             RNG, as ``ms.MoE`` does.
-        **moe_options: further ``ms.MoE`` arguments (``top_k``, ``capacity_factor``,
+        **moe_options: further ``ms.MoEConfig`` fields (``top_k``, ``capacity_factor``,
             ``aux_loss_weight``, ``router_options``, ...).
+        config: instead of ``num_experts``, ``router`` and ``moe_options``, the ``ms.MoEConfig``
+            of every converted FFN. Either way moefy builds one config and fills in each FFN's
+            ``d_model``, ``d_ff`` and ``activation`` (which must be None there or agree) and
+            ``expert_bias`` (whether the dense FFN has biases).
 
     Returns ``model``, whose aux losses are read with ``ms.aux_loss(model)`` after a forward;
     add them to the task loss so they reach the optimizer.
@@ -70,16 +77,15 @@ def moefy(
         >>> model = ms.moefy(gpt2, num_experts=4, router="topk", every=2, top_k=2)
         >>> loss = lm_loss(model(ids)) + ms.aux_loss(model)
     """
-    _check_arguments(num_experts, router, every, upcycle, noise, match)
+    config = _moefy_config(config, num_experts, router, moe_options)
+    _check_arguments(every, upcycle, noise, match)
     found = find_ffns(model, match)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     replacements: dict[str, nn.Module] = {}
     for i, (name, conversion) in enumerate(found):
         if (i + 1) % every:
             continue
-        moe = upcycled_moe(
-            conversion.spec, num_experts, router, upcycle, noise, generator, moe_options
-        )
+        moe = upcycled_moe(conversion.spec, config, upcycle, noise, generator, name)
         training = model.get_submodule(name).training  # the MoE keeps the FFN's mode
         for path, new in conversion.install(moe).items():
             replacements[".".join(p for p in (name, path) if p)] = new.train(training)
@@ -139,27 +145,24 @@ def _convert_one(name: str, module: nn.Module, match: Match | None) -> Conversio
 
 def upcycled_moe(
     spec: FFNSpec,
-    num_experts: int,
-    router: str,
+    config: MoEConfig,
     upcycle: bool = True,
     noise: float = 0.0,
     generator: torch.Generator | None = None,
-    moe_options: dict[str, Any] | None = None,
+    name: str = "ffn",
 ) -> MoE:
-    """An ``MoE`` as wide as ``spec``'s FFN on its device and dtype; with ``upcycle`` every
-    expert holds a copy of the dense weights (plus ``noise``)."""
+    """The ``MoE`` of ``config`` as wide as ``spec``'s FFN (``name`` in errors), on its device
+    and dtype; with ``upcycle`` every expert holds a copy of the dense weights (plus
+    ``noise``)."""
     w = spec.w1
-    moe = MoE(
-        spec.d_model,
-        spec.d_ff,
-        num_experts,
-        router=router,
+    config = config.inherit(
+        f"the dense FFN {name!r}: ",
+        d_model=spec.d_model,
+        d_ff=spec.d_ff,
         activation=spec.activation,
-        expert_bias=spec.has_bias,
-        device=w.device,
-        dtype=w.dtype,
-        **(moe_options or {}),
     )
+    config = dataclasses.replace(config, expert_bias=spec.has_bias)
+    moe = MoE(config, device=w.device, dtype=w.dtype)
     if upcycle:
         with torch.no_grad():
             for pname, p in moe.experts.named_parameters():
@@ -172,16 +175,36 @@ def upcycled_moe(
     return moe
 
 
-def _check_arguments(num_experts, router, every, upcycle, noise, match) -> None:
-    check_positive_int("num_experts", num_experts)
-    check_positive_int("every", every)
-    if not isinstance(router, str):
-        raise TypeError(
-            f"router={router!r} must be a name in ms.ROUTERS ({sorted(ROUTERS)}): every "
-            "converted FFN gets its own router"
+def _moefy_config(
+    config: MoEConfig | None, num_experts: int | None, router: str | None, options: dict
+) -> MoEConfig:
+    """The one config of every converted FFN: ``config``, or one built from the keywords."""
+    if config is None:
+        router = "switch" if router is None else router
+        if not isinstance(router, str):
+            raise TypeError(
+                f"router={router!r} must be a name in ms.ROUTERS ({sorted(ROUTERS)}): every "
+                "converted FFN gets its own router"
+            )
+        return MoEConfig(
+            num_experts=8 if num_experts is None else num_experts, router=router, **options
         )
-    if router not in ROUTERS:
-        raise ValueError(f"router={router!r} is not one of {sorted(ROUTERS)}")
+    given = [n for n, v in (("num_experts", num_experts), ("router", router)) if v is not None]
+    if given or options:
+        raise TypeError(
+            f"moefy takes config or MoE keywords, not both: got config and "
+            f"{given + sorted(options)}"
+        )
+    if not isinstance(config, MoEConfig) or not isinstance(config.router, str):
+        raise TypeError(
+            f"config={config!r} must be an ms.MoEConfig with a router name: every converted FFN "
+            "gets its own router"
+        )
+    return config
+
+
+def _check_arguments(every, upcycle, noise, match) -> None:
+    check_positive_int("every", every)
     if not isinstance(upcycle, bool):
         raise TypeError(f"upcycle={upcycle!r} must be a bool")
     check_nonnegative_float("noise", noise)

@@ -8,7 +8,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from moesaic.convert.lm import upcycle_lm, upcycled_lm_config
+from moesaic.config import MoEConfig
+from moesaic.convert.lm import UPCYCLED_MOE, upcycle_lm, upcycled_lm_config
 from moesaic.train.config import apply_overrides
 from moesaic.train.data import TOKENIZER_FILE
 from moesaic.train.run import load_run
@@ -23,16 +24,15 @@ def upcycle_run(
     dense_dir: str | Path,
     out_dir: str | Path,
     *,
-    num_experts: int = 8,
-    router: str = "topk",
-    top_k: int = 2,
+    moe: MoEConfig = UPCYCLED_MOE,
     noise: float = 0.0,
     seed: int | None = None,
     overrides: Sequence[str] = (),
     progress: bool = True,
 ) -> Trainer:
     """A ``Trainer`` for a new run in ``out_dir`` whose model is the dense run ``dense_dir``'s
-    newest checkpoint, upcycled (``upcycle_lm``), already saved as the run's step-0 checkpoint.
+    newest checkpoint, upcycled (``upcycle_lm``) into MoE layers ``moe`` describes, already saved
+    as the run's step-0 checkpoint.
     ``out_dir/upcycled_from.json`` records the dense run and both models' validation loss at
     step 0.
 
@@ -42,8 +42,8 @@ def upcycle_run(
     """
     dense_dir, out_dir = Path(dense_dir), Path(out_dir)
     loaded = load_run(dense_dir)
-    moe = upcycled_lm_config(loaded.cfg.model, num_experts, router, top_k)
-    cfg = dataclasses.replace(loaded.cfg, recipe=f"{loaded.cfg.recipe}-upcycled", model=moe)
+    model = upcycled_lm_config(loaded.cfg.model, moe)
+    cfg = dataclasses.replace(loaded.cfg, recipe=f"{loaded.cfg.recipe}-upcycled", model=model)
     cfg = apply_overrides(cfg, list(overrides))
     if (out_dir / "checkpoints").exists():
         raise FileExistsError(f"{out_dir} already holds a run; choose another --out")

@@ -33,7 +33,8 @@ def lm_flops_per_token(cfg: LMConfig, seq_len: int) -> FlopsPerToken:
         forward += 2 * (2 * D * D + 2 * D * D_kv) + 2 * 2 * S * D
         F = cfg.ffn_width(i)
         if cfg.moe_layer(i):
-            forward += cfg.top_k * 2 * mats * D * F + 2 * D * cfg.num_experts
+            moe = cfg.moe
+            forward += moe.experts_per_token * 2 * mats * D * F + 2 * D * moe.num_experts
         else:
             forward += 2 * mats * D * F
     return FlopsPerToken(forward=forward, train=3 * forward)

@@ -1,7 +1,7 @@
 """Decoder-only Transformer language model whose FFN is an ``ms.MoE`` every ``moe_every`` layers.
 
 Pre-norm blocks, causal ``scaled_dot_product_attention``, rotary or learned positions, optionally
-tied embeddings. With ``num_experts=0`` the same class builds the dense baseline; with
+tied embeddings. With ``moe=None`` the same class builds the dense baseline; with
 ``LMConfig.dense_equivalent()`` that baseline has the MoE model's activated FLOPs per token (its
 FFN is ``top_k * d_ff`` wide). GLaM and Switch put an MoE in every other layer (``moe_every=2``:
 layers 1, 3, 5, ...).
@@ -19,18 +19,27 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from moesaic._validate import check_choice, check_nonnegative_float, check_positive_int
-from moesaic.dispatch import DROP_POLICIES
+from moesaic._validate import (
+    check_choice,
+    check_nonnegative_float,
+    check_positive_int,
+    prefixed_errors,
+)
+from moesaic.config import MoEConfig
 from moesaic.experts import ACTIVATIONS
 from moesaic.layer import MoE
-from moesaic.routing import ROUTERS
 
-__all__ = ["LMConfig", "MoELM", "KVCache"]
+__all__ = ["LMConfig", "MoELM", "KVCache", "migrate_lm_dict"]
 
 
 @dataclasses.dataclass(kw_only=True)
 class LMConfig:
-    """Architecture of ``MoELM``. Every field is checked in ``__post_init__``."""
+    """Architecture of ``MoELM``. Every field is checked in ``__post_init__``.
+
+    ``moe`` holds the options of the MoE layers (``ms.MoEConfig``; None: a dense model). Their
+    ``d_model``, ``d_ff`` and ``activation`` are this config's: leave them None in ``moe``
+    (``moe_config()`` fills them in); a different value there is an error naming both.
+    """
 
     vocab_size: int = 256
     max_seq_len: int = 256
@@ -46,15 +55,8 @@ class LMConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     dropout: float = 0.0
-    num_experts: int = 0  # 0: dense model
+    moe: MoEConfig | None = None  # None: dense model
     moe_every: int = 2  # layer i is MoE when (i + 1) % moe_every == 0
-    top_k: int = 1
-    router: str = "switch"
-    capacity_factor: float | None = None
-    drop_policy: str = "position"
-    aux_loss_weight: float = 0.01
-    z_loss_weight: float = 0.0
-    router_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Dense models only: FFN width at the layers where the MoE model has its experts
     # (dense_equivalent() sets it to top_k * d_ff); None means d_ff.
     matched_d_ff: int | None = None
@@ -63,7 +65,6 @@ class LMConfig:
         for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "d_ff"):
             check_positive_int(f"model.{name}", getattr(self, name))
         check_positive_int("model.moe_every", self.moe_every)
-        check_positive_int("model.top_k", self.top_k)
         check_choice("model.activation", self.activation, ACTIVATIONS)
         check_choice("model.positions", self.positions, ("rope", "learned"))
         check_choice("model.norm", self.norm, NORMS)
@@ -71,14 +72,6 @@ class LMConfig:
             check_nonnegative_float(f"model.{name}", getattr(self, name))
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be > 0")
-        check_choice("model.router", self.router, ROUTERS)
-        check_choice("model.drop_policy", self.drop_policy, DROP_POLICIES)
-        if self.capacity_factor is not None:
-            check_nonnegative_float("model.capacity_factor", self.capacity_factor)
-            if self.capacity_factor <= 0:
-                raise ValueError(f"model.capacity_factor={self.capacity_factor} must be > 0")
-        for name in ("aux_loss_weight", "z_loss_weight"):
-            check_nonnegative_float(f"model.{name}", getattr(self, name))
         check_nonnegative_float("model.dropout", self.dropout)
         if self.dropout >= 1:
             raise ValueError(f"model.dropout={self.dropout} must be < 1")
@@ -98,18 +91,22 @@ class LMConfig:
                 f"model.positions='rope' needs an even head dim, got "
                 f"d_model / n_heads = {self.d_model // self.n_heads}"
             )
-        if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, int):
-            raise TypeError(f"model.num_experts={self.num_experts!r} must be an int")
-        if self.num_experts < 0:
-            raise ValueError(f"model.num_experts={self.num_experts} must be >= 0 (0 = dense)")
         if self.matched_d_ff is not None:
             check_positive_int("model.matched_d_ff", self.matched_d_ff)
             if self.is_moe:
-                raise ValueError("model.matched_d_ff is for dense models (num_experts=0)")
-        if self.num_experts and self.top_k > self.num_experts:
-            raise ValueError(
-                f"model.top_k={self.top_k} must be <= model.num_experts={self.num_experts}"
+                raise ValueError("model.matched_d_ff is for dense models (model.moe=None)")
+        if self.moe is not None:
+            self._check_moe()
+
+    def _check_moe(self) -> None:
+        if not isinstance(self.moe, MoEConfig):
+            raise TypeError(f"model.moe={self.moe!r} must be an ms.MoEConfig or None (dense)")
+        if not isinstance(self.moe.router, str):
+            raise TypeError(
+                f"model.moe.router: a {type(self.moe.router).__name__} instance; it must be a "
+                "name in ms.ROUTERS (a run's config is saved as JSON)"
             )
+        self.moe_config()  # d_model, d_ff, activation agree, and the router takes d_model
 
     @property
     def kv_heads(self) -> int:
@@ -118,7 +115,17 @@ class LMConfig:
 
     @property
     def is_moe(self) -> bool:
-        return self.num_experts > 0
+        return self.moe is not None
+
+    def moe_config(self) -> MoEConfig:
+        """The config of this model's MoE layers: ``moe`` with ``d_model``, ``d_ff`` and
+        ``activation`` filled in from the model."""
+        if self.moe is None:
+            raise ValueError("model.moe is None: a dense model has no MoE layers")
+        with prefixed_errors("model.moe", MoEConfig):
+            return self.moe.inherit(
+                "model.", d_model=self.d_model, d_ff=self.d_ff, activation=self.activation
+            )
 
     def moe_layer(self, index: int) -> bool:
         return self.is_moe and (index + 1) % self.moe_every == 0
@@ -133,9 +140,35 @@ class LMConfig:
         an MoE layer of k experts of width F, the dense model has one FFN of width k*F."""
         if not self.is_moe:
             return self
-        return dataclasses.replace(
-            self, num_experts=0, router_options={}, matched_d_ff=self.top_k * self.d_ff
-        )
+        k = self.moe.experts_per_token
+        return dataclasses.replace(self, moe=None, matched_d_ff=k * self.d_ff)
+
+
+# The MoE options LMConfig held at the model level before they moved into ``LMConfig.moe``
+# (run directories and checkpoints written before then store them so); LMConfig's old defaults.
+FLAT_MOE_FIELDS = {
+    "num_experts": 0,
+    "top_k": 1,
+    "router": "switch",
+    "capacity_factor": None,
+    "drop_policy": "position",
+    "aux_loss_weight": 0.01,
+    "z_loss_weight": 0.0,
+    "router_options": {},
+}
+
+
+def migrate_lm_dict(data: dict[str, Any]) -> dict[str, Any]:
+    """A model config dict (``config_to_dict``) written with the MoE options at the model level
+    (``model.num_experts``, ``model.top_k``, ...) in today's layout: those keys under
+    ``model.moe``, with ``num_experts=0`` (a dense model) as ``moe=None``. A dict already in
+    today's layout comes back unchanged."""
+    if "moe" in data or not FLAT_MOE_FIELDS.keys() & data.keys():
+        return data
+    data = dict(data)
+    moe = {name: data.pop(name, default) for name, default in FLAT_MOE_FIELDS.items()}
+    data["moe"] = moe if moe["num_experts"] else None
+    return data
 
 
 class KVCache:
@@ -250,19 +283,7 @@ class Block(nn.Module):
         self.ln1, self.ln2 = make_norm(cfg), make_norm(cfg)
         self.attn = Attention(cfg)
         if cfg.moe_layer(index):
-            self.ffn: nn.Module = MoE(
-                cfg.d_model,
-                cfg.d_ff,
-                cfg.num_experts,
-                router=cfg.router,
-                top_k=cfg.top_k,
-                capacity_factor=cfg.capacity_factor,
-                drop_policy=cfg.drop_policy,
-                activation=cfg.activation,
-                aux_loss_weight=cfg.aux_loss_weight,
-                z_loss_weight=cfg.z_loss_weight,
-                router_options=cfg.router_options or None,
-            )
+            self.ffn: nn.Module = MoE(cfg.moe_config())
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.ffn_width(index), cfg.activation)
         self.drop = nn.Dropout(cfg.dropout)
@@ -280,7 +301,7 @@ class MoELM(nn.Module):
 
     Example::
 
-        >>> model = MoELM(LMConfig(num_experts=8))
+        >>> model = MoELM(LMConfig(moe=ms.MoEConfig(num_experts=8)))
         >>> logits = model(torch.randint(0, 256, (2, 64)))
     """
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from moesaic.config import MoEConfig
 from moesaic.models.lm import LMConfig, MoELM
 from moesaic.models.skillnet import SkillNet, SkillNetConfig
 
@@ -67,11 +68,8 @@ def lm_moe_tiny() -> LMConfig:
         n_layers=2,
         n_heads=2,
         d_ff=256,
-        num_experts=32,
+        moe=MoEConfig(num_experts=32, top_k=1, router="switch", capacity_factor=None),
         moe_every=2,
-        top_k=1,
-        router="switch",
-        capacity_factor=None,
     )
 
 
@@ -97,11 +95,8 @@ def lm_mixtral_tiny() -> LMConfig:
         activation="swiglu",
         norm="rmsnorm",
         tie_embeddings=False,
-        num_experts=8,
+        moe=MoEConfig(num_experts=8, top_k=2, router="topk", capacity_factor=None),
         moe_every=1,
-        top_k=2,
-        router="topk",
-        capacity_factor=None,
     )
 
 
@@ -115,10 +110,8 @@ def lm_moe_test() -> LMConfig:
         n_layers=2,
         n_heads=2,
         d_ff=64,
-        num_experts=4,
+        moe=MoEConfig(num_experts=4, top_k=1, router="switch"),
         moe_every=2,
-        top_k=1,
-        router="switch",
     )
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from moesaic.config import MoEConfig
 from moesaic.context import current_context
 from moesaic.layer import MoE
 from moesaic.routing.task import SkillRouter
@@ -177,15 +178,16 @@ class SkillBlock(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.qkv = SkillLinear(d_model, 3 * d_model, qkv_table)
         self.proj = nn.Linear(d_model, d_model)
-        self.ffn = MoE(
-            d_model,
-            d_ff,
-            1 + max(max(s) for s in ffn_table),
+        skills = MoEConfig(
+            d_model=d_model,
+            d_ff=d_ff,
+            num_experts=1 + max(max(s) for s in ffn_table),
             router="skill",
             activation=activation,
             aux_loss_weight=0.0,
             router_options={"task_skills": ffn_table},
         )
+        self.ffn = MoE(skills)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, S, D = x.shape

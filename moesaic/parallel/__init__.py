@@ -9,7 +9,7 @@ ms.parallel.sync_gradients(model, groups)    # average over data-parallel replic
 
 from moesaic.parallel.alltoall import all_to_all
 from moesaic.parallel.expert_parallel import run_experts_parallel
-from moesaic.parallel.grads import clip_grad_norm, is_expert_param, sync_gradients
+from moesaic.parallel.grads import clip_grad_norm, expert_parameters, sync_gradients
 from moesaic.parallel.groups import ParallelGroups, init, single_process
 from moesaic.parallel.shard import (
     full_optimizer_state,
@@ -26,7 +26,7 @@ __all__ = [
     "run_experts_parallel",
     "sync_gradients",
     "clip_grad_norm",
-    "is_expert_param",
+    "expert_parameters",
     "full_state_dict",
     "load_sharded",
     "full_optimizer_state",

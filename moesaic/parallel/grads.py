@@ -1,10 +1,10 @@
 """Data-parallel gradient averaging that knows which parameters are expert shards.
 
-The routed experts of every ``ms.MoE`` layer (``layer.experts``; also marked
-``param.moesaic_expert = True``) are averaged over their replica group only: the ranks that hold
-the same experts. Everything else is averaged over all
-ranks. Dividing by the world size in both cases gives the gradient of the mean of the per-rank
-losses, so W processes on W slices of a batch step exactly like one process on the whole batch.
+The routed experts of every ``ms.MoE`` layer (``layer.expert_parameters()``) are averaged over
+their replica group only: the ranks that hold the same experts. Everything else is averaged over
+all ranks. Dividing by the world size in both cases gives the gradient of the mean of the
+per-rank losses, so W processes on W slices of a batch step exactly like one process on the
+whole batch.
 """
 
 from __future__ import annotations
@@ -18,20 +18,21 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from moesaic.parallel.groups import ParallelGroups
 
-__all__ = ["is_expert_param", "expert_param_ids", "sync_gradients", "clip_grad_norm"]
+__all__ = ["expert_parameters", "expert_param_ids", "sync_gradients", "clip_grad_norm"]
 
 
-def is_expert_param(p: torch.Tensor) -> bool:
-    """Whether ``p`` was marked as a routed-expert weight (``ms.MoE`` marks its experts)."""
-    return bool(getattr(p, "moesaic_expert", False))
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The routed-expert parameters of every MoE layer in ``model`` (``layer.expert_parameters()``):
+    the parameters expert parallelism shards. Found from the module structure, so they survive
+    ``copy.deepcopy`` and ``load_state_dict``."""
+    from moesaic.layer import MoE  # moesaic.layer imports this package: import when called
+
+    return [p for m in model.modules() if isinstance(m, MoE) for p in m.expert_parameters()]
 
 
 def expert_param_ids(model: nn.Module) -> set[int]:
-    """ids of the routed-expert parameters of every MoE layer in ``model``. Found from the
-    module structure, which survives ``copy.deepcopy`` (a parameter's attributes do not)."""
-    from moesaic.layer import MoE
-
-    return {id(p) for m in model.modules() if isinstance(m, MoE) for p in m.experts.parameters()}
+    """ids of ``expert_parameters(model)``."""
+    return {id(p) for p in expert_parameters(model)}
 
 
 def _grads(model: nn.Module, expert: bool) -> list[torch.Tensor]:

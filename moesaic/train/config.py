@@ -3,7 +3,7 @@
 A run is a ``RunConfig`` with sections ``model``, ``data``, ``optim``, ``train``, ``parallel`` and
 ``guard`` (moesaic/train/guard.py).
 Recipes (moesaic/train/recipes.py) are Python functions returning one; the command line changes
-single fields with ``--set train.steps=200 model.num_experts=32``. Every override is parsed by
+single fields with ``--set train.steps=200 model.moe.num_experts=32``. Every override is parsed by
 the field's declared type and the whole config is validated again, so a bad value fails with one
 line naming the field before any work starts.
 """
@@ -18,10 +18,9 @@ from typing import Any
 
 import torch
 
-from moesaic._validate import check_nonnegative_float, check_positive_int
+from moesaic._validate import check_nonnegative_float, check_positive_int, prefixed_errors
 from moesaic.data.corpora import CORPORA
-from moesaic.models.lm import LMConfig
-from moesaic.routing.registry import build_router
+from moesaic.models.lm import LMConfig, migrate_lm_dict
 from moesaic.train.guard import GuardConfig
 
 __all__ = [
@@ -160,54 +159,59 @@ class RunConfig:
                 f"data.seq_len={self.data.seq_len} must be <= model.max_seq_len="
                 f"{self.model.max_seq_len}"
             )
-        if self.model.is_moe and self.model.num_experts % self.parallel.expert:
+        if self.model.is_moe and self.model.moe.num_experts % self.parallel.expert:
             raise ValueError(
-                f"model.num_experts={self.model.num_experts} must be divisible by "
+                f"model.moe.num_experts={self.model.moe.num_experts} must be divisible by "
                 f"parallel.expert={self.parallel.expert}"
             )
-        if self.model.is_moe:  # router_options are checked by building one router now,
-            # without touching the global RNG (the model's initial weights must not depend on it)
-            try:  # on the meta device: no memory, whatever num_experts and d_model ask for
-                with torch.random.fork_rng(devices=[]), torch.device("meta"):
-                    _check_router(self.model)
-            except (TypeError, ValueError) as err:
-                raise ValueError(
-                    f"model.router={self.model.router!r} with model.router_options="
-                    f"{self.model.router_options}: {err}"
-                ) from None
-
-
-def _check_router(model) -> None:
-    build_router(
-        model.router,
-        d_model=model.d_model,
-        num_experts=model.num_experts,
-        top_k=model.top_k,
-        router_dtype=torch.float32,
-        jitter=None,
-        capacity_factor=model.capacity_factor,
-        options=model.router_options,
-    )
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """``cfg`` as plain JSON-able data (a torch.dtype by its name, e.g. "float32")."""
+    return dataclasses.asdict(cfg, dict_factory=lambda items: {k: _plain(v) for k, v in items})
 
 
-def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Rebuild a (nested) config dataclass from ``config_to_dict`` output."""
+def _plain(value: Any) -> Any:
+    return str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
+
+
+def config_from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Rebuild a (nested) config dataclass from ``config_to_dict`` output. A model section
+    written before the MoE options moved into ``model.moe`` is migrated (``migrate_lm_dict``).
+    Errors of a nested section name its path (``model.moe.top_k=9 must be ...``)."""
+    if cls is LMConfig:
+        data = migrate_lm_dict(data)
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
             continue
-        value, kind = data[f.name], hints[f.name]
-        kwargs[f.name] = config_from_dict(kind, value) if dataclasses.is_dataclass(kind) else value
+        value, kind = data[f.name], _section(hints[f.name])
+        if kind is not None and value is not None:
+            where = f"{path}.{f.name}" if path else f.name
+            with prefixed_errors(where, kind):
+                value = config_from_dict(kind, value, where)
+        kwargs[f.name] = value
     return cls(**kwargs)
 
 
+def _optional(kind: Any) -> bool:
+    return type(None) in typing.get_args(kind)
+
+
+def _section(kind: Any) -> type | None:
+    """The dataclass a field of type ``kind`` holds (``X`` or ``X | None``), else None."""
+    options = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
+    if len(options) == 1 and dataclasses.is_dataclass(options[0]):
+        return options[0]
+    return None
+
+
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
-    """``cfg`` with each ``section.field=value`` applied; raises ``ConfigError`` on any mistake."""
+    """``cfg`` with each ``section.field=value`` applied; raises ``ConfigError`` on any mistake.
+
+    A section that may be None (``model.moe``) is removed with ``model.moe=none``; setting one
+    of its fields while it is None starts it from its defaults."""
     data = config_to_dict(cfg)
     for item in overrides:
         path, sep, raw = item.partition("=")
@@ -218,21 +222,21 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             fields = {f.name: f for f in dataclasses.fields(cls)}
             where = ".".join(keys[:depth]) or "the run config"
             if key not in fields:
-                raise ConfigError(
-                    f"--set {path}: unknown key {key!r} in {where}; "
-                    f"valid keys: {', '.join(sorted(fields))}"
-                )
+                raise ConfigError(_unknown_key(path, key, where, cls, raw))
             kind = typing.get_type_hints(cls)[key]
+            section = _section(kind)
             if depth < len(keys) - 1:
-                if not dataclasses.is_dataclass(kind):
+                if section is None:
                     raise ConfigError(f"--set {path}: {'.'.join(keys[: depth + 1])} has no fields")
-                cls, node = kind, node[key]
+                if node[key] is None:
+                    node[key] = {}
+                cls, node = section, node[key]
+            elif section is not None and not (_optional(kind) and raw.lower() == "none"):
+                raise ConfigError(
+                    f"--set {path}: is a section; set one of its fields, e.g. "
+                    f"{path}.{dataclasses.fields(section)[0].name}=..."
+                )
             else:
-                if dataclasses.is_dataclass(kind):
-                    raise ConfigError(
-                        f"--set {path}: is a section; set one of its fields, e.g. "
-                        f"{path}.{dataclasses.fields(kind)[0].name}=..."
-                    )
                 node[key] = parse_value(path, raw, kind)
     try:
         return config_from_dict(RunConfig, data)
@@ -240,14 +244,36 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         raise ConfigError(str(err)) from None
 
 
+def _unknown_key(path: str, key: str, where: str, cls: type, raw: str) -> str:
+    """The error for ``key`` unknown in ``cls``; when a section of ``cls`` has that field (the
+    MoE options moved from ``model.top_k`` to ``model.moe.top_k``), it names the new key."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        section = _section(hints[f.name])
+        if section is not None and key in {g.name for g in dataclasses.fields(section)}:
+            new = f"{where}.{f.name}.{key}"
+            gone = (
+                f" ({where}.{f.name}=none removes the section)" if _optional(hints[f.name]) else ""
+            )
+            return f"--set {path}: moved to {new}: use --set {new}={raw}{gone}"
+    valid = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
+    return f"--set {path}: unknown key {key!r} in {where}; valid keys: {valid}"
+
+
 def parse_value(path: str, raw: str, kind: Any) -> Any:
     """Parse ``raw`` as the declared type ``kind`` (int, float, bool, str, dict, X | None)."""
     args = typing.get_args(kind)
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        if raw.lower() in ("none", "null"):
+        if raw.lower() in ("none", "null") and type(None) in args:
             return None
-        (kind,) = [a for a in args if a is not type(None)]
+        options = [a for a in args if a is not type(None)]
+        kind = str if str in options else options[0]  # ``str | Router``: by name
     try:
+        if kind is torch.dtype:
+            dtype = getattr(torch, raw.removeprefix("torch."), None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError
+            return dtype
         if kind is bool:
             lowered = raw.lower()
             if lowered not in ("true", "false", "1", "0", "yes", "no"):

@@ -1,7 +1,8 @@
 """Does a run fit this machine? A lower bound on its memory, checked before any work.
 
 A configuration can be valid field by field and still impossible here (``data.batch_size=1e9``,
-``model.num_experts=1e8``): without a check it dies minutes later in a ``MemoryError`` traceback.
+``model.moe.num_experts=1e8``): without a check it dies minutes later in a ``MemoryError``
+traceback.
 ``check_resources`` counts the model's parameters exactly on the ``meta`` device (no memory
 used), adds what training needs at the least, and refuses with the numbers when that exceeds the
 memory available. The estimate is a lower bound on purpose: it never refuses a run that would
@@ -113,12 +114,13 @@ def check_resources(cfg, available: int | None = None) -> Needs:
     needs = estimate_needs(cfg)
     available = available_memory() if available is None else available
     if available is not None and needs.total_bytes > available:
+        experts = cfg.model.moe.num_experts if cfg.model.is_moe else 0
         raise ResourceError(
             f"the run needs at least {needs.total_bytes / GIB:.1f} GiB of memory and "
             f"{available / GIB:.1f} GiB is available: the model's {needs.parameters:,} "
             f"parameters with gradients and AdamW state take {needs.model_bytes / GIB:.1f} GiB "
             f"(model.d_model={cfg.model.d_model}, n_layers={cfg.model.n_layers}, "
-            f"d_ff={cfg.model.d_ff}, num_experts={cfg.model.num_experts}), one batch "
+            f"d_ff={cfg.model.d_ff}, moe.num_experts={experts}), one batch "
             f"{needs.batch_bytes / GIB:.1f} GiB (data.batch_size={cfg.data.batch_size} x "
             f"seq_len={cfg.data.seq_len}), the validation batches {needs.eval_bytes / GIB:.1f} "
             f"GiB (data.eval_batches={cfg.data.eval_batches})"

@@ -20,9 +20,9 @@ from tests.distributed._launch import _free_port, run_distributed
 # Deterministic routing (no jitter or noise) and no aux loss: the balance loss is a per-rank
 # statistic (GShard's local groups), so only with it off are the two setups the same function.
 OVERRIDES = [
-    "model.router=topk",
-    "model.top_k=2",
-    "model.aux_loss_weight=0",
+    "model.moe.router=topk",
+    "model.moe.top_k=2",
+    "model.moe.aux_loss_weight=0",
     "train.steps=20",
     "train.eval_every=10",
     "train.checkpoint_every=10",

@@ -34,7 +34,7 @@ def test_tiny_recipe_trains_and_validation_loss_falls(tmp_path):
 
 
 def test_resume_after_step_10_is_bit_identical_to_an_uninterrupted_run(tmp_path):
-    cfg = _cfg("model.router=noisy_topk", "model.top_k=2", "model.dropout=0.1")
+    cfg = _cfg("model.moe.router=noisy_topk", "model.moe.top_k=2", "model.dropout=0.1")
     full = Trainer(cfg, tmp_path / "full", progress=False)
     full.fit()
     part = Trainer(cfg, tmp_path / "part", progress=False)

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import moesaic as ms
 from moesaic.cli.main import main
 from moesaic.train.checkpoint import latest_checkpoint
 from moesaic.train.config import apply_overrides
@@ -19,7 +20,7 @@ from moesaic.train.trainer import Trainer
 @pytest.fixture(scope="module")
 def dense_run(tmp_path_factory):
     cfg = apply_overrides(
-        get_recipe("lm-moe-test"), ["model.num_experts=0", "train.steps=6", "train.eval_every=6"]
+        get_recipe("lm-moe-test"), ["model.moe=none", "train.steps=6", "train.eval_every=6"]
     )
     run_dir = tmp_path_factory.mktemp("upcycle") / "dense"
     Trainer(cfg, run_dir, progress=False).fit()
@@ -39,7 +40,9 @@ def test_upcycled_run_starts_equal_to_the_dense_model_trains_and_resumes(dense_r
     step0 = torch.load(out / "checkpoints" / "step-000000" / "state.pt", weights_only=True)
     assert step0["step"] == 0
     moe = load_run(out)
-    assert moe.step == 4 and moe.cfg.model.num_experts == 3 and moe.cfg.model.router == "topk"
+    assert moe.step == 4 and moe.cfg.model.moe == ms.MoEConfig(
+        num_experts=3, router="topk", top_k=2
+    )
     assert latest_checkpoint(out / "checkpoints").name == "step-000004"
     layer = moe.model.blocks[1].ffn
     assert layer.experts.w1.shape == (3, 32, 64)
@@ -54,7 +57,7 @@ def test_upcycled_run_starts_equal_to_the_dense_model_trains_and_resumes(dense_r
     assert load_run(out).step == 6
     # upcycling it again is a one-line error naming the field
     assert main(["upcycle", "--run", str(out), "--out", str(out.parent / "again")]) == 2
-    assert "model.num_experts=3: the model is already an MoE" in capsys.readouterr().err
+    assert "model.moe.num_experts=3: the model is already an MoE" in capsys.readouterr().err
 
 
 def test_bad_upcycle_arguments_are_one_line_errors(dense_run, tmp_path, capsys):
@@ -62,16 +65,16 @@ def test_bad_upcycle_arguments_are_one_line_errors(dense_run, tmp_path, capsys):
     assert "is not a run directory" in capsys.readouterr().err
     base = ["upcycle", "--run", str(dense_run), "--out", str(tmp_path / "z")]
     assert main([*base, "--experts", "0"]) == 2
-    assert "num_experts=0 must be >= 1" in capsys.readouterr().err
+    assert "model.moe.num_experts=0 must be >= 1" in capsys.readouterr().err
     assert main([*base, "--router", "nope"]) == 2
-    assert "model.router='nope' is not one of" in capsys.readouterr().err
+    assert "model.moe.router='nope' is not one of" in capsys.readouterr().err
     assert not (tmp_path / "z").exists()
 
 
 def test_upcycle_benchmark_runs_in_quick_mode(tmp_path, capsys):
     from moesaic.bench.upcycle import main as bench
 
-    argv = ["--recipe", "lm-moe-test", "--set", "model.num_experts=0", "--dense-steps", "2"]
+    argv = ["--recipe", "lm-moe-test", "--set", "model.moe=none", "--dense-steps", "2"]
     assert bench([*argv, "--steps", "2", "--eval-every", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| step | upcycle | scratch | dense-continued |" in out and "| 2 | " in out

@@ -40,9 +40,8 @@ def test_compiled_layer_equals_eager(kw):
 
 def test_compiled_language_model_trains_like_eager():
     torch.manual_seed(0)
-    cfg = LMConfig(
-        d_model=32, n_layers=2, n_heads=4, d_ff=64, num_experts=4, top_k=2, router="topk"
-    )
+    moe = ms.MoEConfig(num_experts=4, top_k=2, router="topk")
+    cfg = LMConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, moe=moe)
     model = MoELM(cfg)
     ids = torch.randint(0, cfg.vocab_size, (2, 16))
     losses, grads = [], []

@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 
+from moesaic.config import MoEConfig
 from moesaic.convert.mixtral import export_mixtral, import_mixtral, lm_config_from_mixtral
 from moesaic.inference.generate import generate_ids
 from moesaic.models.lm import LMConfig, MoELM
@@ -22,11 +23,13 @@ MIXTRAL_LIKE = LMConfig(
     activation="swiglu",
     norm="rmsnorm",
     rope_theta=500.0,
-    num_experts=4,
+    moe=MoEConfig(num_experts=4, top_k=2, router="topk"),
     moe_every=1,
-    top_k=2,
-    router="topk",
 )
+
+
+def _with_moe(cfg: LMConfig, **moe) -> LMConfig:
+    return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, **moe))
 
 
 def _ours(cfg: LMConfig) -> MoELM:
@@ -40,7 +43,7 @@ def _ours(cfg: LMConfig) -> MoELM:
 
 @pytest.mark.parametrize("tie, top_k", [(False, 2), (True, 1)])
 def test_exported_model_loads_in_transformers_with_equal_logits(tmp_path, tie, top_k):
-    model = _ours(dataclasses.replace(MIXTRAL_LIKE, tie_embeddings=tie, top_k=top_k))
+    model = _ours(_with_moe(dataclasses.replace(MIXTRAL_LIKE, tie_embeddings=tie), top_k=top_k))
     export_mixtral(model, tmp_path)
     hf = transformers.MixtralForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, 50, (2, 20))
@@ -75,10 +78,12 @@ def test_a_transformers_mixtral_imports_with_equal_logits_from_memory_and_from_d
 
 
 def test_export_names_every_field_mixtral_cannot_represent(tmp_path):
-    model = MoELM(LMConfig(d_model=16, n_layers=2, n_heads=2, d_ff=32, num_experts=2))
+    moe = MoEConfig(num_experts=2, shared_d_ff=8)
+    model = MoELM(LMConfig(d_model=16, n_layers=2, n_heads=2, d_ff=32, moe=moe))
     with pytest.raises(ValueError) as err:
         export_mixtral(model, tmp_path)
-    for field in ("norm='layernorm'", "activation='gelu'", "moe_every=2", "router='switch'"):
+    wrong = ("norm='layernorm'", "activation='gelu'", "moe_every=2", "moe.router='switch'")
+    for field in (*wrong, "moe.shared_d_ff=8"):
         assert f"model.{field}" in str(err.value)
     assert not (tmp_path / "config.json").exists()
 
@@ -142,7 +147,7 @@ def test_the_aux_coefficient_keeps_the_balancing_loss_equal_to_transformers(tmp_
     from moesaic.layer import aux_loss
 
     for top_k in (1, 2):
-        model = _ours(dataclasses.replace(MIXTRAL_LIKE, top_k=top_k, aux_loss_weight=0.02))
+        model = _ours(_with_moe(MIXTRAL_LIKE, top_k=top_k, aux_loss_weight=0.02))
         with torch.no_grad():
             for block in model.blocks:
                 block.ffn.router.gate.weight.zero_()
@@ -156,7 +161,8 @@ def test_the_aux_coefficient_keeps_the_balancing_loss_equal_to_transformers(tmp_
         theirs = load_balancing_loss_func(out.router_logits, 4, top_k)
         assert hf.config.router_aux_loss_coef == pytest.approx(0.02 * 2 / top_k)
         torch.testing.assert_close(hf.config.router_aux_loss_coef * theirs, ours.detach())
-        assert import_mixtral(tmp_path / str(top_k)).cfg.aux_loss_weight == pytest.approx(0.02)
+        imported = import_mixtral(tmp_path / str(top_k)).cfg.moe
+        assert imported.aux_loss_weight == pytest.approx(0.02)
 
 
 def test_the_mixtral_recipe_exports(tmp_path):

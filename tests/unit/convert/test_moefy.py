@@ -139,3 +139,20 @@ def test_a_model_that_is_itself_the_ffn_is_refused_before_anything_changes():
         ms.moefy(ffn, every=1)
     assert isinstance(ffn[0], nn.Linear)
     assert isinstance(ms.moefy(nn.Sequential(ffn), 2, every=1)[0], ms.convert.MoEFFN)
+
+
+def test_a_config_builds_the_same_layers_as_the_keywords_and_takes_its_width_from_each_ffn():
+    dense = dense_model()
+    torch.manual_seed(0)
+    by_keywords = ms.moefy(copy.deepcopy(dense), 4, "topk", every=1, top_k=2, shared_d_ff=4)
+    cfg = ms.MoEConfig(num_experts=4, router="topk", top_k=2, shared_d_ff=4)
+    torch.manual_seed(0)
+    by_config = ms.moefy(copy.deepcopy(dense), every=1, config=cfg)
+    for a, b in zip(by_keywords.state_dict().items(), by_config.state_dict().items()):
+        assert a[0] == b[0] and torch.equal(a[1], b[1])
+    layer = next(m for m in by_config.modules() if isinstance(m, ms.MoE))
+    assert layer.config.d_model is not None and layer.config.shared_d_ff == 4
+    with pytest.raises(TypeError, match=r"not both: got config and \['top_k'\]"):
+        ms.moefy(copy.deepcopy(dense), config=cfg, top_k=2)
+    with pytest.raises(ValueError, match="d_model=3 conflicts with the dense FFN '0': d_model="):
+        ms.moefy(copy.deepcopy(dense), every=1, config=ms.MoEConfig(num_experts=2, d_model=3))

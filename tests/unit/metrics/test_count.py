@@ -88,7 +88,12 @@ def test_lm_count_agrees_with_the_analytic_lm_formula():
     assert count(model).seq_len == model.cfg.max_seq_len
 
 
-@pytest.mark.parametrize("overrides", [{}, {"num_experts": 0}, {"top_k": 2, "router": "topk"}])
+TOPK2 = ms.MoEConfig(num_experts=32, top_k=2, router="topk")
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, {"moe": None}, {"moe": TOPK2}], ids=["switch", "dense", "topk2"]
+)
 def test_lm_forward_flops_match_the_flop_counter_within_5_percent(overrides):
     model = ms.models.create("lm-moe-tiny", **overrides)
     x = torch.randint(0, model.cfg.vocab_size, (2, 128))

@@ -14,5 +14,5 @@ def test_lm_total_counts_tied_embeddings_once():
     model = ms.models.create("lm-moe-test")
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     assert count_parameters(model).total == total
-    dense = ms.models.create("lm-moe-test", num_experts=0)
+    dense = ms.models.create("lm-moe-test", moe=None)
     assert count_parameters(dense).activated == count_parameters(dense).total

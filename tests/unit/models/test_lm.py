@@ -17,14 +17,15 @@ def test_moe_layers_sit_every_moe_every_layers():
     kinds = [type(b.ffn).__name__ for b in model.blocks]
     assert kinds == ["DenseFFN", "MoE"] * 3
     assert all(type(b.ffn).__name__ == "MoE" for b in _tiny(n_layers=3, moe_every=1).blocks)
-    assert all(type(b.ffn).__name__ == "DenseFFN" for b in _tiny(num_experts=0).blocks)
+    assert all(type(b.ffn).__name__ == "DenseFFN" for b in _tiny(moe=None).blocks)
 
 
 def test_dense_equivalent_matches_activated_ffn_width_at_the_moe_layers_only():
-    cfg = LMConfig(num_experts=8, top_k=2, d_ff=256, n_layers=4, moe_every=2)
+    moe = ms.MoEConfig(num_experts=8, router="topk", top_k=2)
+    cfg = LMConfig(moe=moe, d_ff=256, n_layers=4, moe_every=2)
     dense = MoELM(cfg.dense_equivalent())
     assert [b.ffn.w1.out_features for b in dense.blocks] == [256, 512, 256, 512]
-    plain = LMConfig(num_experts=0, d_ff=256)
+    plain = LMConfig(d_ff=256)
     assert plain.dense_equivalent() == plain
 
 
@@ -44,7 +45,8 @@ def test_forward_shapes_and_causality(positions):
 @pytest.mark.parametrize("positions,kv", [("rope", None), ("learned", None), ("rope", 1)])
 def test_cached_decoding_equals_full_recompute(positions, kv):
     torch.manual_seed(0)
-    model = _tiny(positions=positions, router="topk", top_k=2, n_kv_heads=kv).eval()
+    topk = ms.MoEConfig(num_experts=4, router="topk", top_k=2)
+    model = _tiny(positions=positions, moe=topk, n_kv_heads=kv).eval()
     prompt = [5, 17, 99, 3]
     cached = generate_ids(model, prompt, 12, temperature=0.0)
     full = generate_ids(model, prompt, 12, temperature=0.0, use_cache=False)
@@ -114,17 +116,44 @@ def test_a_few_steps_reduce_the_loss_and_the_aux_loss_reaches_the_router():
     "field,value,match",
     [
         ("d_model", 33, "divisible by model.n_heads"),
-        ("top_k", 9, "model.top_k=9 must be <= model.num_experts=4"),
-        ("router", "nope", "model.router='nope' is not one of"),
         ("positions", "alibi", "model.positions='alibi'"),
-        ("num_experts", -1, "model.num_experts=-1 must be >= 0"),
         ("dropout", 1.0, "model.dropout=1.0 must be < 1"),
-        ("capacity_factor", 0.0, "model.capacity_factor=0.0 must be > 0"),
+        ("moe", {"num_experts": 4}, "model.moe={'num_experts': 4} must be an ms.MoEConfig"),
     ],
 )
 def test_bad_configs_name_the_field(field, value, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((TypeError, ValueError), match=match):
         dataclasses.replace(ms.models.model_config("lm-moe-test"), **{field: value})
+
+
+def test_the_moe_layers_take_width_and_activation_from_the_model_and_every_option_from_moe():
+    moe = ms.MoEConfig(num_experts=4, shared_d_ff=8, jitter=0.05, expert_bias=True, top_k=1)
+    cfg = LMConfig(d_model=16, n_heads=2, d_ff=24, activation="swiglu", n_layers=2, moe=moe)
+    layer = MoELM(cfg).blocks[1].ffn
+    assert layer.config == cfg.moe_config() and cfg.moe.d_model is None
+    assert (layer.d_model, layer.experts.d_ff, layer.experts.activation) == (16, 24, "swiglu")
+    assert layer.shared.d_ff == 8 and layer.router.jitter == 0.05 and layer.experts.b1 is not None
+    # the model's width follows the model: replacing it needs no change to moe
+    assert MoELM(dataclasses.replace(cfg, d_ff=32)).blocks[1].ffn.experts.d_ff == 32
+
+
+@pytest.mark.parametrize(
+    "moe,match",
+    [
+        ({"d_ff": 48}, r"model.moe.d_ff=48 conflicts with model.d_ff=24 \(leave d_ff None"),
+        ({"d_model": 8}, "model.moe.d_model=8 conflicts with model.d_model=16"),
+        ({"activation": "relu"}, "model.moe.activation='relu' conflicts with model.activation"),
+        (
+            {"router": ms.ROUTERS["topk"](16, 4)},
+            "model.moe.router: a TopKRouter instance; it must be a name",
+        ),
+    ],
+)
+def test_a_moe_option_the_model_owns_must_agree_with_it(moe, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        LMConfig(d_model=16, n_heads=2, d_ff=24, moe=ms.MoEConfig(num_experts=4, **moe))
+    same = ms.MoEConfig(num_experts=4, d_model=16, d_ff=24, activation="gelu")
+    assert LMConfig(d_model=16, n_heads=2, d_ff=24, moe=same).moe_config() == same
 
 
 def test_bad_inputs_are_rejected():

@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+from moesaic.config import MoEConfig
 from moesaic.models.registry import create
 from moesaic.train.checkpoint import (
     CheckpointError,
@@ -52,7 +53,8 @@ def test_a_corrupted_file_is_named_on_load(tmp_path, victim):
 def test_a_checkpoint_for_another_architecture_lists_every_mismatch(tmp_path):
     path = _save(tmp_path, 1, create("lm-moe-test"))
     with pytest.raises(CheckpointError, match="does not fit the model: .*blocks.1.ffn.experts.w1"):
-        load_checkpoint(path, create("lm-moe-test", num_experts=2))
+        two = MoEConfig(num_experts=2, top_k=1)
+        load_checkpoint(path, create("lm-moe-test", moe=two))
 
 
 class _Evil:

@@ -1,5 +1,6 @@
 import pytest
 
+from moesaic.config import MoEConfig
 from moesaic.metrics.flops import lm_flops_per_token
 from moesaic.models.lm import LMConfig
 from moesaic.train.compare import crossing
@@ -19,9 +20,10 @@ def test_crossing_interpolates_between_evaluations():
 
 
 def test_dense_equivalent_has_the_moe_models_ffn_flops_plus_the_router():
-    moe = LMConfig(num_experts=8, top_k=2, d_ff=256, moe_every=2, n_layers=4)
+    experts = MoEConfig(num_experts=8, router="topk", top_k=2)
+    moe = LMConfig(moe=experts, d_ff=256, moe_every=2, n_layers=4)
     f_moe = lm_flops_per_token(moe, 128)
     f_dense = lm_flops_per_token(moe.dense_equivalent(), 128)
-    router = 2 * moe.d_model * moe.num_experts * 2  # two MoE layers
+    router = 2 * moe.d_model * experts.num_experts * 2  # two MoE layers
     assert f_moe.forward - f_dense.forward == router
     assert f_moe.train == 3 * f_moe.forward

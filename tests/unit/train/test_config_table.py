@@ -28,18 +28,26 @@ BAD = {
     "model.norm_eps": ("-1e-5", "model.norm_eps=-1e-05 must be a finite float >= 0"),
     "model.tie_embeddings": ("maybe", "--set model.tie_embeddings='maybe': expected bool"),
     "model.dropout": ("1.5", "model.dropout=1.5 must be < 1"),
-    "model.num_experts": ("-2", "model.num_experts=-2 must be >= 0"),
     "model.moe_every": ("0", "model.moe_every=0 must be >= 1"),
-    "model.top_k": ("0", "model.top_k=0 must be >= 1"),
-    "model.router": ("nope", "model.router='nope' is not one of"),
-    "model.capacity_factor": ("0", "model.capacity_factor=0.0 must be > 0"),
-    "model.drop_policy": ("random", "model.drop_policy='random' is not one of"),
-    "model.aux_loss_weight": ("-0.1", "model.aux_loss_weight=-0.1 must be a finite float >= 0"),
-    "model.z_loss_weight": ("nan", "model.z_loss_weight=nan must be a finite float >= 0"),
-    "model.router_options": (
-        '{"bogus": 1}',
-        "model.router_options={'bogus': 1}: router_options for",
+    "model.moe.d_model": ("0", "model.moe.d_model=0 must be >= 1"),
+    "model.moe.d_ff": ("-1", "model.moe.d_ff=-1 must be >= 1"),
+    "model.moe.num_experts": ("0", "model.moe.num_experts=0 must be >= 1"),
+    "model.moe.router": ("nope", "model.moe.router='nope' is not one of"),
+    "model.moe.top_k": ("0", "model.moe.top_k=0 must be"),
+    "model.moe.capacity_factor": ("0", "model.moe.capacity_factor=0.0 must be > 0"),
+    "model.moe.drop_policy": ("random", "model.moe.drop_policy='random' is not one of"),
+    "model.moe.activation": ("tanh", "model.moe.activation='tanh' is not one of"),
+    "model.moe.expert_bias": ("maybe", "--set model.moe.expert_bias='maybe': expected bool"),
+    "model.moe.shared_d_ff": ("-1", "model.moe.shared_d_ff=-1 must be an int >= 0"),
+    "model.moe.aux_loss_weight": (
+        "-0.1",
+        "model.moe.aux_loss_weight=-0.1 must be a finite float >= 0",
     ),
+    "model.moe.z_loss_weight": ("nan", "model.moe.z_loss_weight=nan must be a finite float >= 0"),
+    "model.moe.jitter": ("1.5", "model.moe.jitter=1.5 must be a float in [0, 1)"),
+    "model.moe.router_dtype": ("int32", "model.moe.router_dtype=torch.int32 must be a floating"),
+    "model.moe.router_options": ('{"bogus": 1}', "model.moe.router_options for router='switch'"),
+    "model.moe.expert_backend": ("cuda", "model.moe.expert_backend='cuda' is not one of"),
     "model.matched_d_ff": ("0", "model.matched_d_ff=0 must be >= 1"),
     "data.corpus": ("wiki", "data.corpus='wiki' is not one of"),
     "data.tokenizer": ("word", "data.tokenizer='word' is not one of"),
@@ -76,18 +84,19 @@ BAD = {
 
 # Combinations each field allows alone but not together (the message names both fields).
 INCOMPATIBLE = [
-    (["parallel.expert=3"], "model.num_experts=4 must be divisible by parallel.expert=3"),
-    (["model.top_k=5"], "model.top_k=5 must be <= model.num_experts=4"),
+    (["parallel.expert=3"], "model.moe.num_experts=4 must be divisible by parallel.expert=3"),
+    (["model.moe.router=topk", "model.moe.top_k=5"], "model.moe.top_k=5 must be <= num_experts=4"),
     (["model.max_seq_len=16"], "data.seq_len=32 must be <= model.max_seq_len=16"),
     (["model.d_model=33"], "model.d_model=33 must be divisible by model.n_heads=2"),
     (["model.n_heads=8", "model.d_model=24"], "model.positions='rope' needs an even head dim"),
-    (["model.matched_d_ff=128"], "model.matched_d_ff is for dense models (num_experts=0)"),
+    (["model.matched_d_ff=128"], "model.matched_d_ff is for dense models (model.moe=None)"),
     (["data.tokenizer=bpe", "data.bpe_vocab_size=200"], "data.bpe_vocab_size=200 must be > 256"),
-    (["model.router=task"], "missing 1 required keyword-only argument: 'num_tasks'"),
-    (
-        ["model.router=gshard", "model.top_k=1"],
-        "model.router='gshard' with model.router_options={}: top_k=1 must be 2",
-    ),
+    (["model.moe.router=task"], "missing 1 required keyword-only argument: 'num_tasks'"),
+    (["model.moe.router=gshard", "model.moe.top_k=1"], "model.moe.top_k=1 must be 2 for router"),
+    (["model.moe.d_ff=128"], "model.moe.d_ff=128 conflicts with model.d_ff=64"),
+    (["model.moe.activation=relu"], "model.moe.activation='relu' conflicts with model.activation"),
+    (["model.top_k=2"], "--set model.top_k: moved to model.moe.top_k: use --set model.moe.top_k=2"),
+    (["model.num_experts=0"], "use --set model.moe.num_experts=0 (model.moe=none removes"),
 ]
 
 
@@ -96,8 +105,9 @@ def _leaves(cls: type, prefix: str = "") -> list[tuple[str, typing.Any]]:
     out = []
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
-        if dataclasses.is_dataclass(kind):
-            out += _leaves(kind, f"{prefix}{f.name}.")
+        section = [a for a in typing.get_args(kind) if dataclasses.is_dataclass(a)] or [kind]
+        if dataclasses.is_dataclass(section[0]):  # a section, or one that may be None
+            out += _leaves(section[0], f"{prefix}{f.name}.")
         else:
             out.append((f"{prefix}{f.name}", kind))
     return out
@@ -123,7 +133,8 @@ def test_a_bad_value_fails_in_one_line_naming_the_field(path):
 
 
 @pytest.mark.parametrize(
-    "path", [p for p, kind in _leaves(RunConfig) if kind not in (str, typing.Any)]
+    "path",
+    [p for p, kind in _leaves(RunConfig) if str not in (kind, *typing.get_args(kind), typing.Any)],
 )
 def test_a_value_of_the_wrong_type_fails_naming_the_field_and_type(path):
     text = _fails([f"{path}=[oops]"])

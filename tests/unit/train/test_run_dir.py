@@ -205,16 +205,18 @@ def test_threads_beyond_the_cpus_are_refused(tmp_path):
 def test_the_memory_bound_counts_parameters_exactly_and_refuses_what_cannot_fit():
     from moesaic.train.resources import ResourceError, check_resources, estimate_needs
 
-    for overrides in ([], ["model.n_layers=5", "model.moe_every=2"], ["model.num_experts=0"]):
+    for overrides, fields in (
+        ([], {}),
+        (["model.n_layers=5", "model.moe_every=2"], {"n_layers": 5, "moe_every": 2}),
+        (["model.moe=none"], {"moe": None}),
+    ):
         cfg = _cfg(*overrides)
-        model = create(
-            "lm-moe-test", **{o.split("=")[0][6:]: int(o.split("=")[1]) for o in overrides}
-        )
+        model = create("lm-moe-test", **fields)
         assert estimate_needs(cfg).parameters == sum(p.numel() for p in model.parameters())
     needs = check_resources(_cfg(), available=1 << 40)
     with pytest.raises(ResourceError, match=r"needs at least .* GiB of memory and 0\.0 GiB"):
         check_resources(_cfg(), available=needs.total_bytes - 1)
-    huge = _cfg("model.num_experts=100000000")
+    huge = _cfg("model.moe.num_experts=100000000")
     assert estimate_needs(huge).parameters > 10**11  # counted on the meta device, no memory
 
 
@@ -279,3 +281,24 @@ def test_sigterm_outside_training_exits_143_with_a_line(capsys):
     assert signal.getsignal(signal.SIGTERM) == before  # restored
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["moesaic demo: SIGTERM: stopped; the newest checkpoint, if any, is intact"]
+
+
+OLD_FLAT = ("num_experts", "top_k", "router", "capacity_factor", "drop_policy")
+OLD_FLAT += ("aux_loss_weight", "z_loss_weight", "router_options")
+
+
+def test_a_run_written_with_the_moe_options_at_the_model_level_resumes_bit_identically(tmp_path):
+    """Run directories written before ``model.moe`` store model.num_experts, model.top_k, ...:
+    they load and resume as the same model with the same losses."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    Trainer(_cfg(), whole, progress=False).fit()
+    Trainer(_cfg("train.steps=2"), split, progress=False).fit()
+    data = json.loads((split / "config.json").read_text())
+    moe = data["model"].pop("moe")
+    data["model"] |= {name: moe[name] for name in OLD_FLAT}  # the layout of older moesaic
+    data["train"]["steps"] = 4
+    (split / "config.json").write_text(json.dumps(data))
+    assert train_main(["--run-dir", str(split), "--resume", "--no-progress"]) == 0
+    a = read_checkpoint(list_checkpoints(whole / "checkpoints")[-1])[0]
+    b = read_checkpoint(list_checkpoints(split / "checkpoints")[-1])[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
