@@ -15,12 +15,12 @@ COMMANDS = {
     "compare": ("moesaic.cli.compare", "train an MoE and its FLOPs-matched dense baseline"),
     "generate": ("moesaic.cli.generate", "sample text from a trained run"),
     "eval": ("moesaic.cli.eval", "validation loss of a trained run"),
-    "bench": ("moesaic.bench.layer", "time the MoE layer against a naive loop and a dense FFN"),
+    "bench": ("moesaic.cli.bench", "time the MoE layer against a naive loop and a dense FFN"),
     "report": ("moesaic.cli.report", "parameters, FLOPs, energy, routing and plots of a run"),
     "upcycle": ("moesaic.cli.upcycle", "turn a trained dense run into an MoE run and train it"),
     "data": ("moesaic.cli.data", "the Debian packages the corpora, datasets and tests read"),
     "skillnet": (
-        "moesaic.cli.skillnet",
+        "moesaic.skillnet.cli",
         "SkillNet on text, image, sound, video, code: train|eval|retrieve",
     ),
 }

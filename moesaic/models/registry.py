@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -14,13 +15,17 @@ from torch import nn
 
 from moesaic.config import MoEConfig
 from moesaic.models.lm import LMConfig, MoELM
-from moesaic.models.skillnet import SkillNet, SkillNetConfig
 
 __all__ = ["MODELS", "register_model", "create", "model_config"]
 
 # name -> function returning the default config of that model
 MODELS: dict[str, Callable[[], Any]] = {}
 _BUILDERS: dict[str, Callable[[Any], nn.Module]] = {}
+
+# model-name prefix -> the application module that registers those models when imported. The
+# core never imports an application package (DESIGN.md, package layout): it names each by
+# string here and imports it only when one of its models is asked for.
+APPLICATIONS: dict[str, str] = {"skillnet": "moesaic.skillnet.model"}
 
 
 def register_model(name: str, builder: Callable[[Any], nn.Module]):
@@ -38,6 +43,8 @@ def register_model(name: str, builder: Callable[[Any], nn.Module]):
 def model_config(name: str, **overrides: Any) -> Any:
     """The registered config of ``name`` with field overrides applied (and validated)."""
     if name not in MODELS:
+        _import_application(name)
+    if name not in MODELS:
         raise ValueError(f"model {name!r} is not one of {sorted(MODELS)}")
     cfg = MODELS[name]()
     names = {f.name for f in dataclasses.fields(cfg)}
@@ -45,6 +52,14 @@ def model_config(name: str, **overrides: Any) -> Any:
     if unknown:
         raise ValueError(f"unknown field(s) {unknown} for model {name!r}; valid: {sorted(names)}")
     return dataclasses.replace(cfg, **overrides)
+
+
+def _import_application(name: str) -> None:
+    """Import the application that registers ``name`` (every application for an unknown name, so
+    the error lists all models)."""
+    prefixes = [p for p in APPLICATIONS if name.startswith(p)] or list(APPLICATIONS)
+    for prefix in prefixes:
+        importlib.import_module(APPLICATIONS[prefix])
 
 
 def create(name: str, **overrides: Any) -> nn.Module:
@@ -113,17 +128,3 @@ def lm_moe_test() -> LMConfig:
         moe=MoEConfig(num_experts=4, top_k=1, router="switch"),
         moe_every=2,
     )
-
-
-@register_model("skillnet-tiny", SkillNet)
-def skillnet_tiny() -> SkillNetConfig:
-    """SkillNet with one FFN skill per modality (text, image, sound, video, code): D=64, 2
-    layers, the default six tasks. Small enough to train every task in minutes on 2 CPU cores."""
-    return SkillNetConfig()
-
-
-@register_model("skillnet-dense-tiny", SkillNet)
-def skillnet_dense_tiny() -> SkillNetConfig:
-    """``skillnet-tiny``'s dense multitask baseline: every site shared by all modalities, the
-    same parameters activated per example."""
-    return SkillNetConfig(skill_sites=frozenset())

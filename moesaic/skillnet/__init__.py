@@ -1,4 +1,7 @@
-"""SkillNet's tasks, joint training and evaluation (the model is ``moesaic.models.skillnet``).
+"""SkillNet, the application: model (``model``, ``parts``), data (``data``, ``tasks``,
+``pretrain_data``), sparse pretraining, joint training and evaluation, and the
+``moesaic skillnet`` command (``cli``). The core never imports this package; the model registry
+imports ``moesaic.skillnet.model`` when a ``skillnet-*`` model is asked for.
 
 >>> from moesaic import skillnet
 >>> data = skillnet.load_task_data(preset="smoke")
@@ -9,6 +12,7 @@
 >>> skillnet.evaluate(model, data)          # {"text_cls": {"accuracy": ...}, "t2c": {"R@1": ...}}
 """
 
+from moesaic.skillnet.model import SkillNet, SkillNetConfig
 from moesaic.skillnet.pretrain import pretrain_skillnet
 from moesaic.skillnet.pretrain_data import PretrainData, load_pretrain_data
 from moesaic.skillnet.tasks import PRESET_STEPS, PRESETS, TaskData, load_task_data
@@ -18,6 +22,8 @@ __all__ = [
     "PRESETS",
     "PRESET_STEPS",
     "PretrainData",
+    "SkillNet",
+    "SkillNetConfig",
     "SkillNetRecipe",
     "TaskData",
     "chance",

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from moesaic.models.registry import create
-from moesaic.models.skillnet import SkillNet
+from moesaic.skillnet.model import SkillNet
 from moesaic.skillnet.pretrain import pretrain_skillnet
 from moesaic.skillnet.pretrain_data import PretrainData
 from moesaic.skillnet.tasks import TaskData

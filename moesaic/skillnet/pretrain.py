@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from moesaic.models.skillnet import PairHead, SkillNet
+from moesaic.skillnet.model import PairHead, SkillNet
 from moesaic.skillnet.pretrain_data import PretrainData
 from moesaic.skillnet.tasks import distinct_label_batch
 from moesaic.skillnet.train import SkillNetRecipe, contrastive_loss, optimize

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moesaic.data import skillnet as sd
-from moesaic.data.skillnet.common import encode_bytes, split_by_key
-from moesaic.data.skillnet.image import FASHION_CLASSES_EN, FASHION_CLASSES_ZH
-from moesaic.data.skillnet.text import read_glosses
+from moesaic.skillnet import data as sd
+from moesaic.skillnet.data.common import encode_bytes, split_by_key
+from moesaic.skillnet.data.image import FASHION_CLASSES_EN, FASHION_CLASSES_ZH
+from moesaic.skillnet.data.text import read_glosses
 from moesaic.skillnet.tasks import TaskData
 
 __all__ = ["PRETRAIN_PRESETS", "PretrainData", "load_pretrain_data"]

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moesaic.models.registry import create
-from moesaic.models.skillnet import SkillNet, SkillNetConfig
+from moesaic.skillnet.model import SkillNet, SkillNetConfig
 from moesaic.skillnet.pretrain import pretrain_skillnet
 from moesaic.skillnet.pretrain_data import load_pretrain_data
 from moesaic.skillnet.tasks import TaskData, load_task_data

@@ -1,6 +1,6 @@
 """SkillNet's tasks and their data: which loader feeds which task, at which size.
 
-Tasks (``DEFAULT_TASKS`` in moesaic/models/skillnet.py): ``text_cls`` (WordNet supersense),
+Tasks (``DEFAULT_TASKS`` in moesaic/skillnet/model.py): ``text_cls`` (WordNet supersense),
 ``sound_cls`` (spoken words), ``t2i_en`` / ``t2i_zh`` (number captions -> images), ``t2v``
 (motion captions -> moving-digit clips), ``t2c`` (docstring -> stdlib function).
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moesaic.data import skillnet as sd
+from moesaic.skillnet import data as sd
 
 __all__ = ["TaskData", "PRESETS", "PRESET_STEPS", "load_task_data"]
 

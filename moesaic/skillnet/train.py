@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from moesaic.metrics.retrieval import accuracy, retrieval_metrics
-from moesaic.models.skillnet import SkillNet
+from moesaic.skillnet.model import SkillNet
 from moesaic.skillnet.tasks import TaskData, distinct_label_batch
 
 __all__ = [

@@ -130,7 +130,7 @@ def _indivisible_body(rank, world):
 
 
 def test_benchmark_reports_bytes_at_the_floor(capsys):
-    from moesaic.bench.expert_parallel import main
+    from benchmarks.expert_parallel import main
 
     args = "--tokens 64 --d-model 16 --d-ff 32 --experts 4 --worlds 2 --repeats 1"
     assert main(args.split()) == 0

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from moesaic.bench.faults import (
+from benchmarks.faults import (
     EVERY,
     STEPS,
     kill_at_step,

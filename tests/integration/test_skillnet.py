@@ -1,4 +1,5 @@
-"""SkillNet end to end: the smoke recipe trains every task past chance; the CLI round-trips."""
+"""SkillNet end to end: sparse pretraining then joint fine-tuning trains every task past chance;
+the CLI round-trips."""
 
 import json
 
@@ -8,33 +9,26 @@ import torch
 import moesaic as ms
 from moesaic import skillnet as sk
 from moesaic.cli.main import main
+from tests.integration.conftest import FINETUNE
 
 HEADLINE = {"classify": "accuracy", "retrieve": "R@5"}
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("skillnet-data")
-
-
 @pytest.fixture
-def one_thread():
-    # one intra-op thread: these widths gain nothing from two, and a busy machine's idle
-    # OpenMP spinning made the test several times slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def data_dir(skillnet_data_dir):
+    return skillnet_data_dir
 
 
-def test_smoke_recipe_beats_chance_on_every_task(data_dir, one_thread):
-    # the CLI's smoke recipe: sparse pretraining, then joint fine-tuning, 300 steps each
-    data = sk.load_task_data(preset="smoke", data_dir=data_dir)
+def test_pretrained_then_finetuned_beats_chance_on_every_task(
+    skillnet_smoke, skillnet_pretrained, one_thread
+):
+    # the smoke recipe's two phases on the smoke data, shortened (conftest.py): the session's
+    # sparse pretraining, then joint fine-tuning on every task
+    data, _ = skillnet_smoke
     torch.manual_seed(0)
     model = ms.models.create("skillnet-tiny")
-    pre = sk.load_pretrain_data(data, "smoke", data_dir=data_dir)
-    sk.pretrain_skillnet(model, pre, sk.SkillNetRecipe(steps=300, batch_size=24))
-    sk.train_skillnet(model, data, sk.SkillNetRecipe(steps=300, batch_size=24))
+    model.load_state_dict(skillnet_pretrained[0])
+    sk.train_skillnet(model, data, sk.SkillNetRecipe(**FINETUNE))
     result, chance = sk.evaluate(model, data), sk.chance(data)
     for task, d in data.items():
         metric = HEADLINE[d.kind]

@@ -7,21 +7,13 @@ import torch
 
 import moesaic as ms
 from moesaic import skillnet as sk
-from moesaic.data.skillnet import decode_bytes
 from moesaic.skillnet.compare import compare, train_one
-from moesaic.skillnet.pretrain import pretrain_skillnet
-from moesaic.skillnet.pretrain_data import load_pretrain_data
+from moesaic.skillnet.data import decode_bytes
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("skillnet-data")
-
-
-@pytest.fixture(scope="module")
-def smoke(data_dir):
-    data = sk.load_task_data(preset="smoke", data_dir=data_dir)
-    return data, load_pretrain_data(data, "smoke", data_dir=data_dir)
+@pytest.fixture
+def smoke(skillnet_smoke):
+    return skillnet_smoke
 
 
 def _rows(x: torch.Tensor) -> set[bytes]:
@@ -52,20 +44,16 @@ def test_pretraining_data_holds_no_val_or_test_input(smoke):
     assert "一张外套的照片" in zh and any("苹果" in t for t in zh)
 
 
-def test_pretraining_learns_and_keeps_the_models_parameters(smoke):
-    _, pre = smoke
-    torch.manual_seed(0)
-    model = ms.models.create("skillnet-tiny")
-    before = {k: v.shape for k, v in model.state_dict().items()}
-    history = pretrain_skillnet(model, pre, sk.SkillNetRecipe(steps=60, batch_size=16))
+def test_pretraining_learns_and_keeps_the_models_parameters(skillnet_pretrained):
+    state, history, before = skillnet_pretrained  # 30 steps of batch 8 (conftest.py)
     objectives = ["mlm/text", "mlm/code", "mim/image", "mim/video", "mfm/sound", "itc/en", "itc/zh"]
     assert set(history[0]) >= {f"loss/{o}" for o in objectives}
     for key in ("loss/mlm/text", "loss/mlm/code"):  # byte prediction starts near ln 256 = 5.5
         assert history[0][key] > 5.0 and np.mean([h[key] for h in history[-10:]]) < 4.0, key
-    assert {k: v.shape for k, v in model.state_dict().items()} == before
+    assert {k: v.shape for k, v in state.items()} == before
 
 
-def test_compare_workers_give_the_serial_results(smoke, tmp_path):
+def test_compare_workers_give_the_serial_results(smoke, tmp_path, one_thread):
     data, pre = smoke
     data = {t: data[t] for t in ("sound_cls", "t2i_zh")}
     recipe = sk.SkillNetRecipe(steps=3, batch_size=8)

@@ -72,7 +72,7 @@ def test_bad_upcycle_arguments_are_one_line_errors(dense_run, tmp_path, capsys):
 
 
 def test_upcycle_benchmark_runs_in_quick_mode(tmp_path, capsys):
-    from moesaic.bench.upcycle import main as bench
+    from benchmarks.upcycle import main as bench
 
     argv = ["--recipe", "lm-moe-test", "--set", "model.moe=none", "--dense-steps", "2"]
     assert bench([*argv, "--steps", "2", "--eval-every", "2", "--out", str(tmp_path)]) == 0

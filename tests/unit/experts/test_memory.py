@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import moesaic as ms
-from moesaic.bench.harness import saved_for_backward_bytes
+from benchmarks.harness import saved_for_backward_bytes
 
 T, D, FF, E = 256, 128, 256, 8
 

@@ -1,4 +1,4 @@
-"""MoE layer benchmark: moesaic vs a naive masked loop vs a dense FFN of equal active FLOPs.
+"""``moesaic bench``: the MoE layer vs a naive masked loop vs a dense FFN of equal active FLOPs.
 
 For each (E, k): forward+backward and forward-only time of
 - ``moesaic``: ``ms.MoE(router="topk", top_k=k)``, dropless;
@@ -10,7 +10,8 @@ For each (E, k): forward+backward and forward-only time of
   experts run theirs on CPU (moesaic/experts/gemm.py): moesaic's ratio to it is shown beside
   the targets.
 Gradients are set to None between steps, as ``optimizer.zero_grad()`` does. ``--device cuda``
-and ``--dtype bfloat16`` run the same comparison on a GPU or in bf16.
+and ``--dtype bfloat16`` run the same comparison on a GPU or in bf16. The repository's
+benchmarks/ (not installed) hold the longer studies: peers, gemm, expert parallelism, fault drills.
 
 Shape legend (docs/shapes.md): T tokens, D model dim, F expert hidden, E experts, K top-k.
 """
@@ -24,14 +25,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from moesaic.bench.harness import DTYPES, device_arg, environment, time_interleaved
-from moesaic.experts.ffn import Experts
+from moesaic.cli.timing import DTYPES, device_arg, environment, time_interleaved
+from moesaic.experts import Experts, backend_names, get_backend
 from moesaic.layer import MoE
 from moesaic.models.lm import DenseFFN  # the dense limit is the LM's own dense FFN
 
-__all__ = ["NaiveMoE", "DenseFFN", "BlockedDense", "OneDNNBlockedDense", "run", "main"]
-
-BLOCK = 512  # tokens per block of the blocked dense FFNs
+__all__ = ["NaiveMoE", "DenseFFN", "OneDNNBlockedDense", "train_fn", "infer_fn", "run", "main"]
 
 TARGETS = {8: 1.2, 32: 1.3}  # issue #2: moesaic / dense fwd+bwd at E=8 and E=32
 
@@ -57,29 +56,28 @@ class NaiveMoE(nn.Module):
         return y_TD
 
 
-class BlockedDense(DenseFFN):
-    """The dense FFN over blocks of ``block`` tokens, so each block's hidden stays in cache."""
-
-    def __init__(self, d_model: int, d_hidden: int, family: str, block: int = BLOCK) -> None:
-        super().__init__(d_model, d_hidden, family)
-        self.block = block
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([super(BlockedDense, self).forward(c) for c in x.split(self.block)])
-
-
 class OneDNNBlockedDense(nn.Module):
     """The dense FFN (``DenseFFN``'s math) over blocks of ``block`` tokens with its products on
     oneDNN: one expert of width ``d_hidden`` on every block, each product on all intra-op
     threads."""
 
-    def __init__(self, d_model: int, d_hidden: int, family: str, block: int = BLOCK) -> None:
+    def __init__(self, d_model: int, d_hidden: int, family: str, block: int = 512) -> None:
         super().__init__()
-        self.ffn = Experts(1, d_model, d_hidden, family, impl="loop", gemm="onednn")
+        self.ffn = Experts(1, d_model, d_hidden, family, backend=_onednn_loop())
         self.block = block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.ffn(c, [c.shape[0]]) for c in x.split(self.block)])
+
+
+def _onednn_loop():
+    """The CPU backend (looked up by name) forced onto oneDNN products and the intra-op loop;
+    the torch loop where the CPU kernels are absent."""
+    if "cpu" not in backend_names():
+        return "torch"
+    cpu = get_backend("cpu")
+    tuning = dataclasses.replace(cpu.tuning, gemm="onednn", workers="loop")
+    return dataclasses.replace(cpu, tuning=tuning)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +90,7 @@ class Row:
     flops: float  # active FLOPs of one forward
 
 
-def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+def train_fn(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
     def train() -> None:
         for p in module.parameters():
             p.grad = None
@@ -101,7 +99,7 @@ def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[]
     return train
 
 
-def _infer(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def infer_fn(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     def infer() -> None:
         with torch.inference_mode():
             module(x)
@@ -132,8 +130,8 @@ def run(
             m.to(device=device, dtype=dtype)
         x = torch.randn(tokens, d_model).to(device=device, dtype=dtype)
         grad = torch.randn(tokens, d_model).to(device=device, dtype=dtype)
-        train = time_interleaved({n: _step(m, x, grad) for n, m in impls.items()}, repeats)
-        infer = time_interleaved({n: _infer(m, x) for n, m in impls.items()}, repeats)
+        train = time_interleaved({n: train_fn(m, x, grad) for n, m in impls.items()}, repeats)
+        infer = time_interleaved({n: infer_fn(m, x) for n, m in impls.items()}, repeats)
         flops = 2.0 * 2 * tokens * d_model * d_ff * K
         rows += [Row(E, K, n, train[n], infer[n], flops) for n in impls]
     return rows

@@ -8,10 +8,10 @@ import argparse
 import pytest
 import torch
 
-from moesaic.bench import device_check
-from moesaic.bench import layer as bench_layer
-from moesaic.bench import peers as bench_peers
-from moesaic.bench.harness import device_arg
+from benchmarks import device_check
+from benchmarks import peers as bench_peers
+from moesaic.cli import bench as bench_layer
+from moesaic.cli.timing import device_arg
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -37,7 +37,7 @@ def test_a_case_that_raises_is_reported_and_the_others_still_run(monkeypatch, ca
     check = device_check.check_case
 
     def broken_loop(router, k, cf, activation, impl, device, dtype):
-        if impl == "loop":
+        if impl == "torch":
             raise RuntimeError("no kernel image for this device")
         return check(router, k, cf, activation, impl, device, dtype)
 

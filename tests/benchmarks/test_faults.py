@@ -2,7 +2,7 @@
 
 import torch
 
-from moesaic.bench.faults import main
+from benchmarks.faults import main
 
 
 def test_fault_drills_print_a_markdown_table(capsys, tmp_path):

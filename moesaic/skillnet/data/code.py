@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moesaic.data.skillnet.common import SPLITS, Splits, cached, encode_bytes, split_by_key
+from moesaic.skillnet.data.common import SPLITS, Splits, cached, encode_bytes, split_by_key
 
 __all__ = ["load_doc_code", "extract_functions"]
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from moesaic.bench.layer import NaiveMoE, main
+from moesaic.cli.bench import NaiveMoE, main
 from moesaic.cli.main import main as cli_main
 
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from moesaic.bench import gemm as bench_gemm
-from moesaic.experts.ffn import Experts
-from moesaic.experts.gemm import onednn_available
+from benchmarks import gemm as bench_gemm
+from moesaic.experts import Experts
 from moesaic.experts.reference import reference_ffn
 from moesaic.kernels.cpu.capability import cpu_capability
+from moesaic.kernels.cpu.gemm import onednn_available
 
 
 @pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")

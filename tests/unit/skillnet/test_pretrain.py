@@ -6,7 +6,7 @@ import torch
 
 from moesaic.skillnet.pretrain import PretrainHeads, hide_tokens, masked_loss
 from moesaic.skillnet.train import contrastive_loss
-from tests.unit.models.test_skillnet import MODALITIES, _model, _skill_slices
+from tests.unit.skillnet.test_model import MODALITIES, _model, _skill_slices
 
 INPUTS = {
     "text": lambda g: torch.randint(1, 256, (3, 16), generator=g),

@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from moesaic.bench.peers import BlockedDense, DenseFFN, OneDNNBlockedDense, main
+from benchmarks.peers import BlockedDense, DenseFFN, OneDNNBlockedDense, main
 
 
 @pytest.mark.parametrize("family", ["gelu", "relu", "swiglu"])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moesaic.data.skillnet.common import Splits, cached, require_file
+from moesaic.skillnet.data.common import Splits, cached, require_file
 
 __all__ = ["FASHION_CLASSES_EN", "FASHION_CLASSES_ZH", "read_idx", "load_fashion_mnist"]
 

@@ -1,4 +1,5 @@
-"""Side-by-side timing: implementations interleaved round-robin in one process.
+"""Side-by-side timing for ``moesaic bench`` and the repository's benchmarks/: implementations
+interleaved round-robin in one process.
 
 Interleaving means a slow moment of the machine (another process, thermal state) lands on every
 implementation alike, so the printed ratios stay meaningful on a noisy shared CPU. Once CUDA is
@@ -12,7 +13,7 @@ import gc
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
@@ -21,7 +22,6 @@ __all__ = [
     "time_interleaved",
     "environment",
     "device_arg",
-    "saved_for_backward_bytes",
     "synchronize",
 ]
 
@@ -77,19 +77,3 @@ def device_arg(value: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"{value!r}: the benchmarks run on cpu or cuda")
     return device
-
-
-def saved_for_backward_bytes(fn: Callable[[], object], exclude: Sequence[torch.Tensor]) -> int:
-    """Bytes autograd keeps for backward while running ``fn`` (activation memory), counting each
-    storage once and leaving out the storages of ``exclude`` (parameters, the input)."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(n for ptr, n in seen.items() if ptr not in skip)

@@ -28,7 +28,8 @@ from moesaic._validate import check_choice, check_positive_int
 from moesaic.context import routing_context
 from moesaic.experts import ACTIVATIONS
 from moesaic.layer import MoE
-from moesaic.models.skillnet_parts import (
+from moesaic.models.registry import register_model
+from moesaic.skillnet.parts import (
     BytesFrontEnd,
     PatchFrontEnd,
     SkillBlock,
@@ -262,3 +263,17 @@ class PairHead(nn.Module):
 
     def scale(self) -> torch.Tensor:
         return self.log_scale.clamp(max=math.log(100)).exp()
+
+
+@register_model("skillnet-tiny", SkillNet)
+def skillnet_tiny() -> SkillNetConfig:
+    """SkillNet with one FFN skill per modality (text, image, sound, video, code): D=64, 2
+    layers, the default six tasks. Small enough to train every task in minutes on 2 CPU cores."""
+    return SkillNetConfig()
+
+
+@register_model("skillnet-dense-tiny", SkillNet)
+def skillnet_dense_tiny() -> SkillNetConfig:
+    """``skillnet-tiny``'s dense multitask baseline: every site shared by all modalities, the
+    same parameters activated per example."""
+    return SkillNetConfig(skill_sites=frozenset())

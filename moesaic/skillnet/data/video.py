@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moesaic.data.skillnet.common import SPLITS, Splits, cached, encode_bytes
-from moesaic.data.skillnet.glyphs import DigitRenderer, number_en, number_zh
+from moesaic.skillnet.data.common import SPLITS, Splits, cached, encode_bytes
+from moesaic.skillnet.data.glyphs import DigitRenderer, number_en, number_zh
 
 __all__ = ["DIRECTIONS", "load_moving_digits"]
 

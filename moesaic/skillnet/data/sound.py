@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moesaic.data.skillnet.common import SPLITS, SourceMissingError, Splits, cached
-from moesaic.data.skillnet.glyphs import number_en
+from moesaic.skillnet.data.common import SPLITS, SourceMissingError, Splits, cached
+from moesaic.skillnet.data.glyphs import number_en
 
 __all__ = ["WORDS", "VARIANTS", "SAMPLE_RATE", "load_spoken_words", "synthesize", "log_mel"]
 

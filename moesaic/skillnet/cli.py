@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from moesaic.cli.common import friendly_errors
-from moesaic.data.skillnet import decode_bytes
-from moesaic.data.skillnet.common import encode_bytes
-from moesaic.models.skillnet import SKILL_SITES
 from moesaic.skillnet.compare import DEFAULT_MODELS, MODELS, compare, comparison_table
+from moesaic.skillnet.data import decode_bytes
+from moesaic.skillnet.data.common import encode_bytes
+from moesaic.skillnet.model import SKILL_SITES
 from moesaic.skillnet.pretrain_data import load_pretrain_data
 from moesaic.skillnet.run import evaluate_run, format_table, load_run, train_run
 from moesaic.skillnet.tasks import PRESET_STEPS, PRESETS, load_task_data

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moesaic.data.skillnet.common import require_file, require_module
+from moesaic.skillnet.data.common import require_file, require_module
 
 __all__ = ["FONT_DIR", "FONT_SPLITS", "DigitRenderer", "number_en", "number_zh"]
 

@@ -2,10 +2,10 @@ import pytest
 import torch
 
 import moesaic as ms
-from moesaic.models.skillnet import MODALITIES, SkillNet, SkillNetConfig
-from moesaic.models.skillnet_parts import SkillLinear
 from moesaic.routing.task import SkillRouter
 from moesaic.skillnet import task_loss
+from moesaic.skillnet.model import MODALITIES, SkillNet, SkillNetConfig
+from moesaic.skillnet.parts import SkillLinear
 
 D, F, L = 16, 24, 2
 SMALL = dict(d_model=D, n_layers=L, n_heads=2, d_ff=F, proj_dim=8, text_len=16, code_len=16,

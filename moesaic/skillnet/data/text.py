@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from moesaic.data.corpora import WORDNET_LEXNAMES, wordnet_synsets
-from moesaic.data.skillnet.common import Splits, cached, encode_bytes, require_file, split_by_key
+from moesaic.skillnet.data.common import Splits, cached, encode_bytes, require_file, split_by_key
 
 __all__ = ["LEXNAMES", "load_supersense", "read_glosses"]
 

@@ -4,9 +4,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moesaic.data import skillnet as sd
-from moesaic.data.skillnet import code, emoji_pairs, glyphs, image, sound, text
-from moesaic.data.skillnet.common import require_module
+from moesaic.skillnet import data as sd
+from moesaic.skillnet.data import code, emoji_pairs, glyphs, image, sound, text
+from moesaic.skillnet.data.common import require_module
 
 MISSING = Path("/nonexistent/moesaic-test")
 
@@ -111,7 +111,7 @@ def test_number_pairs_captions_match_labels(tmp_path):
 
 
 def test_moving_digit_moves_in_its_labelled_direction(tmp_path):
-    from moesaic.data.skillnet.video import DIRECTIONS
+    from moesaic.skillnet.data.video import DIRECTIONS
 
     d = sd.load_moving_digits(n_train=10, n_eval=40, data_dir=tmp_path)
     clips, labels = d["test"]["item"].astype(float), d["test"]["label"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moesaic.data.skillnet.common import (
+from moesaic.skillnet.data.common import (
     SPLITS,
     Splits,
     cached,

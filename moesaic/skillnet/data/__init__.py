@@ -17,8 +17,8 @@ Generated data is cached under ``data_dir`` (default ``$MOESAIC_DATA_DIR`` or
 A missing source raises ``SourceMissingError`` whose message is the install command.
 """
 
-from moesaic.data.skillnet.code import load_doc_code
-from moesaic.data.skillnet.common import (
+from moesaic.skillnet.data.code import load_doc_code
+from moesaic.skillnet.data.common import (
     SPLITS,
     SourceMissingError,
     Splits,
@@ -26,12 +26,12 @@ from moesaic.data.skillnet.common import (
     default_data_dir,
     encode_bytes,
 )
-from moesaic.data.skillnet.emoji_pairs import load_emoji_pairs
-from moesaic.data.skillnet.image import load_fashion_mnist
-from moesaic.data.skillnet.pairs import load_number_pairs
-from moesaic.data.skillnet.sound import load_spoken_words
-from moesaic.data.skillnet.text import load_supersense
-from moesaic.data.skillnet.video import load_moving_digits
+from moesaic.skillnet.data.emoji_pairs import load_emoji_pairs
+from moesaic.skillnet.data.image import load_fashion_mnist
+from moesaic.skillnet.data.pairs import load_number_pairs
+from moesaic.skillnet.data.sound import load_spoken_words
+from moesaic.skillnet.data.text import load_supersense
+from moesaic.skillnet.data.video import load_moving_digits
 
 __all__ = [
     "SPLITS",
