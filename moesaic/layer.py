@@ -22,16 +22,6 @@ from moesaic.routing.stats import RoutingStats
 __all__ = ["MoE", "aux_loss"]
 
 
-# The shared expert runs on long inputs in blocks of this many tokens, so that its (tokens, F)
-# temporaries stay in cache and small enough for the allocator to reuse (one (8192, 2048) fp32
-# hidden is 64 MiB of fresh pages every call). Measured on the layer (SwiGLU, D=512, F=2048,
-# shared_d_ff=2048, 2 threads): T=8192 fwd+bwd 722 vs 1035 ms at E=32, k=1 and 1050 vs 1286 ms
-# at E=8, k=2 (now 0.93-0.97x its dense limit, before 1.14-1.39x); forward-only and T=4096
-# within 3%; at T=2048 (the expert alone) blocking was 7% slower forward, so inputs up to
-# 2 * SHARED_BLOCK tokens run whole.
-SHARED_BLOCK = 1024
-
-
 class MoE(nn.Module):
     """Sparse mixture-of-experts feed-forward layer.
 

@@ -7,7 +7,7 @@ For each (E, k): forward+backward and forward-only time of
 - ``dense``: ``Linear(D, k*F) -> GELU -> Linear(k*F, D)``, the FLOPs an MoE layer with k active
   experts of width F spends per token (the router's D*E extra is not counted);
 - ``dense-onednn`` (CPU only): the same dense FFN with its products on oneDNN, as moesaic's
-  experts run theirs on CPU (moesaic/experts/gemm.py): moesaic's ratio to it is shown beside
+  experts run theirs on CPU (moesaic/kernels/cpu/gemm.py): moesaic's ratio to it is shown beside
   the targets.
 Gradients are set to None between steps, as ``optimizer.zero_grad()`` does. ``--device cuda``
 and ``--dtype bfloat16`` run the same comparison on a GPU or in bf16. The repository's

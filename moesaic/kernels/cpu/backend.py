@@ -102,9 +102,9 @@ class CpuBackend(ExpertBackend):
         """The experts on rows of ``x_AD`` grouped by expert; ``sink`` and ``rows`` (forward-only
         calls) as in ``moesaic.kernels.cpu.ffn.sliced_ffn``."""
         w = Weights(experts.w1, experts.w2, experts.w3, *experts.biases)
-        pool = None
-        if self.tuning.recycle_grads:
-            pool = experts.kernel_state.setdefault("cpu.grad_pool", GradPool())
+        pool = experts.kernel_state.get("cpu.grad_pool") if self.tuning.recycle_grads else None
+        if pool is None and self.tuning.recycle_grads:
+            pool = experts.kernel_state["cpu.grad_pool"] = GradPool()
         if pool is not None and torch.is_grad_enabled():
             for p in (w.w1, w.w2, w.w3):
                 if p is not None:
