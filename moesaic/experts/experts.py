@@ -168,27 +168,27 @@ class Experts(nn.Module):
         Training calls are unaffected. ``rows_hint`` is the typical rows per expert.
         ``unpack()`` drops the copy."""
         check_positive_int("rows_hint", rows_hint)
-        backend = self.backend if isinstance(self.backend, ExpertBackend) else None
+        backend = self._serving_backend()
         if backend is None:
-            name = "cpu" if self.backend == "auto" else self.backend
-            if name not in backend_names():
-                raise ValueError(
-                    "pack_for_inference needs the CPU kernels (moesaic.kernels.cpu), which are "
-                    "not importable here"
-                )
-            backend = get_backend(name)
+            raise ValueError(
+                "pack_for_inference needs the CPU kernels (moesaic.kernels.cpu), which are not "
+                "importable here"
+            )
         backend.pack(self, rows_hint)
         return self
 
     def can_pack(self) -> bool:
         """Whether ``pack_for_inference`` would keep a copy that forward-only calls use."""
-        name = self.backend if isinstance(self.backend, str) else None
-        if name is not None:
-            name = "cpu" if name == "auto" else name
-            if name not in backend_names():
-                return False
-        backend = get_backend(name) if name is not None else self.backend
-        return backend.can_pack(self)
+        backend = self._serving_backend()
+        return backend is not None and backend.can_pack(self)
+
+    def _serving_backend(self) -> ExpertBackend | None:
+        """The backend that runs forward-only calls on CPU ("auto" means "cpu"), or None when it
+        is not available."""
+        if isinstance(self.backend, ExpertBackend):
+            return self.backend
+        name = "cpu" if self.backend == "auto" else self.backend
+        return get_backend(name) if name in backend_names() else None
 
     def unpack(self) -> Experts:
         """Drop the packed copy made by ``pack_for_inference``."""
