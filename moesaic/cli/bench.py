@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from moesaic.cli.timing import DTYPES, device_arg, environment, time_interleaved
-from moesaic.experts import Experts, backend_names, get_backend
+from moesaic.experts import Experts, find_backend
 from moesaic.layer import MoE
 from moesaic.models.lm import DenseFFN  # the dense limit is the LM's own dense FFN
 
@@ -73,9 +73,9 @@ class OneDNNBlockedDense(nn.Module):
 def _onednn_loop():
     """The CPU backend (looked up by name) forced onto oneDNN products and the intra-op loop;
     the torch loop where the CPU kernels are absent."""
-    if "cpu" not in backend_names():
+    cpu = find_backend("cpu")
+    if cpu is None:
         return "torch"
-    cpu = get_backend("cpu")
     tuning = dataclasses.replace(cpu.tuning, gemm="onednn", workers="loop")
     return dataclasses.replace(cpu, tuning=tuning)
 

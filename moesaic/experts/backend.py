@@ -11,6 +11,7 @@ Shape legend (docs/shapes.md): A assignments grouped by expert, D model dim, T t
 
 from __future__ import annotations
 
+import abc
 import importlib
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,7 @@ __all__ = [
     "BACKENDS",
     "register_backend",
     "get_backend",
+    "find_backend",
     "backend_names",
     "records_autograd",
 ]
@@ -36,7 +38,7 @@ BACKENDS: dict[str, ExpertBackend] = {}
 _loaded = False
 
 
-class ExpertBackend:
+class ExpertBackend(abc.ABC):
     """Runs the E expert FFNs of an ``Experts`` module on rows grouped by expert.
 
     Subclasses set ``name`` and implement ``forward``; the others are optional.
@@ -48,9 +50,9 @@ class ExpertBackend:
         """Whether ``auto`` may pick this backend for these inputs."""
         return True
 
+    @abc.abstractmethod
     def forward(self, experts: Experts, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Expert e's FFN on rows ``sum(counts[:e]) .. sum(counts[:e + 1])``: (A, D) out."""
-        raise NotImplementedError
 
     def forward_combined(self, experts: Experts, x_TD: torch.Tensor, plan: DispatchPlan):
         """Forward-only calls: experts and combine in one pass, (T, D); None when the backend
@@ -93,15 +95,21 @@ def backend_names() -> tuple[str, ...]:
     return ("auto", *BACKENDS)
 
 
+def find_backend(name: str) -> ExpertBackend | None:
+    """The backend registered as ``name``, or None when this installation has none."""
+    _load_plugins()
+    return BACKENDS.get(name)
+
+
 def get_backend(name: str) -> ExpertBackend:
     """The backend registered as ``name`` (not "auto"), with a clear error when it is absent."""
-    _load_plugins()
-    if name not in BACKENDS:
+    backend = find_backend(name)
+    if backend is None:
         raise ValueError(
             f"backend={name!r} is not one of {backend_names()}"
             + (" (moesaic.kernels.cpu is not importable here)" if name == "cpu" else "")
         )
-    return BACKENDS[name]
+    return backend
 
 
 def records_autograd(*tensors: torch.Tensor | None) -> bool:

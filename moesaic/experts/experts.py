@@ -19,7 +19,7 @@ from moesaic.experts import grouped as _grouped  # noqa: F401  (registers "group
 from moesaic.experts import loop as _loop  # noqa: F401  (registers "torch")
 from moesaic.experts.backend import (
     ExpertBackend,
-    backend_names,
+    find_backend,
     get_backend,
     records_autograd,
 )
@@ -144,8 +144,9 @@ class Experts(nn.Module):
         if self.backend != "auto":
             return get_backend(self.backend)
         for name in ("grouped", "cpu"):
-            if name in backend_names() and get_backend(name).supports(self, x):
-                return get_backend(name)
+            backend = find_backend(name)
+            if backend is not None and backend.supports(self, x):
+                return backend
         return get_backend("torch")
 
     def forward(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -188,7 +189,7 @@ class Experts(nn.Module):
         if isinstance(self.backend, ExpertBackend):
             return self.backend
         name = "cpu" if self.backend == "auto" else self.backend
-        return get_backend(name) if name in backend_names() else None
+        return find_backend(name)
 
     def unpack(self) -> Experts:
         """Drop the packed copy made by ``pack_for_inference``."""

@@ -115,7 +115,7 @@ class CpuBackend(ExpertBackend):
             x_AD = x_AD.to(dtype)
             w = Weights(*(t.to(dtype) if t is not None else None for t in w))
         size, modes = experts.d_model * experts.d_ff, _modes_active()
-        onednn = self.tuning if use_onednn(self.tuning, x_AD, size) and not modes else None
+        onednn = use_onednn(self.tuning, x_AD, size) and not modes
         packs = experts.packs
         if packs is not None and (
             modes or x_AD.dtype != experts.w1.dtype or not packable(self.tuning, x_AD, size)

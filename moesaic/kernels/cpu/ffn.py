@@ -45,15 +45,19 @@ class Weights(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """How one call runs: the activation, worker threads (1: the intra-op loop), oneDNN
-    (a ``CpuTuning`` for its thresholds, or None for torch.mm), the scheduling tuning and the
-    gradient pool."""
+    """How one call runs: the activation, worker threads (1: the intra-op loop), whether the
+    products run on oneDNN, the tuning (its thresholds and scheduling) and the gradient pool."""
 
     act: str
     threads: int
-    onednn: CpuTuning | None
+    onednn: bool
     tuning: CpuTuning
     pool: GradPool | None = None
+
+    @property
+    def products(self) -> CpuTuning | None:
+        """What the gemm.py functions take as ``onednn``: the tuning, or None for torch.mm."""
+        return self.tuning if self.onednn else None
 
 
 def _starts(counts: list[int]) -> list[int]:
@@ -81,7 +85,7 @@ def _forward(x_AD, w: Weights, counts, run: Run, keep: bool, sink=None, rows=Non
     """
     A = x_AD.shape[0] if rows is None else rows.shape[0]
     y_AD = x_AD.new_empty(A, x_AD.shape[1]) if sink is None else None  # (A, D) like the input
-    starts, saved, onednn = _starts(counts), {}, run.onednn
+    starts, saved, onednn = _starts(counts), {}, run.products
 
     def expert(e: int) -> None:
         s = slice(starts[e], starts[e] + counts[e])
@@ -149,7 +153,7 @@ class _SlicedFFN(torch.autograd.Function):
         )
         starts = _starts(counts)
         index = {e: i for i, e in enumerate(e for e, n in enumerate(counts) if n)}
-        onednn = run.onednn
+        onednn = run.products
 
         def mm(a, b, out=None):
             return matmul(a, b, onednn=onednn, out=out)
@@ -227,5 +231,5 @@ def sliced_ffn(
     if packs is not None and x_AD.dtype == w.w1.dtype:
         w1, w2, w3 = packs.get(w.w1, w.w2, w.w3)
         w = w._replace(w1=w1, w2=w2, w3=w3)
-        run = dataclasses.replace(run, onednn=run.tuning)
+        run = dataclasses.replace(run, onednn=True)
     return _forward(x_AD, w, counts, run, False, sink, rows)[0]

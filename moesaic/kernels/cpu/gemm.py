@@ -108,8 +108,8 @@ def packable(tuning: CpuTuning, w: torch.Tensor, weight_numel: int) -> bool:
     (unpacked, bf16 stays on torch.mm, which calls oneDNN's matmul itself; packed, oneDNN skips
     repacking the weights)."""
     if w.dtype == torch.bfloat16 and tuning.gemm == "auto":
-        onednn = use_onednn(CpuTuning(gemm="onednn"), w, weight_numel)
-        return onednn and weight_numel >= tuning.min_weight
+        cpu = w.device.type == "cpu" and onednn_available(w.dtype)
+        return cpu and weight_numel >= tuning.min_weight
     return use_onednn(tuning, w, weight_numel)
 
 

@@ -65,8 +65,10 @@ def expert_order(
     counts: Sequence[int], threads: int, tuning: CpuTuning = DEFAULT_TUNING
 ) -> list[int] | None:
     """Experts with rows, largest first, when worker threads should run them; None for the
-    intra-op loop: mid-sized experts measured faster with all threads inside each kernel, and a
-    skewed routing that puts most rows on one expert would leave the other threads idle."""
+    intra-op loop. Under ``workers="auto"`` mid-sized experts take the loop (they measured
+    faster with all threads inside each kernel), and so does a skewed routing that puts most
+    rows on one expert (it would leave the other threads idle); ``workers="threads"`` takes the
+    workers whenever there are two or more threads."""
     total = sum(counts)
     active = [e for e, n in enumerate(counts) if n]
     if threads <= 1 or not total:

@@ -57,15 +57,15 @@ def test_gate_logits_and_gradients_equal_the_reference(tokens, x_dtype):
 
 
 def test_large_fp32_batches_run_the_gate_on_onednn_small_ones_on_torch_mm(spy):
-    if not gemm.onednn_available():
-        pytest.skip("this torch build has no oneDNN")
     torch.manual_seed(0)
     router = TopKRouter(64, 8)
     x = torch.randn(T_BIG, 64, requires_grad=True)
     router.logits(x).sum().backward()
-    # forward, grad x and grad w: all three on oneDNN
-    assert len(spy) == 3
-    assert spy[0] == ((T_BIG, 64), (64, 8))
+    if gemm.onednn_available():  # forward, grad x and grad w: all three on oneDNN
+        assert len(spy) == 3
+        assert spy[0] == ((T_BIG, 64), (64, 8))
+    else:  # a torch build without oneDNN keeps every product on torch.mm
+        assert spy == []
     spy.clear()
     router.logits(torch.randn(7, 64, requires_grad=True)).sum().backward()
     assert spy == []
