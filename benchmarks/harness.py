@@ -12,7 +12,14 @@ from collections.abc import Callable, Sequence
 import torch
 
 from moesaic.cli.bench import DenseFFN
-from moesaic.cli.timing import DTYPES, device_arg, environment, synchronize, time_interleaved
+from moesaic.cli.timing import (
+    DTYPES,
+    device_arg,
+    environment,
+    synchronize,
+    time_interleaved,
+    time_rounds,
+)
 
 __all__ = [
     "DTYPES",
@@ -23,6 +30,7 @@ __all__ = [
     "saved_for_backward_bytes",
     "synchronize",
     "time_interleaved",
+    "time_rounds",
 ]
 
 BLOCK = 512  # tokens per block of the blocked dense FFNs

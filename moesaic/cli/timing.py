@@ -20,6 +20,7 @@ import torch
 __all__ = [
     "DTYPES",
     "time_interleaved",
+    "time_rounds",
     "environment",
     "device_arg",
     "synchronize",
@@ -39,19 +40,32 @@ def time_interleaved(
     fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
 ) -> dict[str, float]:
     """Median seconds per call of each function, calls interleaved round-robin."""
+    rounds = time_rounds(fns, repeats, warmup)
+    return {name: statistics.median(s) for name, s in rounds.items()}
+
+
+def time_rounds(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Seconds of each call, one per round: every round calls each function once, starting one
+    function later than the round before, so that no function always runs right after the same
+    neighbour and a slow spell of the machine falls on all of them alike (paired ratios of two
+    functions' times in the same round cancel most of it)."""
+    names = list(fns)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for r in range(repeats):
+        shift = r % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
             gc.collect()
             synchronize()
             start = time.perf_counter()
-            fn()
+            fns[name]()
             synchronize()
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return samples
 
 
 def environment(device: torch.device | str = "cpu") -> str:

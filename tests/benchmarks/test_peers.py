@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from benchmarks.peers import BlockedDense, DenseFFN, OneDNNBlockedDense, main
+from benchmarks.peers import BlockedDense, DenseFFN, OneDNNBlockedDense, main, paired
 
 
 @pytest.mark.parametrize("family", ["gelu", "relu", "swiglu"])
@@ -50,3 +50,25 @@ def test_peers_table_has_both_dense_limits_and_moesaic_on_torch_mm(capsys):
     out = capsys.readouterr().out
     for row in ("| blocked-dense-onednn | ", "| moesaic-mm | "):
         assert row in out
+
+
+def test_impls_keeps_the_named_rows_and_the_limits(capsys):
+    args = "--tokens 64 --experts 4 --top-k 1 --d-model 16 --d-ff 32 --repeats 2 --peers"
+    assert main([*args.split(), "--impls", "moesaic", "naive"]) == 0
+    out = capsys.readouterr().out
+    for row in ("| moesaic | ", "| naive | ", "| blocked-dense | ", "| blocked-dense-onednn | "):
+        assert row in out
+    for row in ("| moesaic-mm | ", "| dense | ", "| moesaic-onednn | "):
+        assert row not in out
+
+
+def test_impls_refuses_an_unknown_name(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["--impls", "moesaic", "fastmoe"])
+    assert err.value.code == 2
+    assert "--impls fastmoe: not an implementation" in capsys.readouterr().err
+
+
+def test_paired_ratio_is_the_median_of_same_round_ratios():
+    rounds = {"a": [1.0, 4.0, 3.0], "b": [2.0, 2.0, 1.0]}  # ratios 0.5, 2.0, 3.0
+    assert paired(rounds, "a", "b") == 2.0

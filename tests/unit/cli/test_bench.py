@@ -65,3 +65,15 @@ def test_python_dash_m_moesaic_runs():
         [sys.executable, "-m", "moesaic", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "bench" in out
+
+
+def test_time_rounds_calls_each_function_once_per_round_in_rotated_order():
+    from moesaic.cli.timing import time_rounds
+
+    calls: list[str] = []
+    fns = {name: (lambda n=name: calls.append(n)) for name in "abc"}
+    rounds = time_rounds(fns, repeats=4, warmup=1)
+    assert calls[:3] == ["a", "b", "c"]  # warm-up in order
+    assert calls[3:] == list("abcbcacababc")
+    assert {k: len(v) for k, v in rounds.items()} == {"a": 4, "b": 4, "c": 4}
+    assert all(t >= 0 for v in rounds.values() for t in v)
