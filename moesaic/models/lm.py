@@ -26,6 +26,7 @@ from moesaic._validate import (
     prefixed_errors,
 )
 from moesaic.config import MoEConfig
+from moesaic.context import routing_context
 from moesaic.experts import ACTIVATIONS
 from moesaic.layer import MoE
 
@@ -323,6 +324,10 @@ class MoELM(nn.Module):
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
+        # Hash routing (Roller et al. 2021) hashes the current token's id; the model knows them.
+        self._token_ids = any(
+            isinstance(b.ffn, MoE) and b.ffn.router.reads_token_ids for b in self.blocks
+        )
         if expert_group is not None:  # initialise whole, then shard: ranks match one process
             for block in self.blocks:
                 if isinstance(block.ffn, MoE):
@@ -347,9 +352,17 @@ class MoELM(nn.Module):
             x = x + self.pos(torch.arange(start, start + idx_BS.shape[1], device=idx_BS.device))
         x = self.drop(x)
         rope = (self.rope_cos, self.rope_sin) if self.pos is None else None
+        if self._token_ids:
+            with routing_context(token_ids=idx_BS):
+                x = self._blocks(x, rope, cache, start)
+        else:
+            x = self._blocks(x, rope, cache, start)
+        return self.head(self.ln_f(x))
+
+    def _blocks(self, x, rope, cache: KVCache | None, start: int) -> torch.Tensor:
         for i, block in enumerate(self.blocks):
             x = block(x, rope, cache, i, start)
-        return self.head(self.ln_f(x))
+        return x
 
     def loss(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy (the aux losses are read with ``ms.aux_loss(model)``)."""

@@ -111,6 +111,9 @@ class Router(nn.Module, abc.ABC):
 
     default_top_k: ClassVar[int] = 1
     default_jitter: ClassVar[float] = 0.0
+    # True for routers that read ``RoutingContext.token_ids``: a model that knows its tokens' ids
+    # (``MoELM``) then provides them.
+    reads_token_ids: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -35,6 +35,7 @@ class HashRouter(Router):
     """Fixed balanced hash of token ids; for k > 1 the next k-1 experts (mod E), weight 1/k each."""
 
     default_top_k = 1
+    reads_token_ids = True
 
     def __init__(
         self, d_model: int, num_experts: int, top_k: int | None = None, *, seed: int = 0, **kwargs

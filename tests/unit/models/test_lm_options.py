@@ -41,3 +41,22 @@ def test_rope_theta_sets_the_rotation_frequencies():
 def test_bad_options_are_rejected_by_name(field, value, text):
     with pytest.raises(ValueError, match=text.replace("(", r"\(").replace(".", r"\.")):
         LMConfig(**SMALL, **{field: value})
+
+
+def test_hash_routed_lm_hashes_each_token_id_also_when_decoding_with_a_cache():
+    from moesaic import MoEConfig
+    from moesaic.models.lm import KVCache
+    from moesaic.routing.hash import balanced_hash
+
+    cfg = LMConfig(**SMALL, moe_every=1, moe=MoEConfig(num_experts=4, router="hash"))
+    model = MoELM(cfg).eval()
+    seen = []
+    router = model.blocks[0].ffn.router
+    router.register_forward_hook(lambda mod, args, out: seen.append(out.expert))
+    idx = torch.randint(0, 20, (2, 5))
+    model(idx)
+    torch.testing.assert_close(seen[-1], balanced_hash(idx.reshape(-1), 4))
+    cache = KVCache(cfg.n_layers)
+    model(idx[:, :4], cache)
+    model(idx[:, 4:], cache)  # one decoding step: the ids of that step only
+    torch.testing.assert_close(seen[-1], balanced_hash(idx[:, 4], 4))
