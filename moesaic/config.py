@@ -36,7 +36,7 @@ class MoEConfig:
         drop_policy: "position" | "priority".
         activation: "gelu" | "gelu_tanh" | "relu" | "silu" | "swiglu"; None: the model's
             activation inside a model, "gelu" for a layer of its own.
-        expert_bias, shared_d_ff, aux_loss_weight, z_loss_weight, jitter, router_dtype,
+        expert_bias, shared_d_ff, shared_gate, aux_loss_weight, z_loss_weight, jitter, router_dtype,
         router_options, expert_backend: as in ``ms.MoE``. ``router_dtype`` may be
             given by name ("float32"), as a run config stored in JSON has it.
 
@@ -61,6 +61,7 @@ class MoEConfig:
     activation: str | None = None
     expert_bias: bool = False
     shared_d_ff: int = 0
+    shared_gate: bool = False
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 0.0
     jitter: float | None = None
@@ -85,6 +86,10 @@ class MoEConfig:
         shared = self.shared_d_ff
         if isinstance(shared, bool) or not isinstance(shared, int) or shared < 0:
             raise ValueError(f"shared_d_ff={shared!r} must be an int >= 0")
+        if not isinstance(self.shared_gate, bool):
+            raise TypeError(f"shared_gate={self.shared_gate!r} must be a bool")
+        if self.shared_gate and not shared:
+            raise ValueError("shared_gate=True needs shared_d_ff > 0 (it gates the shared expert)")
         check_nonnegative_float("aux_loss_weight", self.aux_loss_weight)
         check_nonnegative_float("z_loss_weight", self.z_loss_weight)
         if not isinstance(self.expert_backend, ExpertBackend):

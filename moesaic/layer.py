@@ -45,6 +45,9 @@ class MoE(nn.Module):
             (``b3`` for swiglu), as ``moefy`` needs for dense FFNs that have them.
         shared_d_ff: > 0 adds a dense always-on expert of that width (residual MoE / PR-MoE:
             ``y = MoE(x) + MLP(x)``).
+        shared_gate: scale the shared expert by a learned per-token sigmoid gate (Qwen2-MoE:
+            ``y = MoE(x) + sigmoid(x w) * MLP(x)``, ``shared_gate`` an ``nn.Linear(D, 1)``
+            without bias); needs ``shared_d_ff > 0``.
         aux_loss_weight: alpha, the weight of the router's load-balancing loss.
         z_loss_weight: weight of the router z-loss (ST-MoE).
         jitter: multiplicative input jitter of learned routers in training; None takes the
@@ -109,6 +112,9 @@ class MoE(nn.Module):
         if expert_group is not None:
             self.shard_experts(expert_group)
         self.shared = Experts(1, D, config.shared_d_ff, act, **kw) if config.shared_d_ff else None
+        self.shared_gate = (
+            nn.Linear(D, 1, bias=False, device=device, dtype=dtype) if config.shared_gate else None
+        )
         self._last = _LastForward()
 
     def shard_experts(self, group) -> None:
@@ -136,7 +142,7 @@ class MoE(nn.Module):
     def expert_parameters(self) -> Iterator[nn.Parameter]:
         """The routed experts' parameters (``experts.w1``, ``w2``, ...): what expert parallelism
         shards, and what ``ms.parallel`` averages over expert replicas only. The router and the
-        shared expert are replicated on every rank and are not among them."""
+        shared expert (with its gate) are replicated on every rank and are not among them."""
         return self.experts.parameters()
 
     @property
@@ -174,13 +180,19 @@ class MoE(nn.Module):
         if y_TD is None:
             y_TD = combine(self._run_experts(permute(x_TD, plan), plan.counts), plan)
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD, [T])
+            y_TD = y_TD + self._shared_expert(x_TD)
         aux = self.aux_loss_weight * routing.aux_loss + self.z_loss_weight * routing.z_loss
         self._last.add_aux_loss(aux, y_TD, joins=self.training and y_TD.requires_grad)
         self._last.stats = RoutingStats(
             plan.tokens_per_expert, plan.requested_per_expert, routing.probs_TE, plan.token
         )
         return y_TD.reshape(x.shape)
+
+    def _shared_expert(self, x_TD: torch.Tensor) -> torch.Tensor:
+        y_TD = self.shared(x_TD, [x_TD.shape[0]])
+        if self.shared_gate is None:
+            return y_TD
+        return torch.sigmoid(self.shared_gate(x_TD)) * y_TD  # (T, 1) gate: one per token
 
     def _run_experts(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         if self.expert_group is None:

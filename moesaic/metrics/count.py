@@ -7,10 +7,10 @@ negligible at these widths. The rule, per part of the model:
 
 - every ``nn.Linear`` outside an MoE layer runs once per token: ``2 * in * out``;
 - an MoE layer runs k experts per token, ``2 * k * (expert parameters / E)``, plus its shared
-  expert ``2 * shared parameters`` and its gate ``2 * D * E`` per gate matrix (``noisy_topk`` has
-  two, its noise gate running in training only; nearest-centroid ``cluster`` routing counts as
-  one; ``hash``, ``skill`` and ``task`` routers cost nothing per token: the task router's gate
-  runs once per task, not per token);
+  expert ``2 * shared parameters`` (and ``2 * D`` for its ``shared_gate``) and its gate
+  ``2 * D * E`` per gate matrix (``noisy_topk`` has two, its noise gate running in training only;
+  nearest-centroid ``cluster`` routing counts as one; ``hash``, ``skill`` and ``task`` routers
+  cost nothing per token: the task router's gate runs once per task, not per token);
 - ``MoELM`` adds attention scores and weighted values, ``2 * 2 * S * D`` per layer (the full
   S x S product ``scaled_dot_product_attention`` computes).
 
@@ -144,8 +144,9 @@ def _count_one(model: nn.Module, task: int | None, seq_len: int | None) -> Model
         total += round(local * (shards - 1))
         inactive += local * shards * (1 - k / m.num_experts)
         forward += 2 * k * local / m.experts.num_experts + _router_flops(m)
-        if m.shared is not None:
-            forward += 2 * sum(p.numel() for p in m.shared.parameters())
+        for shared in (m.shared, m.shared_gate):  # the shared expert and its gate: every token
+            if shared is not None:
+                forward += 2 * sum(p.numel() for p in shared.parameters())
     if isinstance(model, MoELM):
         forward += model.cfg.n_layers * 2 * 2 * seq_len * model.cfg.d_model
     return ModelCount(

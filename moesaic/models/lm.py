@@ -2,9 +2,9 @@
 
 Pre-norm blocks, causal ``scaled_dot_product_attention``, rotary or learned positions, optionally
 tied embeddings. With ``moe=None`` the same class builds the dense baseline; with
-``LMConfig.dense_equivalent()`` that baseline has the MoE model's activated FLOPs per token (its
-FFN is ``top_k * d_ff`` wide). GLaM and Switch put an MoE in every other layer (``moe_every=2``:
-layers 1, 3, 5, ...).
+``LMConfig.dense_equivalent()`` that baseline has the MoE model's activated FLOPs per token (its FFN
+is ``top_k * d_ff + shared_d_ff`` wide). GLaM and Switch put an MoE in every other layer
+(``moe_every=2``: layers 1, 3, 5, ...).
 
 Shape legend (docs/shapes.md): B batch, S sequence, D model dim, V vocabulary.
 """
@@ -48,6 +48,7 @@ class LMConfig:
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int | None = None  # grouped-query attention (Mistral, Mixtral); None: n_heads
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
     d_ff: int = 1024  # hidden width of the dense FFN, and of each expert
     activation: str = "gelu"
     positions: str = "rope"  # "rope" | "learned"
@@ -59,13 +60,15 @@ class LMConfig:
     moe: MoEConfig | None = None  # None: dense model
     moe_every: int = 2  # layer i is MoE when (i + 1) % moe_every == 0
     # Dense models only: FFN width at the layers where the MoE model has its experts
-    # (dense_equivalent() sets it to top_k * d_ff); None means d_ff.
+    # (dense_equivalent() sets it to top_k * d_ff + moe.shared_d_ff); None means d_ff.
     matched_d_ff: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "d_ff"):
             check_positive_int(f"model.{name}", getattr(self, name))
         check_positive_int("model.moe_every", self.moe_every)
+        if not isinstance(self.qkv_bias, bool):
+            raise TypeError(f"model.qkv_bias={self.qkv_bias!r} must be a bool")
         check_choice("model.activation", self.activation, ACTIVATIONS)
         check_choice("model.positions", self.positions, ("rope", "learned"))
         check_choice("model.norm", self.norm, NORMS)
@@ -138,11 +141,12 @@ class LMConfig:
 
     def dense_equivalent(self) -> LMConfig:
         """The dense model with this model's activated FFN FLOPs per token: where this model has
-        an MoE layer of k experts of width F, the dense model has one FFN of width k*F."""
+        an MoE layer of k experts of width F (and a shared expert of width F_s), the dense model
+        has one FFN of width k*F (+ F_s)."""
         if not self.is_moe:
             return self
-        k = self.moe.experts_per_token
-        return dataclasses.replace(self, moe=None, matched_d_ff=k * self.d_ff)
+        width = self.moe.experts_per_token * self.d_ff + self.moe.shared_d_ff
+        return dataclasses.replace(self, moe=None, matched_d_ff=width)
 
 
 # The MoE options LMConfig held at the model level before they moved into ``LMConfig.moe``
@@ -210,14 +214,14 @@ class Attention(nn.Module):
     """Causal self-attention; with ``n_kv_heads`` < ``n_heads``, grouped-query attention
     (Ainslie et al. 2023): each key/value head serves ``n_heads / n_kv_heads`` query heads, and
     the KV cache holds only the key/value heads. ``qkv`` stacks the query rows (H * hd), then the
-    key rows and the value rows (Hkv * hd each)."""
+    key rows and the value rows (Hkv * hd each), and has a bias with ``qkv_bias``."""
 
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
         self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
         self.n_kv_heads = cfg.kv_heads
         kv = self.n_kv_heads * self.head_dim
-        self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv, bias=False)
+        self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
@@ -338,6 +342,8 @@ class MoELM(nn.Module):
         # experts get the same law as the dense FFN so MoE and dense start alike.
         std, resid = 0.02, 0.02 / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
+            if name.endswith("qkv.bias"):
+                nn.init.zeros_(p)  # as Qwen2 starts them
             if p.dim() < 2 or "router" in name:
                 continue  # norms keep (1, 0); routers keep their paper's init
             last = name.rsplit(".", 1)[-1]

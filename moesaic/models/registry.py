@@ -115,6 +115,23 @@ def lm_mixtral_tiny() -> LMConfig:
     )
 
 
+@register_model("lm-qwen2moe-tiny", MoELM)
+def lm_qwen2moe_tiny() -> LMConfig:
+    """A byte-level model in Qwen2-MoE's architecture, exportable to transformers
+    (``ms.convert.export_qwen2_moe``): ``lm-mixtral-tiny``'s plus biases on the query, key and
+    value projections, a sigmoid-gated shared expert in every layer, narrower experts and a top-2
+    router that keeps the raw softmax probabilities (``norm_topk_prob=False``)."""
+    mixtral = lm_mixtral_tiny()
+    qwen_moe = {"router_options": {"normalize": False}, "shared_d_ff": 128, "shared_gate": True}
+    return dataclasses.replace(
+        mixtral,
+        qkv_bias=True,
+        d_ff=64,
+        norm_eps=1e-6,
+        moe=dataclasses.replace(mixtral.moe, **qwen_moe),
+    )
+
+
 @register_model("lm-moe-test", MoELM)
 def lm_moe_test() -> LMConfig:
     """A model small enough for unit tests (a few ms per step)."""

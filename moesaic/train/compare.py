@@ -1,9 +1,10 @@
 """MoE vs its FLOPs-matched dense baseline, trained on the same batches with the same budget.
 
 The dense model is ``LMConfig.dense_equivalent()``: same width, depth, data, optimizer and steps,
-with an FFN ``top_k * d_ff`` wide wherever the MoE model has an MoE layer, so both spend the same
-FFN FLOPs per token (the MoE additionally pays its router). Both runs draw identical batches (the
-sampler is a pure function of seed and batch number) and evaluate on identical validation windows.
+with an FFN ``top_k * d_ff`` wide (plus ``shared_d_ff``, its shared expert) wherever the MoE model
+has an MoE layer, so both spend the same FFN FLOPs per token (the MoE additionally pays its router).
+Both runs draw identical batches (the sampler is a pure function of seed and batch number) and
+evaluate on identical validation windows.
 
 Wall-clock here is training time: the seconds spent in training steps, excluding evaluations and
 checkpoint saves, which are measurement overhead that differ between the two runs.

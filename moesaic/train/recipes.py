@@ -81,3 +81,13 @@ def lm_mixtral_tiny() -> RunConfig:
         optim=OptimConfig(lr=3e-3, warmup_steps=50),
         train=TrainConfig(steps=3000, eval_every=250, checkpoint_every=500),
     )
+
+
+@recipe("lm-qwen2moe-tiny")
+def lm_qwen2moe_tiny() -> RunConfig:
+    """``lm-mixtral-tiny``'s run for a small Qwen2-MoE-architecture LM (q/k/v biases, a gated
+    shared expert, unnormalised top-2); its runs export to transformers
+    (``ms.convert.export_qwen2_moe``)."""
+    return dataclasses.replace(
+        lm_mixtral_tiny(), recipe="lm-qwen2moe-tiny", model=model_config("lm-qwen2moe-tiny")
+    )

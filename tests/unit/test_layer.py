@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import moesaic as ms
-from moesaic.experts.reference import reference_moe
+from moesaic.experts.reference import reference_ffn, reference_moe
 from tests.cases import ROUTER_CASES, RouterCase, capture_routing
 
 PARAMS = (
@@ -139,6 +139,33 @@ def test_shared_expert_adds_a_dense_ffn_to_every_token():
     sparse = reference_moe(x, seen[-1], layer.experts)
     shared = F.gelu(x @ layer.shared.w1[0]) @ layer.shared.w2[0]
     torch.testing.assert_close(y, sparse + shared, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_gate_scales_the_shared_expert_by_a_sigmoid_outputs_and_grads():
+    """Qwen2-MoE's shared expert: y = routed(x) + sigmoid(x w) * shared(x), against a slow
+    reference built token by token from the same routing, gradients included."""
+    torch.manual_seed(0)
+    layer = ms.MoE(8, 16, 4, router="topk", top_k=2, activation="swiglu", shared_d_ff=12)
+    gated = ms.MoE(
+        8, 16, 4, router="topk", top_k=2, activation="swiglu", shared_d_ff=12, shared_gate=True
+    )
+    assert layer.shared_gate is None and gated.shared_gate.weight.shape == (1, 8)
+    gated.load_state_dict(layer.state_dict() | {"shared_gate.weight": torch.randn(1, 8)})
+    x = torch.randn(6, 8, requires_grad=True)
+    seen = capture_routing(gated)
+    y = gated(x)
+    shared = torch.stack([reference_ffn(x[t], gated.shared, 0) for t in range(6)])
+    gate_T1 = torch.sigmoid(x @ gated.shared_gate.weight.t())
+    want = reference_moe(x, seen[-1], gated.experts) + gate_T1 * shared
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(y, layer(x))  # the gate is not 1
+    params = [x, gated.shared_gate.weight, gated.shared.w1, gated.experts.w1]
+    g = torch.randn_like(y)
+    got = torch.autograd.grad((y * g).sum(), params, retain_graph=True)
+    ref = torch.autograd.grad((want * g).sum(), params)
+    for name, a, b in zip(["x", "shared_gate", "shared.w1", "experts.w1"], got, ref):
+        assert a.abs().sum() > 0, name
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_bf16_activations_keep_the_router_in_fp32():

@@ -23,6 +23,8 @@ BAD_CONSTRUCTOR_ARGS = [
     ({"aux_loss_weight": -0.1}, ValueError, "aux_loss_weight=-0.1 must be"),
     ({"z_loss_weight": "x"}, TypeError, "z_loss_weight='x' must be a float"),
     ({"shared_d_ff": -1}, ValueError, "shared_d_ff=-1 must be an int >= 0"),
+    ({"shared_gate": True}, ValueError, r"shared_gate=True needs shared_d_ff > 0"),
+    ({"shared_gate": 1, "shared_d_ff": 4}, TypeError, "shared_gate=1 must be a bool"),
     ({"jitter": 1.5}, ValueError, r"jitter=1.5 must be a float in \[0, 1\)"),
     ({"router_dtype": torch.int32}, TypeError, "router_dtype=torch.int32 must be a floating"),
     ({"router": "task"}, TypeError, "num_tasks"),

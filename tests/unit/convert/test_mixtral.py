@@ -12,6 +12,7 @@ from moesaic.config import MoEConfig
 from moesaic.convert.mixtral import export_mixtral, import_mixtral, lm_config_from_mixtral
 from moesaic.inference.generate import generate_ids
 from moesaic.models.lm import LMConfig, MoELM
+from tests.unit.convert.hf_checks import check_aux_coefficient
 
 MIXTRAL_LIKE = LMConfig(
     vocab_size=50,
@@ -79,11 +80,11 @@ def test_a_transformers_mixtral_imports_with_equal_logits_from_memory_and_from_d
 
 def test_export_names_every_field_mixtral_cannot_represent(tmp_path):
     moe = MoEConfig(num_experts=2, shared_d_ff=8)
-    model = MoELM(LMConfig(d_model=16, n_layers=2, n_heads=2, d_ff=32, moe=moe))
+    model = MoELM(LMConfig(d_model=16, n_layers=2, n_heads=2, d_ff=32, moe=moe, qkv_bias=True))
     with pytest.raises(ValueError) as err:
         export_mixtral(model, tmp_path)
     wrong = ("norm='layernorm'", "activation='gelu'", "moe_every=2", "moe.router='switch'")
-    for field in (*wrong, "moe.shared_d_ff=8"):
+    for field in (*wrong, "moe.shared_d_ff=8", "qkv_bias=True"):
         assert f"model.{field}" in str(err.value)
     assert not (tmp_path / "config.json").exists()
 
@@ -144,25 +145,14 @@ def test_the_aux_coefficient_keeps_the_balancing_loss_equal_to_transformers(tmp_
     times the exported coefficient equals ours, for k = 1 and 2 and two MoE layers."""
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    from moesaic.layer import aux_loss
-
     for top_k in (1, 2):
         model = _ours(_with_moe(MIXTRAL_LIKE, top_k=top_k, aux_loss_weight=0.02))
-        with torch.no_grad():
-            for block in model.blocks:
-                block.ffn.router.gate.weight.zero_()
-        export_mixtral(model, tmp_path / str(top_k))
-        hf = transformers.MixtralForCausalLM.from_pretrained(tmp_path / str(top_k))
-        ids = torch.randint(0, 50, (2, 16))
-        model.train()
-        model(ids)
-        ours = aux_loss(model)
-        out = hf(ids, output_router_logits=True)
-        theirs = load_balancing_loss_func(out.router_logits, 4, top_k)
-        assert hf.config.router_aux_loss_coef == pytest.approx(0.02 * 2 / top_k)
-        torch.testing.assert_close(hf.config.router_aux_loss_coef * theirs, ours.detach())
-        imported = import_mixtral(tmp_path / str(top_k)).cfg.moe
-        assert imported.aux_loss_weight == pytest.approx(0.02)
+        hf_class = transformers.MixtralForCausalLM
+        loss = load_balancing_loss_func
+        coef = check_aux_coefficient(
+            model, export_mixtral, import_mixtral, hf_class, loss, tmp_path / str(top_k)
+        )
+        assert coef == pytest.approx(0.02 * 2 / top_k)
 
 
 def test_the_mixtral_recipe_exports(tmp_path):

@@ -79,8 +79,9 @@ def test_task_router_counts_the_experts_its_gate_actually_picks():
     assert c.forward_flops == 2 * 2 * 256  # the gate runs per task, not per token
 
 
-def test_lm_count_agrees_with_the_analytic_lm_formula():
-    model = ms.models.create("lm-moe-tiny")
+@pytest.mark.parametrize("name", ["lm-moe-tiny", "lm-qwen2moe-tiny"])  # the latter: gated shared
+def test_lm_count_agrees_with_the_analytic_lm_formula(name):
+    model = ms.models.create(name)
     for seq_len in (64, model.cfg.max_seq_len):
         c = count(model, seq_len=seq_len)
         expected = lm_flops_per_token(model.cfg, seq_len)

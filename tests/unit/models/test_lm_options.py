@@ -1,4 +1,5 @@
-"""LMConfig's norm / rope_theta options (added for Mixtral interop; defaults unchanged)."""
+"""LMConfig's norm / rope_theta / qkv_bias options (added for Mixtral and Qwen2-MoE interop;
+defaults unchanged)."""
 
 import pytest
 import torch
@@ -28,6 +29,20 @@ def test_rope_theta_sets_the_rotation_frequencies():
     # position 1, channel pair i turns by 100^(-2i/hd)
     want = torch.cos(100.0 ** (-torch.arange(0, hd, 2).float() / hd))
     torch.testing.assert_close(model.rope_cos[1], want)
+
+
+def test_qkv_bias_adds_zero_initialised_biases_to_the_attention_projections():
+    assert MoELM(LMConfig(**SMALL)).blocks[0].attn.qkv.bias is None  # old checkpoints load as is
+    model = MoELM(LMConfig(**SMALL, qkv_bias=True))
+    qkv = model.blocks[0].attn.qkv
+    assert qkv.bias.shape == (3 * 16,) and not qkv.bias.any()
+    with torch.no_grad():
+        qkv.bias.normal_()
+    x = torch.randn(1, 5, 16)
+    torch.testing.assert_close(qkv(x), x @ qkv.weight.t() + qkv.bias)
+    idx = torch.randint(0, 20, (1, 6))
+    model.loss(idx, idx).backward()
+    assert qkv.bias.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize(

@@ -27,3 +27,13 @@ def test_dense_equivalent_has_the_moe_models_ffn_flops_plus_the_router():
     router = 2 * moe.d_model * experts.num_experts * 2  # two MoE layers
     assert f_moe.forward - f_dense.forward == router
     assert f_moe.train == 3 * f_moe.forward
+
+
+def test_the_dense_equivalent_of_a_shared_expert_model_matches_it_too():
+    experts = MoEConfig(num_experts=8, router="topk", top_k=2, shared_d_ff=96, shared_gate=True)
+    moe = LMConfig(moe=experts, d_ff=64, moe_every=1, n_layers=2, activation="swiglu")
+    dense = moe.dense_equivalent()
+    assert dense.matched_d_ff == 2 * 64 + 96
+    f_moe, f_dense = lm_flops_per_token(moe, 128), lm_flops_per_token(dense, 128)
+    router_and_gate = (2 * moe.d_model * experts.num_experts + 2 * moe.d_model) * 2  # two layers
+    assert f_moe.forward - f_dense.forward == router_and_gate

@@ -20,6 +20,7 @@ BAD = {
     "model.n_layers": ("0", "model.n_layers=0 must be >= 1"),
     "model.n_heads": ("0", "model.n_heads=0 must be >= 1"),
     "model.n_kv_heads": ("3", "model.n_kv_heads=3 must divide model.n_heads=2"),
+    "model.qkv_bias": ("maybe", "--set model.qkv_bias='maybe': expected bool"),
     "model.d_ff": ("-1", "model.d_ff=-1 must be >= 1"),
     "model.activation": ("tanh", "model.activation='tanh' is not one of"),
     "model.positions": ("alibi", "model.positions='alibi' is not one of"),
@@ -39,6 +40,7 @@ BAD = {
     "model.moe.activation": ("tanh", "model.moe.activation='tanh' is not one of"),
     "model.moe.expert_bias": ("maybe", "--set model.moe.expert_bias='maybe': expected bool"),
     "model.moe.shared_d_ff": ("-1", "model.moe.shared_d_ff=-1 must be an int >= 0"),
+    "model.moe.shared_gate": ("maybe", "--set model.moe.shared_gate='maybe': expected bool"),
     "model.moe.aux_loss_weight": (
         "-0.1",
         "model.moe.aux_loss_weight=-0.1 must be a finite float >= 0",
@@ -90,6 +92,7 @@ INCOMPATIBLE = [
     (["model.d_model=33"], "model.d_model=33 must be divisible by model.n_heads=2"),
     (["model.n_heads=8", "model.d_model=24"], "model.positions='rope' needs an even head dim"),
     (["model.matched_d_ff=128"], "model.matched_d_ff is for dense models (model.moe=None)"),
+    (["model.moe.shared_gate=true"], "model.moe.shared_gate=True needs shared_d_ff > 0"),
     (["data.tokenizer=bpe", "data.bpe_vocab_size=200"], "data.bpe_vocab_size=200 must be > 256"),
     (["model.moe.router=task"], "missing 1 required keyword-only argument: 'num_tasks'"),
     (["model.moe.router=gshard", "model.moe.top_k=1"], "model.moe.top_k=1 must be 2 for router"),
