@@ -11,6 +11,10 @@ batch number), optimizer and steps. One table row per router:
 - entropy: mean entropy (nats) of the router's per-token distribution, same average;
 - step ms: training seconds (no evaluation, no saving) per step.
 
+Rows for the options of the token-choice routers follow the routers (``VARIANTS``):
+``topk-auxfree`` (DeepSeek-V3: sigmoid scores balanced by a bias, no aux loss) and
+``topk-grouped`` (group-limited top-k: experts in 8 groups, a token chooses inside its 2 best).
+
 Routers that need inputs a language model does not have are listed with the reason, not run:
 ``task`` and ``skill`` read task ids (``ms.routing_context(task=...)``), ``cluster`` routes by
 centroids fitted to features beforehand (``ClusterRouter.fit``).
@@ -40,7 +44,7 @@ from moesaic.train.data import prepare_data
 from moesaic.train.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
 from moesaic.train.trainer import Trainer
 
-__all__ = ["main", "router_config", "routing_summary", "NOT_FOR_LM"]
+__all__ = ["main", "router_config", "routing_summary", "NOT_FOR_LM", "VARIANTS"]
 
 # Routers that read something a language model's batch does not carry.
 NOT_FOR_LM = {
@@ -49,15 +53,33 @@ NOT_FOR_LM = {
     "cluster": "needs centroids fitted to features first (ClusterRouter.fit, hard MoE)",
 }
 
+# Named rows that run a router of ms.ROUTERS with options: (router, --set overrides).
+VARIANTS = {
+    "topk-auxfree": (
+        "topk",
+        [
+            "model.moe.router_options.score_func=sigmoid",
+            "model.moe.router_options.balance_rate=0.001",
+            "model.moe.aux_loss_weight=0",
+        ],
+    ),
+    "topk-grouped": (
+        "topk",
+        ["model.moe.router_options.n_groups=8", "model.moe.router_options.topk_groups=2"],
+    ),
+}
+
 
 def router_config(base: RunConfig, router: str, top_k: int | None, steps: int) -> RunConfig:
-    """``base`` with ``router`` (its default k unless ``top_k``), ``steps`` steps, one
-    evaluation at the end, routing statistics logged 20 times, no sample, no mid-run saves."""
+    """``base`` with ``router`` (a name in ``ms.ROUTERS`` or ``VARIANTS``; its default k unless
+    ``top_k``), ``steps`` steps, one evaluation at the end, routing statistics logged 20 times,
+    no sample, no mid-run saves."""
     log_every = max(1, steps // 20)
+    name, (router, options) = router, VARIANTS.get(router, (router, []))
     return apply_overrides(
         base,
         [
-            f"recipe={base.recipe}+{router}",
+            f"recipe={base.recipe}+{name}",
             f"model.moe.router={router}",
             f"model.moe.top_k={'none' if top_k is None else top_k}",
             "model.moe.router_options={}",
@@ -67,6 +89,7 @@ def router_config(base: RunConfig, router: str, top_k: int | None, steps: int) -
             f"train.checkpoint_every={steps}",
             f"train.log_every={log_every}",
             "train.sample_tokens=0",
+            *options,
         ],
     )
 
@@ -88,7 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, choices=sorted(RECIPES))
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--routers", nargs="+", metavar="NAME", help="default: all of ms.ROUTERS")
+    parser.add_argument(
+        "--routers",
+        nargs="+",
+        metavar="NAME",
+        help="names in ms.ROUTERS or VARIANTS (default: all of both)",
+    )
     parser.add_argument("--top-k", type=int, help="k for every router (default: each router's)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE"
@@ -97,19 +125,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps {args.steps}: must be >= 1")
-    names = args.routers or sorted(ms.ROUTERS)
-    unknown = [n for n in names if n not in ms.ROUTERS]
+    names = args.routers or [*sorted(ms.ROUTERS), *VARIANTS]
+    unknown = [n for n in names if n not in ms.ROUTERS and n not in VARIANTS]
     if unknown:
-        parser.error(f"--routers {' '.join(unknown)}: not in ms.ROUTERS ({', '.join(ms.ROUTERS)})")
+        known = ", ".join([*ms.ROUTERS, *VARIANTS])
+        parser.error(f"--routers {' '.join(unknown)}: not in ms.ROUTERS or VARIANTS ({known})")
     try:
         base = apply_overrides(get_recipe(args.recipe), args.overrides)
-        if base.model.moe is None:
-            parser.error(f"--recipe {args.recipe}: a dense model has no router")
-        configs = {
-            n: router_config(base, n, args.top_k, args.steps) for n in names if n not in NOT_FOR_LM
-        }
     except ConfigError as err:
         parser.error(str(err))
+    if base.model.moe is None:
+        parser.error(f"--recipe {args.recipe}: a dense model has no router")
+    configs, not_run = {}, dict(NOT_FOR_LM)
+    for name in names:
+        if name in NOT_FOR_LM:
+            continue
+        try:
+            configs[name] = router_config(base, name, args.top_k, args.steps)
+        except ConfigError as err:  # a variant's options that do not fit this model
+            if name not in VARIANTS or args.routers:
+                parser.error(str(err))
+            not_run[name] = str(err)
     out = args.out or Path(tempfile.mkdtemp(prefix="moesaic-routers-"))
     data = prepare_data(base.data)
     print(
@@ -131,8 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
     for name in names:
-        if name in NOT_FOR_LM:
-            print(f"- not run: {name}: {NOT_FOR_LM[name]}")
+        if name in not_run:
+            print(f"- not run: {name}: {not_run[name]}")
     return 0
 
 

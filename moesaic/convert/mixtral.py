@@ -57,6 +57,10 @@ def _rules(cfg: LMConfig, need: Need) -> None:
     moe = cfg.moe
     need(cfg.moe_every == 1, "moe_every", cfg.moe_every, "Mixtral has an MoE in every layer: 1")
     need(not cfg.qkv_bias, "qkv_bias", cfg.qkv_bias, "Mixtral's attention has no biases")
+    fd = cfg.first_dense_layers
+    need(fd == 0, "first_dense_layers", fd, "Mixtral has an MoE in every layer: 0")
+    need(cfg.expert_d_ff in (None, cfg.d_ff), "expert_d_ff", cfg.expert_d_ff, "Mixtral: None")
+    need(moe.router == "topk", "moe.router", moe.router, "Mixtral's router is 'topk'")
     normalize = moe.router_options.get("normalize", True)
     need(normalize is True, "moe.router_options['normalize']", normalize, "Mixtral renormalises")
     need(moe.shared_d_ff == 0, "moe.shared_d_ff", moe.shared_d_ff, "Mixtral has no shared expert")

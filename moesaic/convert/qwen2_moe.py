@@ -15,12 +15,12 @@ Qwen2-MoE is Mixtral's architecture (``moesaic.convert.hf`` holds what they shar
 - a top-k softmax router that keeps the k raw probabilities (``norm_topk_prob=False`` in the
   released models): ``router_options={"normalize": False}``;
 - dense SwiGLU layers where ``decoder_sparse_step`` and ``mlp_only_layers`` put no experts:
-  ``LMConfig.moe_every`` when the sparse layers are every ``moe_every``-th one, with one FFN width
-  (``intermediate_size == moe_intermediate_size``) when a dense layer exists.
+  ``LMConfig.moe_every`` and ``first_dense_layers`` (``mlp_only_layers = [0, ..., n - 1]``);
+  the dense layers are ``intermediate_size`` wide (``LMConfig.d_ff``), the experts
+  ``moe_intermediate_size`` (``LMConfig.expert_d_ff`` when it differs).
 
-Import names every config field moesaic cannot represent (another layer pattern, a second FFN
-width, sliding-window attention, another rotary type); export every ``LMConfig`` field Qwen2-MoE
-cannot.
+Import names every config field moesaic cannot represent (another layer pattern, sliding-window
+attention, another rotary type); export every ``LMConfig`` field Qwen2-MoE cannot.
 
 Shape legend (docs/shapes.md): D model dim, F expert hidden, E experts, V vocabulary.
 """
@@ -67,13 +67,13 @@ def qwen2_moe_config(cfg: LMConfig) -> dict[str, Any]:
     """The ``config.json`` of ``cfg`` as a Qwen2-MoE model (checked by ``export_qwen2_moe``)."""
     moe = cfg.moe
     return hf_config(cfg, "Qwen2MoeForCausalLM", "qwen2_moe") | {
-        "intermediate_size": cfg.d_ff,  # the dense layers' width (moe_every > 1)
-        "moe_intermediate_size": cfg.d_ff,
+        "intermediate_size": cfg.d_ff,  # the dense layers' width
+        "moe_intermediate_size": cfg.expert_width,
         "shared_expert_intermediate_size": moe.shared_d_ff,
         "num_experts": moe.num_experts,
         "norm_topk_prob": moe.router_options.get("normalize", True),
         "decoder_sparse_step": cfg.moe_every,
-        "mlp_only_layers": [],
+        "mlp_only_layers": list(range(cfg.first_dense_layers)),
         "qkv_bias": cfg.qkv_bias,
         "use_sliding_window": False,
         "sliding_window": None,
@@ -125,8 +125,9 @@ def _sparse_layers(c: dict[str, Any]) -> list[int]:
     return [i for i in range(c["num_hidden_layers"]) if i not in dense and (i + 1) % step == 0]
 
 
-def _placement(c: dict[str, Any], seq: int, wrong: list[str]) -> int:
-    """``moe_every`` for the sparse layers of ``c``; appends to ``wrong`` what does not map."""
+def _placement(c: dict[str, Any], seq: int, wrong: list[str]) -> tuple[int, int]:
+    """``(moe_every, first_dense_layers)`` for the sparse layers of ``c``; appends to ``wrong``
+    what does not map."""
     n, sparse = c["num_hidden_layers"], _sparse_layers(c)
     layout = (
         f"num_experts={c.get('num_experts')}, decoder_sparse_step={c.get('decoder_sparse_step', 1)}"
@@ -134,19 +135,15 @@ def _placement(c: dict[str, Any], seq: int, wrong: list[str]) -> int:
     )
     if not sparse:
         wrong.append(f"{layout} leave no sparse layer (moesaic's MoELM needs experts)")
-        return 1
-    every = sparse[0] + 1
-    if sparse != [i for i in range(n) if (i + 1) % every == 0]:
+        return 1, 0
+    every = c.get("decoder_sparse_step", 1)
+    # moesaic's rule: layer i is sparse when (i + 1) % moe_every == 0 and i >= first_dense_layers
+    first = [f for f in range(n) if sparse == [i for i in range(f, n) if (i + 1) % every == 0]]
+    if not first:
         wrong.append(
             f"{layout} make layers {sparse} sparse: moesaic puts experts in every moe_every-th "
-            "layer only (layer i when (i + 1) % moe_every == 0)"
-        )
-    width, expert_width = c.get("intermediate_size"), c["moe_intermediate_size"]
-    if len(sparse) < n and width != expert_width:
-        wrong.append(
-            f"intermediate_size={width} must equal moe_intermediate_size={expert_width}: "
-            f"moesaic's dense layers {sorted(set(range(n)) - set(sparse))} and its experts share "
-            "model.d_ff"
+            "layer from first_dense_layers on (layer i when (i + 1) % moe_every == 0 and "
+            "i >= first_dense_layers)"
         )
     sliding = c.get("use_sliding_window") or "sliding_attention" in (c.get("layer_types") or [])
     window = c.get("sliding_window")
@@ -155,7 +152,7 @@ def _placement(c: dict[str, Any], seq: int, wrong: list[str]) -> int:
             f"use_sliding_window=True with sliding_window={window} < max_seq_len={seq} "
             "(moesaic attends to the whole context)"
         )
-    return every
+    return every, (first[0] if first else 0)
 
 
 def lm_config_from_qwen2_moe(config: Any, max_seq_len: int | None = None) -> LMConfig:
@@ -166,15 +163,19 @@ def lm_config_from_qwen2_moe(config: Any, max_seq_len: int | None = None) -> LMC
     c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     wrong: list[str] = []
     fields = lm_fields(c, max_seq_len, 1e-6, wrong)
-    every = _placement(c, fields["max_seq_len"], wrong)
+    every, first_dense = _placement(c, fields["max_seq_len"], wrong)
     if wrong:
         raise ValueError("cannot import this Qwen2-MoE config:\n  " + "\n  ".join(wrong))
     top_k = c["num_experts_per_tok"]
+    expert_width = c["moe_intermediate_size"]
+    dense_width = c.get("intermediate_size") or expert_width
+    has_dense = len(_sparse_layers(c)) < c["num_hidden_layers"]
     coef = float(c.get("router_aux_loss_coef", 0.001))
     return LMConfig(
         **fields,
         qkv_bias=bool(c.get("qkv_bias", True)),  # the released configs predate the field: True
-        d_ff=c["moe_intermediate_size"],
+        d_ff=dense_width if has_dense else expert_width,
+        expert_d_ff=expert_width if has_dense and dense_width != expert_width else None,
         moe=MoEConfig(
             num_experts=c["num_experts"],
             top_k=top_k,
@@ -185,6 +186,7 @@ def lm_config_from_qwen2_moe(config: Any, max_seq_len: int | None = None) -> LMC
             aux_loss_weight=aux_weight_from_hf(coef, len(_sparse_layers(c)), top_k),
         ),
         moe_every=every,
+        first_dense_layers=first_dense,
     )
 
 

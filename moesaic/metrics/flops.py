@@ -5,8 +5,9 @@ output ``D x D``, key and value ``D x Dkv``, ``Dkv = n_kv_heads * head_dim``: ``
 grouped-query attention, so ``2 * 4 * D^2``), attention scores and
 weighted values ``2 * 2 * S * D`` (the full S x S product that ``scaled_dot_product_attention``
 computes), the FFN ``2 * n_mats * D * F`` times k experts for an MoE layer (n_mats 2, or 3 for
-swiglu), the router ``2 * D * E``, a shared expert ``2 * n_mats * D * F_s`` and its gate
-``2 * D``; plus the output head ``2 * D * V``. A training step costs three
+swiglu; F the expert width ``LMConfig.expert_width``), its shared expert ``2 * n_mats * D *
+shared_d_ff`` and the shared expert's gate ``2 * D``, the router ``2 * D * E``; plus the output
+head ``2 * D * V``. A training step costs three
 forwards (backward is twice the forward's matmuls).
 """
 

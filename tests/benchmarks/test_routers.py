@@ -40,4 +40,21 @@ def test_unknown_router_is_refused(capsys):
     with pytest.raises(SystemExit) as err:
         main(["--routers", "switch", "moe-magic"])
     assert err.value.code == 2
-    assert "--routers moe-magic: not in ms.ROUTERS" in capsys.readouterr().err
+    assert "--routers moe-magic: not in ms.ROUTERS or VARIANTS" in capsys.readouterr().err
+
+
+def test_variants_run_topk_with_their_options():
+    cfg = router_config(get_recipe("lm-moe-tiny"), "topk-auxfree", None, 40)
+    assert cfg.model.moe.router == "topk" and cfg.model.moe.aux_loss_weight == 0
+    assert cfg.model.moe.router_options == {"score_func": "sigmoid", "balance_rate": 0.001}
+    assert cfg.recipe == "lm-moe-tiny+topk-auxfree"
+    grouped = router_config(get_recipe("lm-moe-tiny"), "topk-grouped", None, 40)
+    assert grouped.model.moe.router_options == {"n_groups": 8, "topk_groups": 2}
+
+
+def test_a_variant_named_on_a_model_it_does_not_fit_is_refused(tmp_path, capsys):
+    # lm-moe-test has 4 experts: 8 groups cannot divide them
+    args = ["--recipe", "lm-moe-test", "--steps", "2", "--set", "train.threads=1"]
+    with pytest.raises(SystemExit) as err:  # (run with every router, it is listed as not run)
+        main([*args, "--routers", "topk-grouped", "--out", str(tmp_path)])
+    assert err.value.code == 2 and "n_groups=8 must divide" in capsys.readouterr().err

@@ -45,14 +45,16 @@ VARIANTS = {
     "released": {},
     "renormalised": {"norm_topk_prob": True, "tie_word_embeddings": True},
     # layers 1 and 3 sparse, then mlp_only_layers takes layer 1 out: experts in layer 3 only
+    # (moe_every=2, first_dense_layers=2), dense layers 96 wide and experts 32 (expert_d_ff)
     "mlp-only": {
         "num_hidden_layers": 4,
         "decoder_sparse_step": 2,
         "mlp_only_layers": [1],
-        "intermediate_size": 32,
         "num_experts": 4,
     },
     "every-other": {"num_hidden_layers": 4, "decoder_sparse_step": 2, "intermediate_size": 32},
+    # DeepSeekMoE's layout: a dense first layer wider than the fine-grained experts
+    "first-dense": {"num_hidden_layers": 3, "mlp_only_layers": [0]},
 }
 
 
@@ -115,7 +117,7 @@ def test_a_transformers_qwen2_moe_imports_with_equal_logits_from_memory_and_from
     assert generate_ids(ours, ids[0, :5].tolist(), 12, temperature=0.0) == greedy[0, 5:].tolist()
 
 
-@pytest.mark.parametrize("variant", ["released", "every-other"])
+@pytest.mark.parametrize("variant", ["released", "every-other", "first-dense"])
 def test_export_writes_the_published_layout_that_transformers_loads_with_equal_logits(
     tmp_path, variant
 ):
@@ -180,10 +182,8 @@ def test_export_names_every_field_qwen2_moe_cannot_represent(tmp_path):
 REFUSED = [
     # layer 0 sparse, layer 1 dense: not every moe_every-th layer
     ({"mlp_only_layers": [1]}, "mlp_only_layers=[1] make layers [0] sparse"),
-    (
-        {"decoder_sparse_step": 2},
-        "intermediate_size=96 must equal moe_intermediate_size=32: moesaic's dense layers [0]",
-    ),
+    # layers 0 and 2 sparse, 1 and 3 dense: sparse layers come every moe_every-th from an offset
+    ({"num_hidden_layers": 4, "mlp_only_layers": [1, 3]}, "make layers [0, 2] sparse"),
     (
         {"use_sliding_window": True, "sliding_window": 16},
         "use_sliding_window=True with sliding_window=16 < max_seq_len=64",
@@ -202,10 +202,19 @@ def test_import_refuses_what_moesaic_cannot_represent_by_name(fields, message):
 
 
 def test_import_collects_every_refusal_in_one_error():
-    bad = QWEN | {"decoder_sparse_step": 2, "use_sliding_window": True, "sliding_window": 8}
+    bad = QWEN | {"mlp_only_layers": [1], "use_sliding_window": True, "sliding_window": 8}
     with pytest.raises(ValueError) as err:
         lm_config_from_qwen2_moe(bad)
-    assert "intermediate_size=96" in str(err.value) and "sliding_window=8" in str(err.value)
+    assert "make layers [0] sparse" in str(err.value) and "sliding_window=8" in str(err.value)
+
+
+def test_two_ffn_widths_and_leading_dense_layers_map_to_expert_d_ff_and_first_dense_layers():
+    cfg = lm_config_from_qwen2_moe(QWEN | VARIANTS["first-dense"])
+    assert (cfg.d_ff, cfg.expert_d_ff, cfg.first_dense_layers, cfg.moe_every) == (96, 32, 1, 1)
+    cfg = lm_config_from_qwen2_moe(QWEN | VARIANTS["mlp-only"])
+    assert (cfg.d_ff, cfg.expert_d_ff, cfg.first_dense_layers, cfg.moe_every) == (96, 32, 2, 2)
+    cfg = lm_config_from_qwen2_moe(QWEN)  # every layer sparse: intermediate_size is unused
+    assert (cfg.d_ff, cfg.expert_d_ff, cfg.first_dense_layers) == (32, None, 0)
 
 
 def test_the_qwen2moe_recipe_exports(tmp_path):
