@@ -22,6 +22,7 @@ centroids fitted to features beforehand (``ClusterRouter.fit``).
     python benchmarks/routers.py                          # lm-moe-tiny, 300 steps, every router
     python benchmarks/routers.py --steps 1000 --routers switch topk base
     python benchmarks/routers.py --set model.moe.num_experts=8 --out /tmp/routers
+    python benchmarks/routers.py --plot routers.png      # load CV and entropy over training
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # python benchmark
 
 import moesaic as ms
 from moesaic.cli.timing import environment
+from moesaic.metrics import plots
 from moesaic.metrics.routing_log import ROUTING_FILE
 from moesaic.train.config import ConfigError, RunConfig, apply_overrides
 from moesaic.train.data import prepare_data
@@ -122,7 +124,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE"
     )
     parser.add_argument("--out", type=Path, help="keep the runs here (default: a temp dir)")
+    parser.add_argument(
+        "--plot", type=Path, metavar="PNG", help="draw load CV and entropy over training here"
+    )
     args = parser.parse_args(argv)
+    if args.plot is not None:
+        try:
+            plots.require_matplotlib()
+        except ImportError as err:
+            parser.error(f"--plot {args.plot}: {err}")
     if args.steps < 1:
         parser.error(f"--steps {args.steps}: must be >= 1")
     names = args.routers or [*sorted(ms.ROUTERS), *VARIANTS]
@@ -166,6 +176,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{100 * stats['dropped_fraction']:.1f}% | {stats['entropy']:.3f} | {step_ms:.1f} |",
             flush=True,
         )
+    if args.plot is not None:
+        runs = {
+            name: [json.loads(line) for line in (out / name / ROUTING_FILE).open()]
+            for name in configs
+        }
+        args.plot.write_bytes(plots.router_comparison(runs))
+        print(f"\nplot: {args.plot}")
     for name in names:
         if name in not_run:
             print(f"- not run: {name}: {not_run[name]}")

@@ -15,6 +15,7 @@ __all__ = [
     "loss_curves",
     "routing_panels",
     "routing_curves",
+    "router_comparison",
     "expert_load",
     "sampled_affinity",
     "affinity_maps",
@@ -99,6 +100,30 @@ def sampled_affinity(affinity: dict[str, Any]) -> tuple[list[str], dict[str, lis
     labels = [affinity["labels"][i] for i in sampled]
     layers = {name: [counts[i] for i in sampled] for name, counts in affinity["layers"].items()}
     return labels, layers
+
+
+def router_comparison(runs: dict[str, list[dict[str, Any]]]) -> bytes:
+    """Load CV and router entropy over training, one line per run (each the mean over its MoE
+    layers at every logged step): routers trained on the same model and data side by side."""
+    plt = require_matplotlib()
+    keys = [("load_cv", "load coefficient of variation"), ("entropy", "router entropy (nats)")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(10, 4), squeeze=False)
+    axes = axes[0]
+    for i, (name, rows) in enumerate(runs.items()):
+        by_step: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for r in rows:
+            by_step[r["step"]].append(r)
+        steps = sorted(by_step)
+        for ax, (key, _) in zip(axes, keys):
+            mean = [sum(r[key] for r in by_step[s]) / len(by_step[s]) for s in steps]
+            ax.plot(steps, mean, color=f"C{i % 10}", ls="-" if i < 10 else "--", label=name)
+    for ax, (_, title) in zip(axes, keys):
+        ax.set_title(title, fontsize=TITLE_SIZE)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("symlog", linthresh=0.1)
+    axes[-1].legend(fontsize=7, ncol=2)
+    return _png(fig)
 
 
 def routing_curves(rows: list[dict[str, Any]]) -> bytes:

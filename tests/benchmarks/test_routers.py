@@ -10,8 +10,11 @@ from moesaic.train.recipes import get_recipe
 
 def test_table_has_a_row_per_router_and_names_those_not_run(tmp_path, capsys):
     args = ["--recipe", "lm-moe-test", "--steps", "4", "--set", "train.threads=1"]
-    assert main([*args, "--routers", "switch", "hash", "task", "--out", str(tmp_path)]) == 0
+    plot = tmp_path / "routers.png"
+    routers = ["switch", "hash", "task"]
+    assert main([*args, "--routers", *routers, "--out", str(tmp_path), "--plot", str(plot)]) == 0
     out = capsys.readouterr().out
+    assert plot.read_bytes().startswith(b"\x89PNG")
     assert "| switch | 1 | " in out and "| hash | 1 | " in out
     assert f"- not run: task: {NOT_FOR_LM['task']}" in out
     assert (tmp_path / "switch" / "routing.jsonl").exists()
