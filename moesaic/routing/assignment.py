@@ -1,0 +1,201 @@
+"""Balanced linear assignment of T tokens to E experts (the BASE layer's routing problem).
+
+Maximise ``sum_t scores[t, e_t]`` subject to every expert receiving floor(T/E) or ceil(T/E)
+tokens: exactly T mod E experts take one more token than the others, and which ones do is part
+of the optimisation. With T divisible by E every expert takes exactly T/E (Lewis et al. 2021,
+"BASE Layers", section 2.2).
+
+Two exact solvers:
+
+- ``"auction"`` (default): Bertsekas' auction algorithm with epsilon scaling, in torch, on the
+  scores' device. Tokens bid for experts; an expert's T/E slots are identical objects, so each
+  round every expert accepts its highest bids at once (a uniform clearing price keeps
+  epsilon-complementary slackness). The last phase's epsilon makes the assignment's total
+  affinity equal the optimum to within ``AUCTION_RELATIVE_GAP * (max - min score)``, far below
+  the float32 resolution of the logits: it is the optimal assignment up to ties.
+- ``"scipy"``: ``scipy.optimize.linear_sum_assignment`` on the (T, E * ceil(T/E)) matrix of
+  token-slot affinities (the optional extra ``moesaic[routers]``).
+
+Shape legend (docs/shapes.md): T tokens, E experts, C slots per expert, N persons (T tokens
+plus dummy persons that take the unused extra slots), G slot groups.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["balanced_assignment", "SOLVERS", "AUCTION_RELATIVE_GAP"]
+
+SOLVERS = ("auction", "scipy")
+# The auction's last epsilon is AUCTION_RELATIVE_GAP * range / N, so N persons lose at most this
+# fraction of the score range in total (Bertsekas 1988: an epsilon-CS assignment is within N * eps
+# of the optimum).
+AUCTION_RELATIVE_GAP = 1e-9
+_EPS_SHRINK = 8.0  # epsilon scaling factor between phases
+_MAX_ROUNDS = 1_000_000  # a safety net only: every round raises some price by eps
+
+
+@torch.no_grad()
+def balanced_assignment(scores_TE: torch.Tensor, solver: str = "auction") -> torch.Tensor:
+    """The expert (LongTensor (T,)) of every token in a maximum-affinity balanced assignment.
+
+    Every expert gets floor(T/E) or ceil(T/E) tokens (exactly T/E when E divides T).
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r} must be one of {SOLVERS}")
+    T, E = scores_TE.shape
+    device = scores_TE.device
+    if T == 0 or E == 1:
+        return torch.zeros(T, dtype=torch.long, device=device)
+    if solver == "scipy":
+        return _scipy_assignment(scores_TE)
+    values_NG, group_expert_G, capacity_G = _slot_groups(scores_TE.double())
+    group_N = _auction(values_NG, capacity_G)
+    return group_expert_G[group_N[:T]]
+
+
+def _slot_groups(scores_TE: torch.Tensor):
+    """The assignment as a square problem over groups of identical slots.
+
+    Group e < E holds expert e's floor(T/E) guaranteed slots; when E does not divide T, group
+    E + e is expert e's one extra slot, and E - (T mod E) dummy persons (value 0 for extra slots,
+    -inf elsewhere) fill the extra slots that no token takes. Groups of no slot are left out.
+    """
+    T, E = scores_TE.shape
+    base, extra = divmod(T, E)
+    values, experts, capacity = [], [], []
+    if base:
+        values.append(scores_TE)
+        experts.append(torch.arange(E))
+        capacity.append(torch.full((E,), base))
+    if extra:
+        values.append(scores_TE)
+        experts.append(torch.arange(E))
+        capacity.append(torch.ones(E, dtype=torch.long))
+    values_TG = torch.cat(values, dim=1)
+    if extra:
+        dummy_G = torch.zeros(values_TG.shape[1], dtype=scores_TE.dtype, device=scores_TE.device)
+        dummy_G[: E if base else 0] = -math.inf
+        values_TG = torch.cat([values_TG, dummy_G.expand(E - extra, -1)])
+    device = scores_TE.device
+    return values_TG, torch.cat(experts).to(device), torch.cat(capacity).to(device)
+
+
+def _auction(values_NG: torch.Tensor, capacity_G: torch.Tensor) -> torch.Tensor:
+    """Jacobi auction with epsilon scaling for N persons and G groups of identical slots
+    (sum(capacity_G) == N, every person has a finite value for at least two groups).
+    Returns the group of every person.
+
+    Prices are kept per slot, (G, C) padded with +inf; a group's price for a newcomer is its
+    cheapest slot's. In a round every free person bids for its best group g the price that makes
+    it indifferent to its best *other* group, plus eps. Group g ranks its bids (descending)
+    against its slot prices (ascending) and the r-th bid takes the r-th cheapest slot, at the
+    bid, while it beats that slot's price by eps; the slot's holder becomes free.
+
+    Invariant (eps-CS relative to other groups): a person holding a slot of g at price p has
+    ``value[g] - p >= max_{h != g} (value[h] - min price of h) - eps``. With one dual price per
+    group (its cheapest slot) this bounds the duality gap by eps per person, so a full
+    assignment is within N * eps of the optimum; comparing only across groups is what lets a
+    price jump by a whole bid instead of creeping up by eps over a group's identical slots
+    (Bertsekas 1988, "The auction algorithm: a distributed relaxation method for the
+    assignment problem"; similar objects: Bertsekas and Castanon 1989).
+    """
+    N, G = values_NG.shape
+    device, dtype = values_NG.device, values_NG.dtype
+    C = int(capacity_G.max())
+    finite = values_NG[torch.isfinite(values_NG)]
+    span = float(finite.max() - finite.min()) or 1.0
+    price_GC = torch.zeros(G, C, dtype=dtype, device=device)
+    price_GC[torch.arange(C, device=device) >= capacity_G[:, None]] = math.inf
+    owner_GC = torch.full((G, C), -1, dtype=torch.long, device=device)
+    slot_N = torch.full((N,), -1, dtype=torch.long, device=device)  # flat g * C + c, -1 free
+    eps, eps_final = span / _EPS_SHRINK, AUCTION_RELATIVE_GAP * span / N
+    while True:
+        _release_unhappy(values_NG, price_GC, owner_GC, slot_N, eps)
+        _auction_phase(values_NG, price_GC, owner_GC, slot_N, eps)
+        if eps <= eps_final:
+            return torch.div(slot_N, C, rounding_mode="floor")
+        eps = max(eps / _EPS_SHRINK, eps_final)
+
+
+def _best_two(profit_NG: torch.Tensor):
+    """Best group, its profit and the best profit among the other groups, per row."""
+    top_N2, group_N2 = profit_NG.topk(2, dim=1)
+    return group_N2[:, 0], top_N2[:, 0], top_N2[:, 1]
+
+
+def _release_unhappy(values_NG, price_GC, owner_GC, slot_N, eps) -> None:
+    """Start a phase from the last one's assignment: free only the persons that break the
+    invariant for the new eps; the rest keep their slots and prices."""
+    held_N = slot_N >= 0
+    if not bool(held_N.any()):
+        return
+    C = price_GC.shape[1]
+    g_N, c_N = torch.div(slot_N, C, rounding_mode="floor").clamp(min=0), slot_N.clamp(min=0) % C
+    profit_NG = values_NG - price_GC.amin(dim=1)
+    best_g, best, second = _best_two(profit_NG)
+    other_N = torch.where(best_g == g_N, second, best)
+    mine_N = values_NG.gather(1, g_N[:, None])[:, 0] - price_GC[g_N, c_N]
+    release = held_N & (mine_N < other_N - eps)
+    owner_GC[g_N[release], c_N[release]] = -1
+    slot_N[release] = -1
+
+
+def _auction_phase(values_NG, price_GC, owner_GC, slot_N, eps) -> None:
+    G, C = price_GC.shape
+    device = values_NG.device
+    inf_G1 = price_GC.new_full((G, 1), math.inf)
+    for _ in range(_MAX_ROUNDS):
+        free_U = (slot_N < 0).nonzero()[:, 0]
+        if free_U.numel() == 0:
+            return
+        sorted_GC, order_GC = price_GC.sort(dim=1)
+        g_U, best_U, second_U = _best_two(values_NG[free_U] - sorted_GC[:, 0])
+        # cheapest price + (best - second) + eps: >= that price + eps even after rounding
+        bid_U = sorted_GC[g_U, 0] + ((best_U - second_U) + eps)
+        # rank the bids within their group, highest first
+        by_bid = bid_U.argsort(descending=True, stable=True)
+        by_group = by_bid[g_U[by_bid].argsort(stable=True)]
+        person_U, g_U, bid_U = free_U[by_group], g_U[by_group], bid_U[by_group]
+        count_G = torch.bincount(g_U, minlength=G)
+        rank_U = torch.arange(g_U.numel(), device=device) - (count_G.cumsum(0) - count_G)[g_U]
+        rank_U = rank_U.clamp(max=C)  # past the last slot: the padding's +inf price
+        ask_U = torch.cat([sorted_GC, inf_G1], dim=1)[g_U, rank_U]
+        win_U = bid_U >= ask_U + eps
+        person_W, g_W, bid_W = person_U[win_U], g_U[win_U], bid_U[win_U]
+        c_W = order_GC[g_W, rank_U[win_U]]
+        evicted_W = owner_GC[g_W, c_W]
+        slot_N[evicted_W[evicted_W >= 0]] = -1
+        owner_GC[g_W, c_W] = person_W
+        slot_N[person_W] = g_W * C + c_W
+        price_GC[g_W, c_W] = bid_W
+    raise AssertionError("the auction did not converge: please report this with the scores")
+
+
+def _scipy_assignment(scores_TE: torch.Tensor) -> torch.Tensor:
+    """``linear_sum_assignment`` on (T, E * ceil(T/E)) token-slot affinities. The E * floor(T/E)
+    guaranteed slots get a bonus larger than any difference of totals, so every one of them is
+    filled and the rest of the objective is the affinity alone."""
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError:
+        raise ImportError(
+            "router='base' with solver='scipy' needs scipy: pip install 'moesaic[routers]'"
+        ) from None
+    T, E = scores_TE.shape
+    base, extra = divmod(T, E)
+    s = scores_TE.detach().double().cpu()
+    span = float(s.max() - s.min())
+    slots = [s.repeat_interleave(base, dim=1)] if base else []
+    if extra:
+        slots.append(s - 2.0 * (T * span + 1.0))  # the bonus, taken from the extra slots
+    cost_TS = torch.cat(slots, dim=1).numpy()
+    rows, cols = linear_sum_assignment(cost_TS, maximize=True)
+    expert_T = torch.empty(T, dtype=torch.long)
+    cols = torch.from_numpy(cols)
+    expert_T[torch.from_numpy(rows)] = torch.where(
+        cols < E * base, cols // max(base, 1), cols - E * base
+    )
+    return expert_T.to(scores_TE.device)
