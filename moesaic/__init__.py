@@ -17,6 +17,7 @@ from moesaic.routing import (
     Routing,
     build_router,
     register_router,
+    update_balance_biases,
 )
 from moesaic.routing.stats import RoutingStats
 
@@ -42,6 +43,7 @@ __all__ = [
     "expert_capacity",
     "register_router",
     "routing_context",
+    "update_balance_biases",
     "moefy",
     "convert",
     "metrics",

@@ -42,7 +42,14 @@ def upcycled_lm_config(dense: LMConfig, moe: MoEConfig = UPCYCLED_MOE, **fields:
             f"model.d_ff={dense.d_ff} and model.matched_d_ff={dense.matched_d_ff} differ: an "
             "upcycled LM needs one FFN width (LMConfig has one d_ff for dense and expert layers)"
         )
-    return dataclasses.replace(dense, d_ff=widths.pop(), matched_d_ff=None, moe=moe, **fields)
+    cfg = dataclasses.replace(dense, d_ff=widths.pop(), matched_d_ff=None, moe=moe, **fields)
+    if cfg.first_dense_layers or cfg.expert_width != cfg.d_ff:
+        raise ValueError(
+            f"model.first_dense_layers={cfg.first_dense_layers}, model.expert_d_ff="
+            f"{cfg.expert_d_ff}: upcycling copies every moe_every-th FFN whole into the experts "
+            "(first_dense_layers=0 and expert_d_ff=None)"
+        )
+    return cfg
 
 
 def upcycle_lm(dense: MoELM, cfg: LMConfig, noise: float = 0.0, seed: int | None = None) -> MoELM:

@@ -74,6 +74,11 @@ def _incompatibilities(model: MoELM) -> list[str]:
         return [*wrong, "model.moe=None (Mixtral needs an MoE model)"]
     moe = cfg.moe
     need(cfg.moe_every == 1, "moe_every", cfg.moe_every, "Mixtral has an MoE in every layer: 1")
+    fd = cfg.first_dense_layers
+    need(fd == 0, "first_dense_layers", fd, "Mixtral has an MoE in every layer: 0")
+    need(
+        cfg.expert_d_ff in (None, cfg.d_ff), "expert_d_ff", cfg.expert_d_ff, "Mixtral: None"
+    )
     need(moe.router == "topk", "moe.router", moe.router, "Mixtral's router is 'topk'")
     normalize = moe.router_options.get("normalize", True)
     need(normalize is True, "moe.router_options['normalize']", normalize, "Mixtral renormalises")

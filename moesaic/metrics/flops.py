@@ -5,7 +5,8 @@ output ``D x D``, key and value ``D x Dkv``, ``Dkv = n_kv_heads * head_dim``: ``
 grouped-query attention, so ``2 * 4 * D^2``), attention scores and
 weighted values ``2 * 2 * S * D`` (the full S x S product that ``scaled_dot_product_attention``
 computes), the FFN ``2 * n_mats * D * F`` times k experts for an MoE layer (n_mats 2, or 3 for
-swiglu), the router ``2 * D * E``; plus the output head ``2 * D * V``. A training step costs three
+swiglu; F the expert width ``LMConfig.expert_width``), its shared expert ``2 * n_mats * D *
+shared_d_ff``, the router ``2 * D * E``; plus the output head ``2 * D * V``. A training step costs three
 forwards (backward is twice the forward's matmuls).
 """
 
@@ -35,6 +36,7 @@ def lm_flops_per_token(cfg: LMConfig, seq_len: int) -> FlopsPerToken:
         if cfg.moe_layer(i):
             moe = cfg.moe
             forward += moe.experts_per_token * 2 * mats * D * F + 2 * D * moe.num_experts
+            forward += 2 * mats * D * moe.shared_d_ff
         else:
             forward += 2 * mats * D * F
     return FlopsPerToken(forward=forward, train=3 * forward)

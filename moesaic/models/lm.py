@@ -3,8 +3,10 @@
 Pre-norm blocks, causal ``scaled_dot_product_attention``, rotary or learned positions, optionally
 tied embeddings. With ``moe=None`` the same class builds the dense baseline; with
 ``LMConfig.dense_equivalent()`` that baseline has the MoE model's activated FLOPs per token (its
-FFN is ``top_k * d_ff`` wide). GLaM and Switch put an MoE in every other layer (``moe_every=2``:
-layers 1, 3, 5, ...).
+FFN is ``top_k * expert width + shared_d_ff`` wide). GLaM and Switch put an MoE in every other
+layer (``moe_every=2``: layers 1, 3, 5, ...); DeepSeekMoE (Dai et al. 2024) has fine-grained
+experts narrower than the dense FFN (``expert_d_ff``), always-on shared experts
+(``moe.shared_d_ff``) and a dense first layer (``first_dense_layers=1``).
 
 Shape legend (docs/shapes.md): B batch, S sequence, D model dim, V vocabulary.
 """
@@ -37,8 +39,17 @@ class LMConfig:
     """Architecture of ``MoELM``. Every field is checked in ``__post_init__``.
 
     ``moe`` holds the options of the MoE layers (``ms.MoEConfig``; None: a dense model). Their
-    ``d_model``, ``d_ff`` and ``activation`` are this config's: leave them None in ``moe``
+    ``d_model``, ``d_ff`` and ``activation`` are this config's (``d_ff`` is ``expert_width``:
+    ``expert_d_ff``, or ``d_ff`` when that is None): leave them None in ``moe``
     (``moe_config()`` fills them in); a different value there is an error naming both.
+
+    Fine-grained experts with shared experts (DeepSeekMoE, Dai et al. 2024, sections 3.1-3.2):
+    ``expert_d_ff`` makes each routed expert a fraction of the dense FFN's width ``d_ff`` (m times
+    more experts of width ``d_ff / m``, m times larger ``top_k``, the same activated FLOPs);
+    ``moe.shared_d_ff`` adds the always-on shared experts, n shared experts of width F being one
+    shared FFN of width ``n * F`` (the same function: the shared experts' outputs are summed with
+    weight 1, so their hidden units simply stack). ``first_dense_layers`` keeps the first layers
+    dense (DeepSeekMoE's first layer, DeepSeek-V3's first three).
     """
 
     vocab_size: int = 256
@@ -47,7 +58,8 @@ class LMConfig:
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int | None = None  # grouped-query attention (Mistral, Mixtral); None: n_heads
-    d_ff: int = 1024  # hidden width of the dense FFN, and of each expert
+    d_ff: int = 1024  # hidden width of the dense FFN (and of each expert, unless expert_d_ff)
+    expert_d_ff: int | None = None  # hidden width of each routed expert; None means d_ff
     activation: str = "gelu"
     positions: str = "rope"  # "rope" | "learned"
     rope_theta: float = 10000.0  # rotary base: channel pair i turns by position * theta^(-2i/hd)
@@ -56,7 +68,8 @@ class LMConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     moe: MoEConfig | None = None  # None: dense model
-    moe_every: int = 2  # layer i is MoE when (i + 1) % moe_every == 0
+    moe_every: int = 2  # layer i is MoE when (i + 1) % moe_every == 0 ...
+    first_dense_layers: int = 0  # ... and i >= first_dense_layers
     # Dense models only: FFN width at the layers where the MoE model has its experts
     # (dense_equivalent() sets it to top_k * d_ff); None means d_ff.
     matched_d_ff: int | None = None
@@ -95,6 +108,21 @@ class LMConfig:
             check_positive_int("model.matched_d_ff", self.matched_d_ff)
             if self.is_moe:
                 raise ValueError("model.matched_d_ff is for dense models (model.moe=None)")
+        if self.expert_d_ff is not None:
+            check_positive_int("model.expert_d_ff", self.expert_d_ff)
+            if not self.is_moe:
+                raise ValueError(
+                    "model.expert_d_ff is for MoE models (a dense model has no experts: "
+                    "model.expert_d_ff=none)"
+                )
+        fd = self.first_dense_layers
+        if isinstance(fd, bool) or not isinstance(fd, int) or fd < 0:
+            raise ValueError(f"model.first_dense_layers={fd!r} must be an int >= 0")
+        if self.is_moe and fd >= self.n_layers:
+            raise ValueError(
+                f"model.first_dense_layers={fd} must be < model.n_layers={self.n_layers} "
+                f"(an MoE model needs a layer after the dense ones)"
+            )
         if self.moe is not None:
             self._check_moe()
 
@@ -117,31 +145,49 @@ class LMConfig:
     def is_moe(self) -> bool:
         return self.moe is not None
 
+    @property
+    def expert_width(self) -> int:
+        """Hidden width of each routed expert: ``expert_d_ff``, or ``d_ff`` when it is None."""
+        return self.d_ff if self.expert_d_ff is None else self.expert_d_ff
+
     def moe_config(self) -> MoEConfig:
-        """The config of this model's MoE layers: ``moe`` with ``d_model``, ``d_ff`` and
-        ``activation`` filled in from the model."""
+        """The config of this model's MoE layers: ``moe`` with ``d_model``, ``d_ff`` (the
+        ``expert_width``) and ``activation`` filled in from the model."""
         if self.moe is None:
             raise ValueError("model.moe is None: a dense model has no MoE layers")
         with prefixed_errors("model.moe", MoEConfig):
-            return self.moe.inherit(
-                "model.", d_model=self.d_model, d_ff=self.d_ff, activation=self.activation
-            )
+            if self.expert_d_ff is None:
+                return self.moe.inherit(
+                    "model.", d_model=self.d_model, d_ff=self.d_ff, activation=self.activation
+                )
+            # named as the model's field: "d_ff=128 conflicts with model.expert_d_ff=64"
+            moe = self.moe.inherit("model.expert_", d_ff=self.expert_d_ff)
+            return moe.inherit("model.", d_model=self.d_model, activation=self.activation)
+
+    def expert_site(self, index: int) -> bool:
+        """Whether layer ``index`` is where an MoE model has its MoE layer (``moe_every`` and
+        ``first_dense_layers``; a dense model's ``matched_d_ff`` applies there)."""
+        return index >= self.first_dense_layers and (index + 1) % self.moe_every == 0
 
     def moe_layer(self, index: int) -> bool:
-        return self.is_moe and (index + 1) % self.moe_every == 0
+        return self.is_moe and self.expert_site(index)
 
     def ffn_width(self, index: int) -> int:
-        """Hidden width of layer ``index``'s dense FFN (of each expert, for an MoE layer)."""
-        matched = (index + 1) % self.moe_every == 0 and self.matched_d_ff is not None
+        """Hidden width of layer ``index``'s dense FFN (of each routed expert, for an MoE
+        layer)."""
+        if self.moe_layer(index):
+            return self.expert_width
+        matched = self.expert_site(index) and self.matched_d_ff is not None
         return self.matched_d_ff if matched else self.d_ff
 
     def dense_equivalent(self) -> LMConfig:
         """The dense model with this model's activated FFN FLOPs per token: where this model has
-        an MoE layer of k experts of width F, the dense model has one FFN of width k*F."""
+        an MoE layer of k experts of width F and a shared expert of width S, the dense model has
+        one FFN of width k*F + S."""
         if not self.is_moe:
             return self
-        k = self.moe.experts_per_token
-        return dataclasses.replace(self, moe=None, matched_d_ff=k * self.d_ff)
+        width = self.moe.experts_per_token * self.expert_width + self.moe.shared_d_ff
+        return dataclasses.replace(self, moe=None, expert_d_ff=None, matched_d_ff=width)
 
 
 # The MoE options LMConfig held at the model level before they moved into ``LMConfig.moe``

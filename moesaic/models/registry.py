@@ -115,6 +115,43 @@ def lm_mixtral_tiny() -> LMConfig:
     )
 
 
+@register_model("lm-deepseekmoe-tiny", MoELM)
+def lm_deepseekmoe_tiny() -> LMConfig:
+    """A byte-level model in DeepSeekMoE's layout (Dai et al. 2024) with DeepSeek-V3's router.
+
+    Fine-grained experts: 16 routed SwiGLU experts a quarter of the dense FFN's width
+    (``expert_d_ff = d_ff / 4``), one always-on shared expert of the same width, 3 routed experts
+    per token: 3 + 1 expert widths make one ``d_ff``, so a token activates the FLOPs of the dense
+    FFN (DeepSeekMoE keeps the activated count fixed and takes the shared experts out of the
+    routed top-k). The first layer stays dense. The router is DeepSeek-V3's: sigmoid scores,
+    renormalised over the chosen experts, balanced by the auxiliary-loss-free bias
+    (``balance_rate=1e-3``, V3's gamma) with no aux loss. D=64 and two layers like
+    ``lm-moe-tiny``, whose dense layer and MoE site it shares.
+    """
+    return LMConfig(
+        vocab_size=256,
+        max_seq_len=256,
+        d_model=64,
+        n_layers=2,
+        n_heads=2,
+        d_ff=256,
+        expert_d_ff=64,
+        activation="swiglu",
+        norm="rmsnorm",
+        moe=MoEConfig(
+            num_experts=16,
+            top_k=3,
+            router="topk",
+            capacity_factor=None,
+            shared_d_ff=64,
+            aux_loss_weight=0.0,
+            router_options={"score_func": "sigmoid", "balance_rate": 1e-3},
+        ),
+        moe_every=1,
+        first_dense_layers=1,
+    )
+
+
 @register_model("lm-moe-test", MoELM)
 def lm_moe_test() -> LMConfig:
     """A model small enough for unit tests (a few ms per step)."""

@@ -13,6 +13,7 @@ from moesaic.routing import (  # noqa: F401  (importing registers each router in
 )
 from moesaic.routing.base import LearnedRouter, Router, Routing
 from moesaic.routing.registry import ROUTERS, build_router, register_router
+from moesaic.routing.topk import update_balance_biases
 
 __all__ = [
     "Router",
@@ -21,4 +22,5 @@ __all__ = [
     "ROUTERS",
     "register_router",
     "build_router",
+    "update_balance_biases",
 ]

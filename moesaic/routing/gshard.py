@@ -3,6 +3,10 @@
 Weights g1, g2 are the two largest softmax probabilities renormalised to sum
 to one; in training the second expert is kept with probability min(1, 2 * g2). Capacity places
 every first choice before any second choice (the layer's drop policy does that for all routers).
+
+``TopKRouter``'s DeepSeek options apply (sigmoid scores, group-limited routing, the
+auxiliary-loss-free bias, whose load count sees the second choices the random rule kept), except
+``route_scale``: the keep rule reads g2 as a share of the two weights.
 """
 
 from __future__ import annotations
@@ -30,10 +34,15 @@ class GShardRouter(TopKRouter):
             raise ValueError(f"num_experts={num_experts} must be >= 2 for router='gshard'")
         if not kwargs.pop("normalize", True):
             raise ValueError("normalize=False is not available for router='gshard'")
+        if kwargs.get("route_scale", 1.0) != 1.0:
+            raise ValueError(
+                f"route_scale={kwargs['route_scale']!r} is not available for router='gshard' "
+                "(the keep rule 2 * g2 needs weights that sum to one; use router='topk')"
+            )
         super().__init__(d_model, num_experts, 2, normalize=True, **kwargs)
 
-    def forward(self, x_TD: torch.Tensor, context: RoutingContext) -> Routing:
-        routing = super().forward(x_TD, context)
+    def route(self, x_TD: torch.Tensor, context: RoutingContext) -> Routing:
+        routing = super().route(x_TD, context)
         if not self.training:
             return routing
         # Keep a second choice when 2 * g2 > r, r ~ U(0, 1); first choices are always kept.

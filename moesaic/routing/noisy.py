@@ -19,6 +19,7 @@ from moesaic.context import RoutingContext
 from moesaic.routing.base import LearnedRouter, Routing
 from moesaic.routing.losses import cv_squared, z_loss
 from moesaic.routing.registry import register_router
+from moesaic.routing.topk import refuse_topk_options
 
 __all__ = ["NoisyTopKRouter", "prob_in_topk"]
 
@@ -44,6 +45,12 @@ class NoisyTopKRouter(LearnedRouter):
         w_load: float = 1.0,
         **kwargs,
     ) -> None:
+        refuse_topk_options(
+            kwargs,
+            "noisy_topk",
+            "its gates are a softmax over the k kept noisy logits and its load loss is defined "
+            "on them",
+        )
         super().__init__(d_model, num_experts, top_k, **kwargs)
         self.noise = nn.Linear(d_model, num_experts, bias=False)
         self.w_importance, self.w_load = float(w_importance), float(w_load)

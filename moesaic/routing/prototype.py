@@ -15,6 +15,7 @@ from moesaic.context import RoutingContext
 from moesaic.routing.base import LearnedRouter, Routing
 from moesaic.routing.losses import balance_loss, z_loss
 from moesaic.routing.registry import register_router
+from moesaic.routing.topk import refuse_topk_options
 
 __all__ = ["PrototypeRouter"]
 
@@ -30,6 +31,12 @@ class PrototypeRouter(LearnedRouter):
     default_top_k = 2
 
     def __init__(self, d_model: int, num_experts: int, top_k: int | None = None, **kwargs) -> None:
+        refuse_topk_options(
+            kwargs,
+            "prototype",
+            "it is a softmax top-1 inside each of k fixed groups; for group-limited top-k use "
+            "n_groups and topk_groups",
+        )
         super().__init__(d_model, num_experts, top_k, **kwargs)
         if num_experts % self.top_k:
             raise ValueError(

@@ -2,6 +2,8 @@
 
 Section 2.1, eqs. 1-2. The kept weight is the raw softmax probability of the chosen expert, which
 is what makes the router differentiable; the input gets multiplicative jitter in training.
+``TopKRouter``'s DeepSeek options apply: ``score_func="sigmoid"`` keeps the chosen expert's
+sigmoid score as its weight, ``balance_rate`` balances it without an aux loss.
 """
 
 from __future__ import annotations

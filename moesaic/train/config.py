@@ -11,6 +11,7 @@ line naming the field before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import types
 import typing
@@ -20,7 +21,9 @@ import torch
 
 from moesaic._validate import check_nonnegative_float, check_positive_int, prefixed_errors
 from moesaic.data.corpora import CORPORA
+from moesaic.config import MoEConfig
 from moesaic.models.lm import LMConfig, migrate_lm_dict
+from moesaic.routing import ROUTERS
 from moesaic.train.guard import GuardConfig
 
 __all__ = [
@@ -211,7 +214,9 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     """``cfg`` with each ``section.field=value`` applied; raises ``ConfigError`` on any mistake.
 
     A section that may be None (``model.moe``) is removed with ``model.moe=none``; setting one
-    of its fields while it is None starts it from its defaults."""
+    of its fields while it is None starts it from its defaults. One key of a dict field is set
+    with ``field.key=value`` (``model.moe.router_options.score_func=sigmoid``), the value read as
+    JSON (``4``, ``1e-3``, ``true``, ``null``) or else as a string; the other keys stay."""
     data = config_to_dict(cfg)
     for item in overrides:
         path, sep, raw = item.partition("=")
@@ -225,6 +230,9 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
                 raise ConfigError(_unknown_key(path, key, where, cls, raw))
             kind = typing.get_type_hints(cls)[key]
             section = _section(kind)
+            if depth == len(keys) - 2 and _is_dict(kind):
+                node[key] = {**(node.get(key) or {}), keys[-1]: _json_or_str(raw)}
+                break
             if depth < len(keys) - 1:
                 if section is None:
                     raise ConfigError(f"--set {path}: {'.'.join(keys[: depth + 1])} has no fields")
@@ -244,9 +252,38 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         raise ConfigError(str(err)) from None
 
 
+def _is_dict(kind: Any) -> bool:
+    """Whether a field of type ``kind`` holds a dict (``dict[str, Any]``, ``dict | None``)."""
+    union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+    options = typing.get_args(kind) if union else (kind,)
+    return any(o is dict or typing.get_origin(o) is dict for o in options)
+
+
+def _json_or_str(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def _router_option_names() -> set[str]:
+    """Every keyword argument a registered router's constructor takes (its own or a base's)."""
+    names = set()
+    for router in ROUTERS.values():
+        for cls in router.__mro__:
+            if "__init__" in vars(cls):
+                params = inspect.signature(vars(cls)["__init__"]).parameters.values()
+                names |= {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+    return names
+
+
 def _unknown_key(path: str, key: str, where: str, cls: type, raw: str) -> str:
     """The error for ``key`` unknown in ``cls``; when a section of ``cls`` has that field (the
-    MoE options moved from ``model.top_k`` to ``model.moe.top_k``), it names the new key."""
+    MoE options moved from ``model.top_k`` to ``model.moe.top_k``), it names the new key; a
+    router's option set as a field of ``model.moe`` names its key in ``router_options``."""
+    if cls is MoEConfig and key in _router_option_names():
+        new = f"{where}.router_options.{key}"
+        return f"--set {path}: {key} is a router option: use --set {new}={raw}"
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         section = _section(hints[f.name])

@@ -81,3 +81,16 @@ def lm_mixtral_tiny() -> RunConfig:
         optim=OptimConfig(lr=3e-3, warmup_steps=50),
         train=TrainConfig(steps=3000, eval_every=250, checkpoint_every=500),
     )
+
+
+@recipe("lm-deepseekmoe-tiny")
+def lm_deepseekmoe_tiny() -> RunConfig:
+    """A small DeepSeekMoE LM (fine-grained and shared experts, dense first layer) with
+    DeepSeek-V3's sigmoid router balanced without an aux loss, on the default data."""
+    return RunConfig(
+        recipe="lm-deepseekmoe-tiny",
+        model=model_config("lm-deepseekmoe-tiny"),
+        data=DataConfig(corpus="stdlib", seq_len=256, batch_size=32, eval_batches=16),
+        optim=OptimConfig(lr=3e-3, warmup_steps=50),
+        train=TrainConfig(steps=3000, eval_every=250, checkpoint_every=500),
+    )

@@ -49,19 +49,26 @@ def _count_on_meta(model_cfg) -> tuple[int, int]:
     counted as fast as one with 2."""
     from moesaic.models.lm import MoELM
 
-    def kind(i: int) -> tuple[bool, int]:  # a layer's parameters depend on these only
-        return model_cfg.moe_layer(i), model_cfg.ffn_width(i)
+    def kind(cfg, i: int) -> tuple[bool, int]:  # a layer's parameters depend on these only
+        return cfg.moe_layer(i), cfg.ffn_width(i)
 
-    # Layer i's kind depends on (i + 1) % moe_every only: moe_every layers hold every kind.
+    # Past the first dense layers, layer i's kind depends on (i + 1) % moe_every only: one
+    # dense layer (if any) and moe_every more layers hold every kind.
+    first = min(model_cfg.first_dense_layers, 1)
     probe_cfg = dataclasses.replace(
-        model_cfg, n_layers=min(model_cfg.n_layers, model_cfg.moe_every)
+        model_cfg,
+        n_layers=min(model_cfg.n_layers, first + model_cfg.moe_every),
+        first_dense_layers=first,
     )
     with torch.device("meta"):
         probe = MoELM(probe_cfg)
-    per_kind = {kind(i): sum(p.numel() for p in b.parameters()) for i, b in enumerate(probe.blocks)}
+    per_kind = {
+        kind(probe_cfg, i): sum(p.numel() for p in b.parameters())
+        for i, b in enumerate(probe.blocks)
+    }
     in_blocks = sum(p.numel() for b in probe.blocks for p in b.parameters())
     outside = sum(p.numel() for p in probe.parameters()) - in_blocks
-    params = outside + sum(per_kind[kind(i)] for i in range(model_cfg.n_layers))
+    params = outside + sum(per_kind[kind(model_cfg, i)] for i in range(model_cfg.n_layers))
     buffers = sum(b.numel() for b in probe.buffers())
     return params, buffers
 

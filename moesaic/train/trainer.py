@@ -65,6 +65,7 @@ from moesaic.train.checkpoint import (
 from moesaic.train.config import RunConfig, config_to_dict
 from moesaic.train.data import TOKENIZER_FILE, PreparedData, prepare_data
 from moesaic.train.guard import CollapseWatch, TrainingGuard, TrainingHalted
+from moesaic.routing.topk import balance_routers, reset_balance_counts, update_balance_biases
 from moesaic.train.resources import check_resources
 from moesaic.train.runlock import RunDirError, RunLock
 from moesaic.train.signals import signal_handlers
@@ -188,6 +189,8 @@ class Trainer:
         if groups.is_main and not tokenizer_file.exists():
             write_atomic(tokenizer_file, self.data.tokenizer.to_json())
         self.model = build_model(cfg, self.data.tokenizer.vocab_size, groups.expert_group)
+        # auxiliary-loss-free balancing: the routers' biases move after every optimizer step
+        self._balances = bool(balance_routers(self.model))
         self._new_optimizer()
         self.guard = TrainingGuard(cfg.guard)
         self.collapse = CollapseWatch(cfg.guard, self.model)
@@ -371,14 +374,18 @@ class Trainer:
         loss_v, ce_v, aux_v, stop_v = _mean_over_ranks([loss, ce, aux, flag], self.groups)
         step = self.step + 1
         skip = self.guard.skip_step(step, {"loss": loss_v, "ce": ce_v, "aux": aux_v}, grad_norm)
-        if skip:  # no update at all: weights and optimizer moments stay as they were
+        if skip:  # no update at all: weights, moments and balance biases stay as they were
             self.optimizer.zero_grad(set_to_none=True)
+            if self._balances:
+                reset_balance_counts(self.model)
         else:
             self.optimizer.step()
             bad = self._nonfinite_parameters()
             if bad:
                 self.guard.bad_update(step, bad)  # raises TrainingHalted when it must stop
                 return {"rollback": step, "bad": bad}
+            if self._balances:  # the loads of this step's batch, summed over every rank
+                update_balance_biases(self.model, dist.group.WORLD if self.groups.distributed else None)
             self.collapse.record()
         self.scheduler.step()  # the schedule follows the step count, skipped or not
         row = {
@@ -519,6 +526,7 @@ class Trainer:
             self.model.load_state_dict(weights)
         else:
             load_sharded(self.model, weights, self.groups)
+        reset_balance_counts(self.model)  # not saved: zero at every step boundary
         self._new_optimizer()
         optimizer = state["optimizer"]
         if not sharded:

@@ -74,8 +74,8 @@ def test_every_recipe_builds_and_its_dense_baseline_matches_activated_width():
         dense = dense_baseline(cfg)
         assert dense.model.moe is None
         if cfg.model.is_moe:
-            k = cfg.model.moe.experts_per_token
-            assert dense.model.matched_d_ff == cfg.model.d_ff * k
+            k, moe = cfg.model.moe.experts_per_token, cfg.model.moe
+            assert dense.model.matched_d_ff == cfg.model.expert_width * k + moe.shared_d_ff
         assert dense.data == cfg.data and dense.optim == cfg.optim and dense.train == cfg.train
     with pytest.raises(ValueError, match="recipe 'x' is not one of"):
         get_recipe("x")
