@@ -8,11 +8,13 @@ of the optimisation. With T divisible by E every expert takes exactly T/E (Lewis
 Two exact solvers:
 
 - ``"auction"`` (default): Bertsekas' auction algorithm with epsilon scaling, in torch, on the
-  scores' device. Tokens bid for experts; an expert's T/E slots are identical objects, so each
-  round every expert accepts its highest bids at once (a uniform clearing price keeps
-  epsilon-complementary slackness). The last phase's epsilon makes the assignment's total
-  affinity equal the optimum to within ``AUCTION_RELATIVE_GAP * (max - min score)``, far below
-  the float32 resolution of the logits: it is the optimal assignment up to ties.
+  scores' device (the BASE paper's code solves its assignment with an auction too). All free
+  tokens bid at once (Jacobi rounds); an expert's slots are identical objects, so a token
+  compares an expert only with the *other* experts, and an expert accepts every bid that beats
+  one of its cheapest slots in the same round (see ``_auction``). The last
+  phase's epsilon makes the assignment's total affinity equal the optimum to within
+  ``AUCTION_RELATIVE_GAP * (max - min score)``, far below the float32 resolution of the logits:
+  it is the optimal assignment up to ties.
 - ``"scipy"``: ``scipy.optimize.linear_sum_assignment`` on the (T, E * ceil(T/E)) matrix of
   token-slot affinities (the optional extra ``moesaic[routers]``).
 
@@ -26,7 +28,9 @@ import math
 
 import torch
 
-__all__ = ["balanced_assignment", "SOLVERS", "AUCTION_RELATIVE_GAP"]
+from moesaic._validate import check_choice
+
+__all__ = ["balanced_assignment", "require_scipy", "SOLVERS", "AUCTION_RELATIVE_GAP"]
 
 SOLVERS = ("auction", "scipy")
 # The auction's last epsilon is AUCTION_RELATIVE_GAP * range / N, so N persons lose at most this
@@ -41,19 +45,44 @@ _MAX_ROUNDS = 1_000_000  # a safety net only: every round raises some price by e
 def balanced_assignment(scores_TE: torch.Tensor, solver: str = "auction") -> torch.Tensor:
     """The expert (LongTensor (T,)) of every token in a maximum-affinity balanced assignment.
 
-    Every expert gets floor(T/E) or ceil(T/E) tokens (exactly T/E when E divides T).
+    Every expert gets floor(T/E) or ceil(T/E) tokens (exactly T/E when E divides T), and the
+    total ``sum_t scores_TE[t, expert[t]]`` is the largest any such assignment reaches (up to
+    ties, see the module docstring). ``scores_TE`` is (T, E), finite; it is not differentiated.
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver={solver!r} must be one of {SOLVERS}")
+    check_choice("solver", solver, SOLVERS)
+    if not (isinstance(scores_TE, torch.Tensor) and scores_TE.dim() == 2):
+        raise ValueError(f"scores_TE must be a (T, E) tensor, got {_shape_of(scores_TE)}")
     T, E = scores_TE.shape
     device = scores_TE.device
     if T == 0 or E == 1:
         return torch.zeros(T, dtype=torch.long, device=device)
+    if not bool(torch.isfinite(scores_TE).all()):
+        raise ValueError("scores_TE holds a NaN or an infinity: the scores must be finite")
     if solver == "scipy":
         return _scipy_assignment(scores_TE)
-    values_NG, group_expert_G, capacity_G = _slot_groups(scores_TE.double())
+    # The auction works on scores scaled to [0, 1]: its epsilons are then absolute, and prices
+    # (which stay within a few score ranges) never get so large that adding eps rounds away.
+    s = scores_TE.double()
+    low, span = s.min(), s.max() - s.min()
+    s = (s - low) / span if float(span) > 0 else torch.zeros_like(s)
+    values_NG, group_expert_G, capacity_G = _slot_groups(s)
     group_N = _auction(values_NG, capacity_G)
     return group_expert_G[group_N[:T]]
+
+
+def require_scipy(why: str):
+    """``scipy.optimize.linear_sum_assignment``, or an ImportError naming the extra."""
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError:
+        raise ImportError(
+            f"{why} needs scipy: pip install 'moesaic[routers]' (or pip install scipy)"
+        ) from None
+    return linear_sum_assignment
+
+
+def _shape_of(x: object) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 def _slot_groups(scores_TE: torch.Tensor):
@@ -178,12 +207,7 @@ def _scipy_assignment(scores_TE: torch.Tensor) -> torch.Tensor:
     """``linear_sum_assignment`` on (T, E * ceil(T/E)) token-slot affinities. The E * floor(T/E)
     guaranteed slots get a bonus larger than any difference of totals, so every one of them is
     filled and the rest of the objective is the affinity alone."""
-    try:
-        from scipy.optimize import linear_sum_assignment
-    except ImportError:
-        raise ImportError(
-            "router='base' with solver='scipy' needs scipy: pip install 'moesaic[routers]'"
-        ) from None
+    linear_sum_assignment = require_scipy("balanced_assignment(solver='scipy')")
     T, E = scores_TE.shape
     base, extra = divmod(T, E)
     s = scores_TE.detach().double().cpu()
