@@ -76,9 +76,7 @@ def _incompatibilities(model: MoELM) -> list[str]:
     need(cfg.moe_every == 1, "moe_every", cfg.moe_every, "Mixtral has an MoE in every layer: 1")
     fd = cfg.first_dense_layers
     need(fd == 0, "first_dense_layers", fd, "Mixtral has an MoE in every layer: 0")
-    need(
-        cfg.expert_d_ff in (None, cfg.d_ff), "expert_d_ff", cfg.expert_d_ff, "Mixtral: None"
-    )
+    need(cfg.expert_d_ff in (None, cfg.d_ff), "expert_d_ff", cfg.expert_d_ff, "Mixtral: None")
     need(moe.router == "topk", "moe.router", moe.router, "Mixtral's router is 'topk'")
     normalize = moe.router_options.get("normalize", True)
     need(normalize is True, "moe.router_options['normalize']", normalize, "Mixtral renormalises")

@@ -6,8 +6,8 @@ grouped-query attention, so ``2 * 4 * D^2``), attention scores and
 weighted values ``2 * 2 * S * D`` (the full S x S product that ``scaled_dot_product_attention``
 computes), the FFN ``2 * n_mats * D * F`` times k experts for an MoE layer (n_mats 2, or 3 for
 swiglu; F the expert width ``LMConfig.expert_width``), its shared expert ``2 * n_mats * D *
-shared_d_ff``, the router ``2 * D * E``; plus the output head ``2 * D * V``. A training step costs three
-forwards (backward is twice the forward's matmuls).
+shared_d_ff``, the router ``2 * D * E``; plus the output head ``2 * D * V``. A training step
+costs three forwards (backward is twice the forward's matmuls).
 """
 
 from __future__ import annotations

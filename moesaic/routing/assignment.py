@@ -9,17 +9,20 @@ Two exact solvers:
 
 - ``"auction"`` (default): Bertsekas' auction algorithm with epsilon scaling, in torch, on the
   scores' device (the BASE paper's code solves its assignment with an auction too). All free
-  tokens bid at once (Jacobi rounds); an expert's slots are identical objects, so a token
-  compares an expert only with the *other* experts, and an expert accepts every bid that beats
-  one of its cheapest slots in the same round (see ``_auction``). The last
+  tokens bid at once (Jacobi rounds); an expert's slots are identical objects with one price,
+  so an expert takes all the bids it can hold in one round, and its price jumps to the smallest
+  bid it keeps instead of creeping up by epsilon slot by slot (see ``_auction``). The last
   phase's epsilon makes the assignment's total affinity equal the optimum to within
   ``AUCTION_RELATIVE_GAP * (max - min score)``, far below the float32 resolution of the logits:
-  it is the optimal assignment up to ties.
+  it is the optimal assignment up to ties. When E does not divide T, an expert's extra slot is
+  a group of its own that its tokens value exactly like its other slots; bids between the two
+  then rise by epsilon at a time, and the auction is much slower (tens of seconds rather than
+  about one second at T = 4100, E = 64 on one CPU core): prefer a T that E divides.
 - ``"scipy"``: ``scipy.optimize.linear_sum_assignment`` on the (T, E * ceil(T/E)) matrix of
   token-slot affinities (the optional extra ``moesaic[routers]``).
 
-Shape legend (docs/shapes.md): T tokens, E experts, C slots per expert, N persons (T tokens
-plus dummy persons that take the unused extra slots), G slot groups.
+Shape legend (docs/shapes.md): T tokens, E experts, N persons (T tokens plus dummy persons that
+take the unused extra slots), G slot groups.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ SOLVERS = ("auction", "scipy")
 # of the optimum).
 AUCTION_RELATIVE_GAP = 1e-9
 _EPS_SHRINK = 8.0  # epsilon scaling factor between phases
-_MAX_ROUNDS = 1_000_000  # a safety net only: every round raises some price by eps
+_MAX_ROUNDS = 1_000_000  # a safety net only: every round some group's kept bids rise
 
 
 @torch.no_grad()
@@ -117,35 +120,32 @@ def _auction(values_NG: torch.Tensor, capacity_G: torch.Tensor) -> torch.Tensor:
     (sum(capacity_G) == N, every person has a finite value for at least two groups).
     Returns the group of every person.
 
-    Prices are kept per slot, (G, C) padded with +inf; a group's price for a newcomer is its
-    cheapest slot's. In a round every free person bids for its best group g the price that makes
-    it indifferent to its best *other* group, plus eps. Group g ranks its bids (descending)
-    against its slot prices (ascending) and the r-th bid takes the r-th cheapest slot, at the
-    bid, while it beats that slot's price by eps; the slot's holder becomes free.
+    A group has one price p_g, which all its holders pay (the auction for similar objects,
+    Bertsekas and Castanon 1989, "The auction algorithm for transportation problems"). In a
+    round every free person bids for its best group g (largest ``value - p``) the price that
+    makes it indifferent to its best other group, plus eps. Group g keeps the ``capacity_g``
+    largest bids among its holders and its new bidders, evicts the rest, and, when full, moves
+    its price to the smallest bid it keeps.
 
-    Invariant (eps-CS relative to other groups): a person holding a slot of g at price p has
-    ``value[g] - p >= max_{h != g} (value[h] - min price of h) - eps``. With one dual price per
-    group (its cheapest slot) this bounds the duality gap by eps per person, so a full
-    assignment is within N * eps of the optimum; comparing only across groups is what lets a
-    price jump by a whole bid instead of creeping up by eps over a group's identical slots
-    (Bertsekas 1988, "The auction algorithm: a distributed relaxation method for the
-    assignment problem"; similar objects: Bertsekas and Castanon 1989).
+    Invariant (eps-complementary slackness): a holder of g bid b >= p_g, so its profit
+    ``value[g] - p_g >= value[g] - b = (best other profit at bid time) - eps``, and other groups'
+    prices only rise. A complete assignment with this invariant is within N * eps of the optimum
+    (Bertsekas 1988, "The auction algorithm: a distributed relaxation method for the assignment
+    problem"). Every round each group that gets bids accepts at least one: a bid beats the
+    price by eps, and a full group's price is its smallest kept bid.
     """
     N, G = values_NG.shape
-    device, dtype = values_NG.device, values_NG.dtype
-    C = int(capacity_G.max())
     finite = values_NG[torch.isfinite(values_NG)]
     span = float(finite.max() - finite.min()) or 1.0
-    price_GC = torch.zeros(G, C, dtype=dtype, device=device)
-    price_GC[torch.arange(C, device=device) >= capacity_G[:, None]] = math.inf
-    owner_GC = torch.full((G, C), -1, dtype=torch.long, device=device)
-    slot_N = torch.full((N,), -1, dtype=torch.long, device=device)  # flat g * C + c, -1 free
+    price_G = values_NG.new_zeros(G)
+    group_N = torch.full((N,), -1, dtype=torch.long, device=values_NG.device)
+    bid_N = values_NG.new_zeros(N)
     eps, eps_final = span / _EPS_SHRINK, AUCTION_RELATIVE_GAP * span / N
     while True:
-        _release_unhappy(values_NG, price_GC, owner_GC, slot_N, eps)
-        _auction_phase(values_NG, price_GC, owner_GC, slot_N, eps)
+        _release_unhappy(values_NG, price_G, group_N, eps)
+        _auction_phase(values_NG, capacity_G, price_G, group_N, bid_N, eps)
         if eps <= eps_final:
-            return torch.div(slot_N, C, rounding_mode="floor")
+            return group_N
         eps = max(eps / _EPS_SHRINK, eps_final)
 
 
@@ -155,51 +155,39 @@ def _best_two(profit_NG: torch.Tensor):
     return group_N2[:, 0], top_N2[:, 0], top_N2[:, 1]
 
 
-def _release_unhappy(values_NG, price_GC, owner_GC, slot_N, eps) -> None:
-    """Start a phase from the last one's assignment: free only the persons that break the
-    invariant for the new eps; the rest keep their slots and prices."""
-    held_N = slot_N >= 0
-    if not bool(held_N.any()):
-        return
-    C = price_GC.shape[1]
-    g_N, c_N = torch.div(slot_N, C, rounding_mode="floor").clamp(min=0), slot_N.clamp(min=0) % C
-    profit_NG = values_NG - price_GC.amin(dim=1)
-    best_g, best, second = _best_two(profit_NG)
+def _release_unhappy(values_NG, price_G, group_N, eps) -> None:
+    """Start a phase from the last one's assignment and prices: free only the persons that
+    break the invariant for the new eps."""
+    held_N = group_N >= 0
+    g_N = group_N.clamp(min=0)
+    best_g, best, second = _best_two(values_NG - price_G)
     other_N = torch.where(best_g == g_N, second, best)
-    mine_N = values_NG.gather(1, g_N[:, None])[:, 0] - price_GC[g_N, c_N]
-    release = held_N & (mine_N < other_N - eps)
-    owner_GC[g_N[release], c_N[release]] = -1
-    slot_N[release] = -1
+    mine_N = values_NG.gather(1, g_N[:, None])[:, 0] - price_G[g_N]
+    group_N[held_N & (mine_N < other_N - eps)] = -1
 
 
-def _auction_phase(values_NG, price_GC, owner_GC, slot_N, eps) -> None:
-    G, C = price_GC.shape
-    device = values_NG.device
-    inf_G1 = price_GC.new_full((G, 1), math.inf)
+def _auction_phase(values_NG, capacity_G, price_G, group_N, bid_N, eps) -> None:
+    G = price_G.shape[0]
+    arange_N = torch.arange(group_N.shape[0], device=group_N.device)
     for _ in range(_MAX_ROUNDS):
-        free_U = (slot_N < 0).nonzero()[:, 0]
+        free_U = (group_N < 0).nonzero()[:, 0]
         if free_U.numel() == 0:
             return
-        sorted_GC, order_GC = price_GC.sort(dim=1)
-        g_U, best_U, second_U = _best_two(values_NG[free_U] - sorted_GC[:, 0])
-        # cheapest price + (best - second) + eps: >= that price + eps even after rounding
-        bid_U = sorted_GC[g_U, 0] + ((best_U - second_U) + eps)
-        # rank the bids within their group, highest first
-        by_bid = bid_U.argsort(descending=True, stable=True)
-        by_group = by_bid[g_U[by_bid].argsort(stable=True)]
-        person_U, g_U, bid_U = free_U[by_group], g_U[by_group], bid_U[by_group]
-        count_G = torch.bincount(g_U, minlength=G)
-        rank_U = torch.arange(g_U.numel(), device=device) - (count_G.cumsum(0) - count_G)[g_U]
-        rank_U = rank_U.clamp(max=C)  # past the last slot: the padding's +inf price
-        ask_U = torch.cat([sorted_GC, inf_G1], dim=1)[g_U, rank_U]
-        win_U = bid_U >= ask_U + eps
-        person_W, g_W, bid_W = person_U[win_U], g_U[win_U], bid_U[win_U]
-        c_W = order_GC[g_W, rank_U[win_U]]
-        evicted_W = owner_GC[g_W, c_W]
-        slot_N[evicted_W[evicted_W >= 0]] = -1
-        owner_GC[g_W, c_W] = person_W
-        slot_N[person_W] = g_W * C + c_W
-        price_GC[g_W, c_W] = bid_W
+        g_U, best_U, second_U = _best_two(values_NG[free_U] - price_G)
+        # p_g + (best - second) + eps: >= p_g + eps even after rounding
+        bid_N[free_U] = price_G[g_U] + ((best_U - second_U) + eps)
+        group_N[free_U] = g_U
+        # every group ranks its holders and bidders by bid, highest first, and keeps capacity_g
+        by_bid = bid_N.argsort(descending=True, stable=True)
+        order = by_bid[group_N[by_bid].argsort(stable=True)]
+        g_sorted = group_N[order]
+        count_G = torch.bincount(g_sorted, minlength=G)
+        rank = arange_N - (count_G.cumsum(0) - count_G)[g_sorted]
+        keep = rank < capacity_G[g_sorted]
+        group_N[order[~keep]] = -1
+        full_G = count_G >= capacity_G
+        last = (count_G.cumsum(0) - count_G + capacity_G - 1)[full_G]  # its smallest kept bid
+        price_G[full_G] = bid_N[order[last]]
     raise AssertionError("the auction did not converge: please report this with the scores")
 
 

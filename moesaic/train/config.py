@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from moesaic._validate import check_nonnegative_float, check_positive_int, prefixed_errors
-from moesaic.data.corpora import CORPORA
 from moesaic.config import MoEConfig
+from moesaic.data.corpora import CORPORA
 from moesaic.models.lm import LMConfig, migrate_lm_dict
 from moesaic.routing import ROUTERS
 from moesaic.train.guard import GuardConfig

@@ -53,6 +53,7 @@ from moesaic.parallel import (
     single_process,
     sync_gradients,
 )
+from moesaic.routing.topk import balance_routers, reset_balance_counts, update_balance_biases
 from moesaic.train.checkpoint import (
     CheckpointError,
     check_fits,
@@ -65,7 +66,6 @@ from moesaic.train.checkpoint import (
 from moesaic.train.config import RunConfig, config_to_dict
 from moesaic.train.data import TOKENIZER_FILE, PreparedData, prepare_data
 from moesaic.train.guard import CollapseWatch, TrainingGuard, TrainingHalted
-from moesaic.routing.topk import balance_routers, reset_balance_counts, update_balance_biases
 from moesaic.train.resources import check_resources
 from moesaic.train.runlock import RunDirError, RunLock
 from moesaic.train.signals import signal_handlers
@@ -385,7 +385,9 @@ class Trainer:
                 self.guard.bad_update(step, bad)  # raises TrainingHalted when it must stop
                 return {"rollback": step, "bad": bad}
             if self._balances:  # the loads of this step's batch, summed over every rank
-                update_balance_biases(self.model, dist.group.WORLD if self.groups.distributed else None)
+                update_balance_biases(
+                    self.model, dist.group.WORLD if self.groups.distributed else None
+                )
             self.collapse.record()
         self.scheduler.step()  # the schedule follows the step count, skipped or not
         row = {

@@ -106,7 +106,9 @@ def _rows(run_dir: Path):
 def test_a_two_process_run_balances_like_one_process_on_the_whole_batch(tmp_path, expert):
     single = Trainer(_cfg(1), tmp_path / "single", progress=False)
     single.fit()
-    biases = [torch.tensor(b) for b in run_distributed(_train_body, 2, expert, str(tmp_path / "dist"))]
+    biases = [
+        torch.tensor(b) for b in run_distributed(_train_body, 2, expert, str(tmp_path / "dist"))
+    ]
     want = single.model.blocks[1].ffn.router.balance_bias
     assert want.abs().sum() > 0
     assert torch.equal(biases[0], biases[1]) and torch.equal(biases[0], want)

@@ -185,8 +185,12 @@ def test_the_trainer_updates_the_bias_every_step_and_resumes_bit_identically(tmp
     assert resumed.step == 5
     resumed.fit()
     _same_state(full, resumed)
-    rows = [json.loads(line) for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
-    want = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    ]
+    want = [
+        json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r.get("loss") for r in rows] == [r.get("loss") for r in want]
 
 
