@@ -15,8 +15,11 @@ from moesaic.routing import (
     LearnedRouter,
     Router,
     Routing,
+    RoutingRecorder,
     build_router,
+    record_routing,
     register_router,
+    replay_routing,
     update_balance_biases,
 )
 from moesaic.routing.stats import RoutingStats
@@ -44,6 +47,9 @@ __all__ = [
     "register_router",
     "routing_context",
     "update_balance_biases",
+    "record_routing",
+    "replay_routing",
+    "RoutingRecorder",
     "moefy",
     "convert",
     "metrics",

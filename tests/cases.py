@@ -63,6 +63,9 @@ ROUTER_CASES = [
     RouterCase("task", 2, {"num_tasks": 3}, needs_task=True),
     RouterCase("skill", None, {"task_skills": [[0], [1, 2], [3, 0, 1]]}, needs_task=True),
     RouterCase("cluster", 1),
+    RouterCase("base", 1),
+    RouterCase("sinkhorn", 1),
+    RouterCase("sinkhorn", 2),
 ]
 
 

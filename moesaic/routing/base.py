@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 
 from moesaic._validate import check_positive_int, check_tokens
 from moesaic.context import RoutingContext
+from moesaic.routing import replay
 from moesaic.routing.gate import gate_product
 
 __all__ = ["Routing", "Router", "LearnedRouter"]
@@ -98,6 +100,9 @@ class Router(nn.Module, abc.ABC):
 
     Subclasses set ``default_top_k`` and implement ``forward(x_TD, context) -> Routing``.
     ``x_TD`` arrives flattened to (T, D); ``context`` is the active ``RoutingContext``.
+    Every discrete decision goes through ``decide``, and the combine weights are gathered from
+    differentiable scores at the decided experts, so that ``ms.replay_routing`` can replay a
+    call (see ``moesaic.routing.replay``).
 
     Args:
         d_model: token width D.
@@ -139,10 +144,22 @@ class Router(nn.Module, abc.ABC):
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.router_dtype, self.jitter = router_dtype, float(jitter)
         self.register_forward_pre_hook(_check_input, with_kwargs=True)
+        self.register_forward_pre_hook(_begin_call, with_kwargs=True)
+        self.register_forward_hook(_end_call)
 
     @abc.abstractmethod
     def forward(self, x_TD: torch.Tensor, context: RoutingContext) -> Routing:
         """Route the (T, D) tokens; see the class docstring."""
+
+    def decide(self, choose: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``choose()``: one discrete routing decision (expert indices, kept choices, task ids).
+
+        Under ``ms.record_routing()`` the result is recorded; under ``ms.replay_routing()`` the
+        recorded result of the same call is returned and ``choose`` is not run (nor are the
+        random numbers it would draw). The result must not need a gradient: a router computes
+        its weights afterwards by gathering its differentiable scores at the decided indices.
+        """
+        return replay.decide(self, choose)
 
     def extra_repr(self) -> str:
         return (
@@ -159,6 +176,14 @@ def _check_input(router: Router, args: tuple, kwargs: dict) -> None:
     like = next(router.parameters(), None)
     like = like if like is not None else next(router.buffers(), x)
     check_tokens("x_TD", x, router.d_model, like if isinstance(like, torch.Tensor) else x)
+
+
+def _begin_call(router: Router, args: tuple, kwargs: dict) -> None:
+    replay.begin_call(router, args[0] if args else kwargs["x_TD"])
+
+
+def _end_call(router: Router, args: tuple, routing: Routing) -> Routing:
+    return replay.end_call(router, routing)
 
 
 class LearnedRouter(Router):

@@ -50,7 +50,7 @@ class ClusterRouter(Router):
         K = self.top_k
         with torch.no_grad(), torch.autocast(x_TD.device.type, enabled=False):
             dist_TE = torch.cdist(x_TD.to(self.router_dtype), self.centroids.to(self.router_dtype))
-            expert_TK = dist_TE.topk(K, dim=-1, largest=False).indices
+            expert_TK = self.decide(lambda: dist_TE.topk(K, dim=-1, largest=False).indices)
             weight_TK = torch.full(
                 expert_TK.shape, 1.0 / K, dtype=self.router_dtype, device=x_TD.device
             )

@@ -59,7 +59,8 @@ class ExpertChoiceRouter(LearnedRouter):
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         C = self.capacity(T)
-        weight_CE, token_CE = probs_TE.topk(C, dim=0)
+        token_CE = self.decide(lambda: probs_TE.detach().topk(C, dim=0).indices)
+        weight_CE = probs_TE.gather(0, token_CE)
         device = x_TD.device
         return Routing(
             token=token_CE.t().reshape(-1),

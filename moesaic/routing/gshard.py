@@ -46,6 +46,10 @@ class GShardRouter(TopKRouter):
         if not self.training:
             return routing
         # Keep a second choice when 2 * g2 > r, r ~ U(0, 1); first choices are always kept.
-        r_A = torch.rand(routing.weight.shape, device=routing.weight.device)
-        keep_A = (routing.choice == 0) | (2.0 * routing.weight.detach() > r_A)
+        keep_A = self.decide(lambda: self.keep_second_choices(routing))
         return routing.select(keep_A)
+
+    def keep_second_choices(self, routing: Routing) -> torch.Tensor:
+        """Bool (A,): every first choice, and each second choice with probability min(1, 2 g2)."""
+        r_A = torch.rand(routing.weight.shape, device=routing.weight.device)
+        return (routing.choice == 0) | (2.0 * routing.weight.detach() > r_A)

@@ -57,9 +57,10 @@ class HashRouter(Router):
                     f"routing_context(token_ids=...) holds {ids_T.numel()} ids but the layer "
                     f"sees T={T} tokens; they must be equal"
                 )
-        expert_TK = (
-            balanced_hash(ids_T, E, self.seed)[:, None] + torch.arange(K, device=device)
-        ) % E
+        offset_K = torch.arange(K, device=device)
+        expert_TK = self.decide(
+            lambda: (balanced_hash(ids_T, E, self.seed)[:, None] + offset_K) % E
+        )
         weight_TK = torch.full((T, K), 1.0 / K, dtype=self.router_dtype, device=device)
         probs_TE = torch.zeros(T, E, dtype=self.router_dtype, device=device)
         probs_TE.scatter_(1, expert_TK, weight_TK)

@@ -68,7 +68,9 @@ class NoisyTopKRouter(LearnedRouter):
             clean_TE = self.linear(x, self.gate)
             std_TE = nn.functional.softplus(self.linear(x, self.noise)) if self.training else None
             noisy_TE = clean_TE + torch.randn_like(clean_TE) * std_TE if self.training else clean_TE
-            top_val, top_idx = noisy_TE.topk(min(K + 1, E), dim=-1)
+            # the K best noisy logits and the next one (the load estimator's threshold)
+            top_idx = self.decide(lambda: noisy_TE.detach().topk(min(K + 1, E), dim=-1).indices)
+            top_val = noisy_TE.gather(1, top_idx)
             gates_TK, expert_TK = top_val[:, :K].softmax(dim=-1), top_idx[:, :K]
             probs_TE = torch.zeros_like(clean_TE).scatter(1, expert_TK, gates_TK)
             if self.training and K < E:

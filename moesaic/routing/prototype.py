@@ -49,7 +49,8 @@ class PrototypeRouter(LearnedRouter):
         G = self.num_experts // K
         logits_TKG = self.logits(x_TD).view(T, K, G)
         probs_TKG = logits_TKG.softmax(dim=-1)
-        weight_TK, index_TK = probs_TKG.max(dim=-1)
+        index_TK = self.decide(lambda: probs_TKG.detach().argmax(dim=-1))
+        weight_TK = probs_TKG.gather(-1, index_TK.unsqueeze(-1)).squeeze(-1)
         expert_TK = index_TK + G * torch.arange(K, device=x_TD.device)
         aux = torch.stack([balance_loss(probs_TKG[:, j], index_TK[:, j]) for j in range(K)]).mean()
         probs_TE = probs_TKG.reshape(T, K * G) / K  # one distribution over all E, for statistics

@@ -122,7 +122,9 @@ class SkillRouter(Router):
 
     def forward(self, x_TD: torch.Tensor, context: RoutingContext) -> Routing:
         T = x_TD.shape[0]
-        task_T = task_ids_per_token(context.task, T, self.num_tasks, x_TD.device, "skill")
+        task_T = self.decide(
+            lambda: task_ids_per_token(context.task, T, self.num_tasks, x_TD.device, "skill")
+        )
         expert_TK = self.table_NK[task_T]
         valid_TK = expert_TK >= 0
         weight_TK = valid_TK.to(self.router_dtype) / valid_TK.sum(dim=1, keepdim=True)

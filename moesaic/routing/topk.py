@@ -172,11 +172,10 @@ class TopKRouter(LearnedRouter):
         else:
             scores_TE = logits_TE.sigmoid()
             probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-        if self.balance_bias is None and self.topk_groups == self.n_groups:
-            weight_TK, expert_TK = _topk(scores_TE, self.top_k)
-        else:  # choose by biased / group-limited scores, weight by the plain scores
-            expert_TK = _topk(self.selection_scores(scores_TE.detach()), self.top_k)[1]
-            weight_TK = scores_TE.gather(1, expert_TK)
+        # choose by the (biased / group-limited) scores, weight by the plain scores
+        fixed_TE = scores_TE.detach()
+        expert_TK = self.decide(lambda: _topk(self.selection_scores(fixed_TE), self.top_k))
+        weight_TK = scores_TE.gather(1, expert_TK)
         if self.normalize:
             weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True).clamp_min(1e-30)
         if self.route_scale != 1.0:
@@ -237,12 +236,11 @@ def refuse_topk_options(options: dict, router: str, why: str) -> None:
         )
 
 
-def _topk(scores_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, indices) of the k largest scores per row, largest first."""
-    if k == 1:  # max is a cheaper kernel than topk(1) on CPU
-        value_T, index_T = scores_TE.max(dim=-1)
-        return value_T.unsqueeze(1), index_T.unsqueeze(1)
-    return scores_TE.topk(k, dim=-1)
+def _topk(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (T, k) of the k largest scores per row, largest first."""
+    if k == 1:  # argmax is a cheaper kernel than topk(1) on CPU
+        return scores_TE.argmax(dim=-1, keepdim=True)
+    return scores_TE.topk(k, dim=-1).indices
 
 
 def balance_routers(model: nn.Module) -> list[TopKRouter]:

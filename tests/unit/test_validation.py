@@ -6,7 +6,11 @@ import torch
 import moesaic as ms
 
 BAD_CONSTRUCTOR_ARGS = [
-    ({"router": "nope"}, ValueError, r"router='nope' is not one of \['cluster', 'expert_choice'"),
+    (
+        {"router": "nope"},
+        ValueError,
+        r"router='nope' is not one of \['base', 'cluster', 'expert_choice'",
+    ),
     ({"router": 3}, TypeError, "router=3 must be a name"),
     ({"top_k": 0, "router": "topk"}, ValueError, "top_k=0 must be >= 1"),
     ({"top_k": 9, "router": "topk"}, ValueError, "top_k=9 must be <= num_experts=8"),
