@@ -5,9 +5,14 @@ tokens: exactly T mod E experts take one more token than the others, and which o
 of the optimisation. With T divisible by E every expert takes exactly T/E (Lewis et al. 2021,
 "BASE Layers", section 2.2).
 
-Two exact solvers:
+Exact solvers:
 
-- ``"auction"`` (default): Bertsekas' auction algorithm with epsilon scaling, in torch, on the
+- ``"auto"`` (default): ``"shortest_path"`` when E divides T, else ``"auction"``.
+- ``"shortest_path"`` (E must divide T): per-expert prices from entropic transport, then
+  successive shortest paths between the E experts until every expert holds T/E tokens
+  (``moesaic.routing.shortest_path``); in torch, on the scores' device. Far faster than the
+  auction on router logits, whose many near-ties make the auction's prices creep.
+- ``"auction"``: Bertsekas' auction algorithm with epsilon scaling, in torch, on the
   scores' device (the BASE paper's code solves its assignment with an auction too). All free
   tokens bid at once (Jacobi rounds); an expert's slots are identical objects with one price,
   so an expert takes all the bids it can hold in one round, and its price jumps to the smallest
@@ -32,10 +37,11 @@ import math
 import torch
 
 from moesaic._validate import check_choice
+from moesaic.routing.shortest_path import shortest_path_assignment
 
 __all__ = ["balanced_assignment", "require_scipy", "SOLVERS", "AUCTION_RELATIVE_GAP"]
 
-SOLVERS = ("auction", "scipy")
+SOLVERS = ("auto", "shortest_path", "auction", "scipy")
 # The auction's last epsilon is AUCTION_RELATIVE_GAP * range / N, so N persons lose at most this
 # fraction of the score range in total (Bertsekas 1988: an epsilon-CS assignment is within N * eps
 # of the optimum).
@@ -45,7 +51,7 @@ _MAX_ROUNDS = 1_000_000  # a safety net only: every round some group's kept bids
 
 
 @torch.no_grad()
-def balanced_assignment(scores_TE: torch.Tensor, solver: str = "auction") -> torch.Tensor:
+def balanced_assignment(scores_TE: torch.Tensor, solver: str = "auto") -> torch.Tensor:
     """The expert (LongTensor (T,)) of every token in a maximum-affinity balanced assignment.
 
     Every expert gets floor(T/E) or ceil(T/E) tokens (exactly T/E when E divides T), and the
@@ -61,13 +67,23 @@ def balanced_assignment(scores_TE: torch.Tensor, solver: str = "auction") -> tor
         return torch.zeros(T, dtype=torch.long, device=device)
     if not bool(torch.isfinite(scores_TE).all()):
         raise ValueError("scores_TE holds a NaN or an infinity: the scores must be finite")
+    if solver == "auto":
+        solver = "auction" if T % E else "shortest_path"
+    if solver == "shortest_path" and T % E:
+        raise ValueError(
+            f"solver='shortest_path' needs E={E} to divide T={T} (equal capacities); "
+            "use solver='auto', 'auction' or 'scipy'"
+        )
     if solver == "scipy":
         return _scipy_assignment(scores_TE)
-    # The auction works on scores scaled to [0, 1]: its epsilons are then absolute, and prices
+    # The solvers work on scores scaled to [0, 1]: its epsilons are then absolute, and prices
     # (which stay within a few score ranges) never get so large that adding eps rounds away.
     s = scores_TE.double()
     low, span = s.min(), s.max() - s.min()
     s = (s - low) / span if float(span) > 0 else torch.zeros_like(s)
+    if solver == "shortest_path":
+        capacity_E = torch.full((E,), T // E, dtype=torch.long, device=device)
+        return shortest_path_assignment(s, capacity_E)
     values_NG, group_expert_G, capacity_G = _slot_groups(s)
     group_N = _auction(values_NG, capacity_G)
     return group_expert_G[group_N[:T]]

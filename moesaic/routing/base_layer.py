@@ -43,8 +43,10 @@ class BaseLayerRouter(LearnedRouter):
 
     Args:
         top_k: must be 1 (None too): BASE gives each token one expert.
-        solver: ``"auction"`` (default: Bertsekas' auction in torch, on the logits' device) or
-            ``"scipy"`` (``scipy.optimize.linear_sum_assignment``, needs ``moesaic[routers]``).
+        solver: ``"auto"`` (default: ``"shortest_path"`` when E divides T, the auction
+            otherwise), ``"shortest_path"``, ``"auction"`` (both in torch, on the logits'
+            device) or ``"scipy"`` (``scipy.optimize.linear_sum_assignment``, needs
+            ``moesaic[routers]``); see ``moesaic.routing.assignment``.
             Both find an optimal assignment; they may differ on ties.
     """
 
@@ -56,7 +58,7 @@ class BaseLayerRouter(LearnedRouter):
         num_experts: int,
         top_k: int | None = None,
         *,
-        solver: str = "auction",
+        solver: str = "auto",
         **kwargs,
     ) -> None:
         if top_k not in (None, 1):

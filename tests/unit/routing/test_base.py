@@ -21,7 +21,7 @@ def _router(E: int, **options):
     return router
 
 
-@pytest.mark.parametrize("solver", ["auction", "scipy"])
+@pytest.mark.parametrize("solver", ["auto", "auction", "scipy"])
 @pytest.mark.parametrize("T,E", [(64, 8), (60, 4), (33, 4), (50, 7), (5, 8)])
 def test_training_gives_every_expert_floor_or_ceil_of_t_over_e_tokens(T, E, solver):
     router = _router(E, solver=solver).train()
