@@ -33,6 +33,13 @@ def check_nonnegative_float(name: str, value: object) -> None:
         raise ValueError(f"{name}={value!r} must be a finite float >= 0")
 
 
+def check_positive_float(name: str, value: object, note: str = "") -> None:
+    """A finite float > 0 (``note`` ends the message for zero, e.g. " (or None)")."""
+    check_nonnegative_float(name, value)
+    if value <= 0:
+        raise ValueError(f"{name}={value} must be > 0{note}")
+
+
 def check_choice(name: str, value: object, valid: object) -> None:
     names = sorted(valid)
     if not isinstance(value, str) or value not in names:

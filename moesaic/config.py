@@ -12,7 +12,12 @@ from typing import Any
 
 import torch
 
-from moesaic._validate import check_choice, check_nonnegative_float, check_positive_int
+from moesaic._validate import (
+    check_choice,
+    check_nonnegative_float,
+    check_positive_float,
+    check_positive_int,
+)
 from moesaic.dispatch import DROP_POLICIES
 from moesaic.experts import ACTIVATIONS, ExpertBackend, backend_names
 from moesaic.routing import Router, build_router
@@ -75,9 +80,7 @@ class MoEConfig:
                 check_positive_int(name, getattr(self, name))
         check_positive_int("num_experts", self.num_experts)
         if self.capacity_factor is not None:
-            check_nonnegative_float("capacity_factor", self.capacity_factor)
-            if self.capacity_factor <= 0:
-                raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0 (or None)")
+            check_positive_float("capacity_factor", self.capacity_factor, " (or None)")
         check_choice("drop_policy", self.drop_policy, DROP_POLICIES)
         if self.activation is not None:
             check_choice("activation", self.activation, ACTIVATIONS)

@@ -60,7 +60,6 @@ def _rules(cfg: LMConfig, need: Need) -> None:
     fd = cfg.first_dense_layers
     need(fd == 0, "first_dense_layers", fd, "Mixtral has an MoE in every layer: 0")
     need(cfg.expert_d_ff in (None, cfg.d_ff), "expert_d_ff", cfg.expert_d_ff, "Mixtral: None")
-    need(moe.router == "topk", "moe.router", moe.router, "Mixtral's router is 'topk'")
     normalize = moe.router_options.get("normalize", True)
     need(normalize is True, "moe.router_options['normalize']", normalize, "Mixtral renormalises")
     need(moe.shared_d_ff == 0, "moe.shared_d_ff", moe.shared_d_ff, "Mixtral has no shared expert")

@@ -125,10 +125,10 @@ def _sparse_layers(c: dict[str, Any]) -> list[int]:
     return [i for i in range(c["num_hidden_layers"]) if i not in dense and (i + 1) % step == 0]
 
 
-def _placement(c: dict[str, Any], seq: int, wrong: list[str]) -> tuple[int, int]:
-    """``(moe_every, first_dense_layers)`` for the sparse layers of ``c``; appends to ``wrong``
-    what does not map."""
-    n, sparse = c["num_hidden_layers"], _sparse_layers(c)
+def _placement(c: dict[str, Any], sparse: list[int], seq: int, wrong: list[str]) -> tuple[int, int]:
+    """``(moe_every, first_dense_layers)`` for the ``sparse`` layers of ``c``; appends to
+    ``wrong`` what does not map."""
+    n = c["num_hidden_layers"]
     layout = (
         f"num_experts={c.get('num_experts')}, decoder_sparse_step={c.get('decoder_sparse_step', 1)}"
         f", mlp_only_layers={list(c.get('mlp_only_layers') or [])}"
@@ -163,13 +163,14 @@ def lm_config_from_qwen2_moe(config: Any, max_seq_len: int | None = None) -> LMC
     c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     wrong: list[str] = []
     fields = lm_fields(c, max_seq_len, 1e-6, wrong)
-    every, first_dense = _placement(c, fields["max_seq_len"], wrong)
+    sparse = _sparse_layers(c)
+    every, first_dense = _placement(c, sparse, fields["max_seq_len"], wrong)
     if wrong:
         raise ValueError("cannot import this Qwen2-MoE config:\n  " + "\n  ".join(wrong))
     top_k = c["num_experts_per_tok"]
     expert_width = c["moe_intermediate_size"]
     dense_width = c.get("intermediate_size") or expert_width
-    has_dense = len(_sparse_layers(c)) < c["num_hidden_layers"]
+    has_dense = len(sparse) < c["num_hidden_layers"]
     coef = float(c.get("router_aux_loss_coef", 0.001))
     return LMConfig(
         **fields,
@@ -183,7 +184,7 @@ def lm_config_from_qwen2_moe(config: Any, max_seq_len: int | None = None) -> LMC
             router_options={} if c.get("norm_topk_prob", False) else {"normalize": False},
             shared_d_ff=c["shared_expert_intermediate_size"],
             shared_gate=True,
-            aux_loss_weight=aux_weight_from_hf(coef, len(_sparse_layers(c)), top_k),
+            aux_loss_weight=aux_weight_from_hf(coef, len(sparse), top_k),
         ),
         moe_every=every,
         first_dense_layers=first_dense,

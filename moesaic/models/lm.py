@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from moesaic._validate import (
     check_choice,
     check_nonnegative_float,
+    check_positive_float,
     check_positive_int,
     prefixed_errors,
 )
@@ -86,9 +87,7 @@ class LMConfig:
         check_choice("model.positions", self.positions, ("rope", "learned"))
         check_choice("model.norm", self.norm, NORMS)
         for name in ("rope_theta", "norm_eps"):
-            check_nonnegative_float(f"model.{name}", getattr(self, name))
-            if getattr(self, name) <= 0:
-                raise ValueError(f"model.{name}={getattr(self, name)} must be > 0")
+            check_positive_float(f"model.{name}", getattr(self, name))
         check_nonnegative_float("model.dropout", self.dropout)
         if self.dropout >= 1:
             raise ValueError(f"model.dropout={self.dropout} must be < 1")

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from moesaic._validate import check_nonnegative_float
+from moesaic._validate import check_positive_float
 from moesaic.context import RoutingContext
 from moesaic.routing.base import LearnedRouter, Routing
 from moesaic.routing.losses import z_loss
@@ -43,9 +43,7 @@ class ExpertChoiceRouter(LearnedRouter):
         **kwargs,
     ) -> None:
         super().__init__(d_model, num_experts, top_k, **kwargs)
-        check_nonnegative_float("capacity_factor", capacity_factor)
-        if capacity_factor <= 0:
-            raise ValueError(f"capacity_factor={capacity_factor} must be > 0")
+        check_positive_float("capacity_factor", capacity_factor)
         self.capacity_factor = float(capacity_factor)
 
     def capacity(self, num_tokens: int) -> int:

@@ -27,7 +27,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moesaic._validate import check_choice, check_nonnegative_float, check_positive_int
+from moesaic._validate import (
+    check_choice,
+    check_nonnegative_float,
+    check_positive_float,
+    check_positive_int,
+)
 from moesaic.context import RoutingContext
 from moesaic.routing.base import LearnedRouter, Routing
 from moesaic.routing.losses import balance_loss, z_loss
@@ -118,9 +123,7 @@ class TopKRouter(LearnedRouter):
         if not isinstance(normalize, bool):
             raise TypeError(f"normalize={normalize!r} must be a bool")
         check_choice("score_func", score_func, SCORE_FUNCS)
-        check_nonnegative_float("route_scale", route_scale)
-        if route_scale <= 0:
-            raise ValueError(f"route_scale={route_scale} must be > 0")
+        check_positive_float("route_scale", route_scale)
         check_choice("group_score", group_score, GROUP_SCORES)
         check_positive_int("n_groups", n_groups)
         if num_experts % n_groups:
