@@ -13,6 +13,7 @@ import torch
 __all__ = [
     "check_positive_int",
     "check_choice",
+    "check_dropout",
     "check_nonnegative_float",
     "check_tokens",
     "prefixed_errors",
@@ -38,6 +39,13 @@ def check_positive_float(name: str, value: object, note: str = "") -> None:
     check_nonnegative_float(name, value)
     if value <= 0:
         raise ValueError(f"{name}={value} must be > 0{note}")
+
+
+def check_dropout(name: str, value: object) -> None:
+    """A dropout probability: a float in [0, 1)."""
+    check_nonnegative_float(name, value)
+    if value >= 1:
+        raise ValueError(f"{name}={value} must be < 1 (a dropout probability)")
 
 
 def check_choice(name: str, value: object, valid: object) -> None:

@@ -57,6 +57,8 @@ class MoE(nn.Module):
             "task", ``task_skills`` for "skill", ``normalize`` for "topk").
         expert_backend: how the experts run: "auto" | "torch" | "grouped" | "cpu" or an
             ``ExpertBackend`` instance, see ``Experts``. Every backend computes the same.
+        expert_dropout: dropout on the routed experts' hidden activations in training (Fedus
+            et al. 2022, §4.2); those calls run the "torch" backend.
 
     Args (runtime objects, not part of the config):
         expert_group: a ``torch.distributed`` process group for expert parallelism: each of its
@@ -107,7 +109,9 @@ class MoE(nn.Module):
         kw = {"bias": config.expert_bias, "backend": config.expert_backend}
         kw |= {"device": device, "dtype": dtype}
         D, act = config.d_model, config.expert_activation
-        self.experts = Experts(config.num_experts, D, config.d_ff, act, **kw)
+        self.experts = Experts(
+            config.num_experts, D, config.d_ff, act, dropout=config.expert_dropout, **kw
+        )
         self.expert_group = None
         if expert_group is not None:
             self.shard_experts(expert_group)

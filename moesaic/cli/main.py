@@ -17,6 +17,7 @@ COMMANDS = {
     "eval": ("moesaic.cli.eval", "validation loss of a trained run"),
     "bench": ("moesaic.cli.bench", "time the MoE layer against a naive loop and a dense FFN"),
     "report": ("moesaic.cli.report", "parameters, FLOPs, energy, routing and plots of a run"),
+    "finetune": ("moesaic.cli.finetune", "fine-tune a trained run on a labelled text task"),
     "upcycle": ("moesaic.cli.upcycle", "turn a trained dense run into an MoE run and train it"),
     "data": ("moesaic.cli.data", "the Debian packages the corpora, datasets and tests read"),
     "skillnet": (

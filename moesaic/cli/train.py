@@ -104,6 +104,10 @@ def _shared_run_dir(run_dir: Path, groups) -> Path:
 
 def summary(result: TrainResult, trainer: Trainer) -> str:
     cfg = trainer.cfg
+    if cfg.finetune is not None:  # a classifier: accuracy, no text sample
+        from moesaic.cli.finetune import summary as finetune_summary
+
+        return finetune_summary(result, trainer)
     lines = [
         f"steps: {result.steps}   wall-clock: {result.wall_s:.0f} s",
         f"validation loss: {result.val_loss:.4f} nats/token"

@@ -198,16 +198,23 @@ def load_fortunes() -> list[Document]:
     Only files directly in the fortunes folder: other languages and the offensive set live in
     sub-folders.
     """
+    return [
+        Document(f"fortunes/{name}", "\n\n".join(items) + "\n", "fortunes")
+        for name, items in fortune_items().items()
+    ]
+
+
+def fortune_items() -> dict[str, list[str]]:
+    """The English fortunes by category (file name), each a list of its non-empty items."""
     _require("fortunes", ["fortunes-min", "fortunes"])
-    docs = []
+    out = {}
     for path in sorted(FORTUNES_ROOT.iterdir()):
         if not path.is_file() or "." in path.name or path.name in _FORTUNES_NOT_ENGLISH:
             continue  # .dat indexes, .u8 links
         text = _ANSI_COLOUR.sub("", path.read_bytes().decode("utf-8", errors="replace"))
         items = [item.strip("\n") for item in re.split(r"^%$", text, flags=re.MULTILINE)]
-        text = "\n\n".join(filter(None, items)) + "\n"
-        docs.append(Document(f"fortunes/{path.name}", text, "fortunes"))
-    return docs
+        out[path.name] = [item for item in items if item]
+    return out
 
 
 # The Jargon File's parts: front matter, the lexicon's letter sections, appendices, bibliography.

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from moesaic._validate import check_positive_int, check_tokens
+from moesaic._validate import check_dropout, check_positive_int, check_tokens
 from moesaic.experts import grouped as _grouped  # noqa: F401  (registers "grouped")
 from moesaic.experts import loop as _loop  # noqa: F401  (registers "torch")
 from moesaic.experts.backend import (
@@ -80,10 +80,12 @@ class Experts(nn.Module):
         *,
         bias: bool = False,
         backend: str | ExpertBackend = "auto",
+        dropout: float = 0.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_dropout("dropout", dropout)
         for name, value in (("num_experts", num_experts), ("d_model", d_model), ("d_ff", d_ff)):
             check_positive_int(name, value)
         if activation not in ACTIVATIONS:
@@ -94,6 +96,7 @@ class Experts(nn.Module):
             get_backend(backend)  # an unknown name fails here, naming the ones there are
         self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
         self.activation, self.backend = activation, backend
+        self.dropout = float(dropout)  # on the hidden activations, in training only
         self.act = ACTIVATIONS[activation]
         kw = {"device": device, "dtype": dtype}
         self.w1 = nn.Parameter(expert_weights(num_experts, d_model, d_ff, **kw))
@@ -135,10 +138,14 @@ class Experts(nn.Module):
         return (
             f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
             f"activation={self.activation!r}, bias={self.b1 is not None}, backend={backend!r}"
+            + (f", dropout={self.dropout}" if self.dropout else "")
         )
 
     def backend_for(self, x: torch.Tensor) -> ExpertBackend:
-        """The backend that runs a call on ``x`` (resolves "auto")."""
+        """The backend that runs a call on ``x`` (resolves "auto"). Expert dropout in training
+        runs the plain loop, the one backend that applies it."""
+        if self.training and self.dropout > 0:
+            return get_backend("torch")
         if isinstance(self.backend, ExpertBackend):
             return self.backend
         if self.backend != "auto":

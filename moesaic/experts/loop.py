@@ -34,6 +34,8 @@ class TorchLoop(ExpertBackend):
             h = act(F.linear(x, experts.w1[e].t(), _at(experts.b1, e)))
             if experts.w3 is not None:  # SwiGLU: silu(x w1) * (x w3)
                 h = h * F.linear(x, experts.w3[e].t(), _at(experts.b3, e))
+            if experts.dropout and experts.training:  # expert dropout (Fedus et al. 2022, §4.2)
+                h = F.dropout(h, experts.dropout)
             y.append(F.linear(h, experts.w2[e].t(), _at(experts.b2, e)))
         return torch.cat(y) if y else x_AD.new_empty(0, experts.d_model)
 

@@ -112,9 +112,11 @@ class RoutingLog:
 def _affinity(layer: MoE, batch: Any, num_labels: int) -> torch.Tensor | None:
     """(labels, E) counts of the layer's last forward; None if its tokens are not the batch's."""
     stats = layer.last_stats
-    B, S = batch.x.shape[:2]
+    B = batch.x.shape[0]
+    # positions per row of the forward: the batch's, or more with a soft prompt before them
+    S = stats.num_tokens // B
     kept = stats.kept_token_A
-    if kept is None or (kept.numel() and int(kept.max()) >= B * S):
+    if kept is None or stats.num_tokens != B * S or (kept.numel() and int(kept.max()) >= B * S):
         return None
     labels_T = batch.domain.reshape(B).repeat_interleave(S)  # (B,) -> (B * S,), row-major
     return stats.affinity(labels_T, num_labels).cpu()

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from moesaic._validate import (
     check_choice,
-    check_nonnegative_float,
+    check_dropout,
     check_positive_float,
     check_positive_int,
     prefixed_errors,
@@ -88,9 +88,7 @@ class LMConfig:
         check_choice("model.norm", self.norm, NORMS)
         for name in ("rope_theta", "norm_eps"):
             check_positive_float(f"model.{name}", getattr(self, name))
-        check_nonnegative_float("model.dropout", self.dropout)
-        if self.dropout >= 1:
-            raise ValueError(f"model.dropout={self.dropout} must be < 1")
+        check_dropout("model.dropout", self.dropout)
         if self.n_kv_heads is not None:
             check_positive_int("model.n_kv_heads", self.n_kv_heads)
             if self.n_heads % self.n_kv_heads:
@@ -395,19 +393,37 @@ class MoELM(nn.Module):
             nn.init.normal_(p, 0.0, resid if is_output else std)
 
     def forward(self, idx_BS: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        self._check(idx_BS, cache)
+        return self.head(self.features(idx_BS, cache))
+
+    def features(
+        self,
+        idx_BS: torch.Tensor,
+        cache: KVCache | None = None,
+        prefix_BPD: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final normed hidden states (B, S, D) that the output head reads; with
+        ``prefix_BPD`` (soft-prompt vectors, prompt tuning) those P positions come first and the
+        output is (B, P + S, D)."""
+        if prefix_BPD is not None and cache is not None:
+            raise ValueError("a soft-prompt prefix cannot be combined with a KV cache")
+        P = 0 if prefix_BPD is None else prefix_BPD.shape[1]
+        self._check(idx_BS, cache, extra=P)
         start = cache.length if cache is not None else 0
         x = self.embed(idx_BS)
+        if prefix_BPD is not None:
+            x = torch.cat([prefix_BPD.to(x.dtype), x], dim=1)
         if self.pos is not None:
-            x = x + self.pos(torch.arange(start, start + idx_BS.shape[1], device=idx_BS.device))
+            x = x + self.pos(torch.arange(start, start + x.shape[1], device=idx_BS.device))
         x = self.drop(x)
         rope = (self.rope_cos, self.rope_sin) if self.pos is None else None
         if self._token_ids:
-            with routing_context(token_ids=idx_BS):
+            # prompt positions carry no token: id 0 stands in for the routers that hash ids
+            ids = F.pad(idx_BS, (P, 0)) if P else idx_BS
+            with routing_context(token_ids=ids):
                 x = self._blocks(x, rope, cache, start)
         else:
             x = self._blocks(x, rope, cache, start)
-        return self.head(self.ln_f(x))
+        return self.ln_f(x)
 
     def _blocks(self, x, rope, cache: KVCache | None, start: int) -> torch.Tensor:
         for i, block in enumerate(self.blocks):
@@ -424,12 +440,12 @@ class MoELM(nn.Module):
             raise TypeError(f"targets.dtype={targets_BS.dtype} must be torch.int64 (token ids)")
         return F.cross_entropy(logits.flatten(0, 1).float(), targets_BS.flatten())
 
-    def _check(self, idx_BS: torch.Tensor, cache: KVCache | None) -> None:
+    def _check(self, idx_BS: torch.Tensor, cache: KVCache | None, extra: int = 0) -> None:
         if not isinstance(idx_BS, torch.Tensor) or idx_BS.dtype not in (torch.int64, torch.int32):
             raise TypeError("idx must be a LongTensor of token ids with shape (batch, seq)")
         if idx_BS.dim() != 2:
             raise ValueError(f"idx.shape={tuple(idx_BS.shape)} must be (batch, seq)")
-        end = idx_BS.shape[1] + (cache.length if cache is not None else 0)
+        end = idx_BS.shape[1] + extra + (cache.length if cache is not None else 0)
         if end > self.cfg.max_seq_len:
             raise ValueError(
                 f"sequence length {end} exceeds model.max_seq_len={self.cfg.max_seq_len}"

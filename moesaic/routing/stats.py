@@ -36,6 +36,7 @@ class RoutingStats:
         self.requested_per_expert = requested_per_expert.detach()
         # source token of every kept assignment, grouped by expert (the dispatch order)
         self.kept_token_A = None if kept_token_A is None else kept_token_A.detach()
+        self.num_tokens = int(probs_TE.shape[0])  # T of the forward
         # the entropy is computed when first asked for: most steps never read it
         self._probs_TE: torch.Tensor | None = probs_TE.detach()
         self._entropy: torch.Tensor | None = None

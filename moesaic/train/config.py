@@ -19,7 +19,14 @@ from typing import Any
 
 import torch
 
-from moesaic._validate import check_nonnegative_float, check_positive_int, prefixed_errors
+from moesaic._validate import (
+    check_choice,
+    check_dropout,
+    check_nonnegative_float,
+    check_positive_float,
+    check_positive_int,
+    prefixed_errors,
+)
 from moesaic.config import MoEConfig
 from moesaic.data.corpora import CORPORA
 from moesaic.models.lm import LMConfig, migrate_lm_dict
@@ -33,6 +40,8 @@ __all__ = [
     "TrainConfig",
     "ParallelConfig",
     "GuardConfig",
+    "FinetuneConfig",
+    "DistillConfig",
     "RunConfig",
     "apply_overrides",
     "config_to_dict",
@@ -144,6 +153,87 @@ class ParallelConfig:
         check_positive_int("parallel.expert", self.expert)
 
 
+FINETUNE_METHODS = ("full", "prompt")
+POOLING = ("mean", "last")
+
+
+@dataclasses.dataclass(kw_only=True)
+class FinetuneConfig:
+    """Fine-tuning a pretrained language model on a labelled task (``moesaic finetune``).
+
+    ``init`` is the pretrained run's directory (its newest good checkpoint; "" starts from
+    random weights, the no-pretraining baseline). ``data.seq_len`` is the text length in tokens
+    (longer texts are cut), ``data.batch_size`` the examples per step. The defaults are Switch
+    Transformer's fine-tuning recipe (Fedus et al. 2022, §4.2): dropout 0.1 outside the experts
+    and 0.4 inside them. ``method="prompt"`` freezes the whole language model and trains
+    ``prompt_tokens`` soft-prompt vectors and the classifier (prompt tuning, Lester et al. 2021;
+    CPM-2 §4, Zhang et al. 2021).
+    """
+
+    task: str = "supersense"
+    init: str = ""
+    method: str = "full"
+    dropout: float = 0.1
+    expert_dropout: float = 0.4
+    freeze_router: bool = False
+    prompt_tokens: int = 20
+    pool: str = "mean"
+    num_classes: int = 0  # keep the most frequent classes (0: all)
+    per_class: int = 0  # at most this many texts per class (0: all)
+
+    def __post_init__(self) -> None:
+        from moesaic.data.labelled import LABELLED_TASKS
+
+        check_choice("finetune.task", self.task, LABELLED_TASKS)
+        check_choice("finetune.method", self.method, FINETUNE_METHODS)
+        check_choice("finetune.pool", self.pool, POOLING)
+        if not isinstance(self.init, str) or (self.init and not self.init.strip()):
+            raise ValueError(
+                f"finetune.init={self.init!r} must be a run directory (or '' for random weights)"
+            )
+        check_dropout("finetune.dropout", self.dropout)
+        check_dropout("finetune.expert_dropout", self.expert_dropout)
+        if not isinstance(self.freeze_router, bool):
+            raise TypeError(f"finetune.freeze_router={self.freeze_router!r} must be a bool")
+        check_positive_int("finetune.prompt_tokens", self.prompt_tokens)
+        for name in ("num_classes", "per_class"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"finetune.{name}={value!r} must be an int >= 0 (0: all)")
+        if self.num_classes == 1:
+            raise ValueError("finetune.num_classes=1 must be 0 (all) or >= 2")
+
+
+@dataclasses.dataclass(kw_only=True)
+class DistillConfig:
+    """A teacher run whose softened predictions the model also learns from.
+
+    The loss is ``(1 - w) * CE + w * T^2 * KL(teacher_T || student_T)`` (Hinton et al. 2015)
+    with ``w = kd_weight(step, weight, until, schedule)`` (moesaic/train/distill.py): "constant"
+    up to ``until`` steps then 0 is staged KD (Rajbhandari et al. 2022, §5.2); "linear" decays
+    to 0 at ``until``, knowledge inheritance (CPM-2 §3). ``until=0`` keeps the teacher all run.
+    """
+
+    teacher: str = ""
+    temperature: float = 1.0
+    weight: float = 0.5
+    until: int = 0
+    schedule: str = "constant"
+
+    def __post_init__(self) -> None:
+        check_positive_float("distill.temperature", self.temperature)
+        check_nonnegative_float("distill.weight", self.weight)
+        if self.weight > 1:
+            raise ValueError(f"distill.weight={self.weight} must be <= 1 (the teacher's share)")
+        if isinstance(self.until, bool) or not isinstance(self.until, int) or self.until < 0:
+            raise ValueError(f"distill.until={self.until!r} must be an int >= 0 (0: every step)")
+        check_choice("distill.schedule", self.schedule, ("constant", "linear"))
+        if not isinstance(self.teacher, str) or not self.teacher.strip():
+            raise ValueError(
+                f"distill.teacher={self.teacher!r} must be the teacher's run directory"
+            )
+
+
 @dataclasses.dataclass(kw_only=True)
 class RunConfig:
     recipe: str = "custom"
@@ -153,13 +243,19 @@ class RunConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     guard: GuardConfig = dataclasses.field(default_factory=GuardConfig)
+    finetune: FinetuneConfig | None = None
+    distill: DistillConfig | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.recipe, str) or not self.recipe or "/" in self.recipe:
             raise ValueError(f"recipe={self.recipe!r} must be a non-empty name without '/'")
-        if self.model.max_seq_len < self.data.seq_len:
+        prompt = (
+            self.finetune.prompt_tokens if self.finetune and self.finetune.method == "prompt" else 0
+        )
+        if self.model.max_seq_len < self.data.seq_len + prompt:
+            what = f" + finetune.prompt_tokens={prompt}" if prompt else ""
             raise ValueError(
-                f"data.seq_len={self.data.seq_len} must be <= model.max_seq_len="
+                f"data.seq_len={self.data.seq_len}{what} must be <= model.max_seq_len="
                 f"{self.model.max_seq_len}"
             )
         if self.model.is_moe and self.model.moe.num_experts % self.parallel.expert:

@@ -9,9 +9,22 @@ import dataclasses
 from collections.abc import Callable
 
 from moesaic.models.registry import model_config
-from moesaic.train.config import DataConfig, OptimConfig, RunConfig, TrainConfig
+from moesaic.train.config import (
+    DataConfig,
+    FinetuneConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+)
 
-__all__ = ["RECIPES", "recipe", "get_recipe", "DEFAULT_RECIPE", "dense_baseline"]
+__all__ = [
+    "RECIPES",
+    "recipe",
+    "get_recipe",
+    "DEFAULT_RECIPE",
+    "dense_baseline",
+    "finetune_defaults",
+]
 
 RECIPES: dict[str, Callable[[], RunConfig]] = {}
 DEFAULT_RECIPE = "lm-moe-tiny"
@@ -46,7 +59,7 @@ def lm_moe_tiny() -> RunConfig:
         model=model_config("lm-moe-tiny"),
         data=DataConfig(corpus="stdlib", seq_len=256, batch_size=32, eval_batches=16),
         optim=OptimConfig(lr=3e-3, warmup_steps=50),
-        train=TrainConfig(steps=3000, eval_every=250, checkpoint_every=500),
+        train=TrainConfig(steps=2000, eval_every=250, checkpoint_every=500),
     )
 
 
@@ -103,4 +116,19 @@ def lm_deepseekmoe_tiny() -> RunConfig:
         data=DataConfig(corpus="stdlib", seq_len=256, batch_size=32, eval_batches=16),
         optim=OptimConfig(lr=3e-3, warmup_steps=50),
         train=TrainConfig(steps=3000, eval_every=250, checkpoint_every=500),
+    )
+
+
+def finetune_defaults(task: str) -> RunConfig:
+    """``moesaic finetune``'s run before the pretrained run's model section replaces ``model``:
+    texts of up to 128 tokens, 32 per step, 1000 steps, AdamW at 1e-3 with little weight decay,
+    and Switch's dropout (``FinetuneConfig``'s defaults)."""
+    return RunConfig(
+        recipe=f"finetune-{task}",
+        data=DataConfig(seq_len=128, batch_size=32, eval_batches=64),
+        optim=OptimConfig(lr=1e-3, warmup_steps=50, weight_decay=0.01),
+        train=TrainConfig(
+            steps=1000, eval_every=100, checkpoint_every=250, log_every=10, sample_tokens=0
+        ),
+        finetune=FinetuneConfig(task=task),
     )

@@ -42,7 +42,6 @@ from tqdm import tqdm
 from moesaic.layer import MoE, aux_loss
 from moesaic.metrics.params import ParameterCount, count_parameters
 from moesaic.metrics.routing_log import RoutingLog
-from moesaic.models.lm import MoELM
 from moesaic.parallel import (
     ParallelGroups,
     clip_grad_norm,
@@ -64,11 +63,12 @@ from moesaic.train.checkpoint import (
     write_atomic,
 )
 from moesaic.train.config import RunConfig, config_to_dict
-from moesaic.train.data import TOKENIZER_FILE, PreparedData, prepare_data
+from moesaic.train.data import PreparedData
 from moesaic.train.guard import CollapseWatch, TrainingGuard, TrainingHalted
 from moesaic.train.resources import check_resources
 from moesaic.train.runlock import RunDirError, RunLock
 from moesaic.train.signals import signal_handlers
+from moesaic.train.tasks import Task, build_model, evaluate, task_for
 
 __all__ = [
     "Trainer",
@@ -103,17 +103,11 @@ class TrainResult:
     run_dir: Path
     steps: int
     val_loss: float
-    tokens_per_s: float
+    tokens_per_s: float  # training speed in the task's unit (tokens; examples for a classifier)
     params: ParameterCount
     wall_s: float
     evals: list[dict[str, Any]]
     trained_steps: int = 0  # steps trained by this call (0: the run had already finished)
-
-
-def build_model(cfg: RunConfig, vocab_size: int, expert_group: object | None = None) -> MoELM:
-    """The run's model with the tokenizer's vocabulary size (experts sharded over
-    ``expert_group`` when given)."""
-    return MoELM(dataclasses.replace(cfg.model, vocab_size=vocab_size), expert_group)
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -122,16 +116,6 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: list) -> float:
-    """Mean next-token cross-entropy (nats per token) over fixed validation batches."""
-    was_training = model.training
-    model.eval()
-    total = sum(model.loss(b.x, b.y).item() for b in batches)
-    model.train(was_training)
-    return total / len(batches)
 
 
 class Trainer:
@@ -143,6 +127,8 @@ class Trainer:
         resume: continue from ``run_dir``'s newest checkpoint.
         progress: show a tqdm bar (loss, tokens/s, dropped-token %).
         data: already prepared data (``moesaic compare`` shares it between its two runs).
+        task: what is trained (moesaic/train/tasks.py); None takes ``task_for(cfg, data)``:
+            language modelling, or classification for a config with a ``finetune`` section.
         groups: ``ms.parallel.init(...)``'s groups when launched by torchrun: experts are
             sharded over the expert group, each rank trains on its rows of the global batch,
             gradients are averaged, and only rank 0 writes files.
@@ -157,6 +143,7 @@ class Trainer:
         progress: bool = True,
         data: PreparedData | None = None,
         groups: ParallelGroups | None = None,
+        task: Task | None = None,
     ) -> None:
         self.groups = groups = groups or single_process()
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -184,18 +171,17 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
-        self.data = data or prepare_data(cfg.data, self.run_dir)
-        tokenizer_file = self.run_dir / TOKENIZER_FILE
-        if groups.is_main and not tokenizer_file.exists():
-            write_atomic(tokenizer_file, self.data.tokenizer.to_json())
-        self.model = build_model(cfg, self.data.tokenizer.vocab_size, groups.expert_group)
+        self.task = task or task_for(cfg, data)
+        self.task.prepare(self.run_dir, groups.is_main)
+        self.data = getattr(self.task, "data", None)  # a language-modelling run's corpus
+        self.model = self.task.build_model(groups.expert_group)
         # auxiliary-loss-free balancing: the routers' biases move after every optimizer step
         self._balances = bool(balance_routers(self.model))
         self._new_optimizer()
         self.guard = TrainingGuard(cfg.guard)
         self.collapse = CollapseWatch(cfg.guard, self.model)
-        self.sampler = self.data.sampler(cfg.data, groups.rank, groups.world_size)
-        self.val_batches = self.data.eval_batches(cfg.data)
+        self.sampler = self.task.sampler(groups.rank, groups.world_size)
+        self.val_batches = self.task.eval_batches()
         self.step = 0
         self.train_s = 0.0  # cumulative seconds spent in training steps (not evals, not saves)
         self.evals: list[dict[str, Any]] = []
@@ -228,7 +214,7 @@ class Trainer:
         t = self.cfg.train
         return RoutingLog(
             self.run_dir,
-            self.data.train.domains,
+            self.task.labels,
             t.log_every,
             t.steps,
             self.step,
@@ -241,7 +227,8 @@ class Trainer:
         stop_at = (
             cfg.train.steps if max_steps is None else min(cfg.train.steps, self.step + max_steps)
         )
-        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        units_per_step, unit = self.task.units_per_step, self.task.unit
+        rate_key = "tok_s" if unit == "tokens" else f"{unit[:2]}_s"
         # In a log file (no terminal) a bar line every 30 s instead of one per step.
         bar = tqdm(
             total=cfg.train.steps,
@@ -270,7 +257,7 @@ class Trainer:
                     self.train_s += elapsed
                     trained_steps += 1
                     self.step += 1
-                    row["tokens_per_s"] = trained_steps * tokens_per_step / session_s
+                    row[f"{unit}_per_s"] = trained_steps * units_per_step / session_s
                     events = row.pop("events")
                     stop = row.pop("stop")
                     if (
@@ -285,7 +272,7 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(
                         loss=f"{row['loss']:.3f}",
-                        tok_s=f"{row['tokens_per_s']:.0f}",
+                        **{rate_key: f"{row[f'{unit}_per_s']:.0f}"},
                         drop=f"{100 * row['dropped']:.1f}%",
                     )
                     if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
@@ -309,7 +296,7 @@ class Trainer:
             if self._tensorboard is not None:
                 self._tensorboard.flush()
             self._lock.release()
-        tok_s = trained_steps * tokens_per_step / session_s if session_s else 0.0
+        tok_s = trained_steps * units_per_step / session_s if session_s else 0.0
         return TrainResult(
             run_dir=self.run_dir,
             steps=self.step,
@@ -360,10 +347,10 @@ class Trainer:
 
     def _train_step(self) -> dict[str, Any]:
         batch = self.sampler.next_batch()
-        ce = self.model.loss(batch.x, batch.y)
+        objective, logs = self.task.loss(self.model, batch, self.step + 1)
         self.routing_log.record(self.step + 1, self.model, batch)
         aux = aux_loss(self.model)
-        loss = ce + aux
+        loss = objective + aux
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         sync_gradients(self.model, self.groups)
@@ -371,9 +358,13 @@ class Trainer:
         grad_norm = clip_grad_norm(self.model, self.cfg.optim.grad_clip or math.inf, self.groups)
         # The stop flag rides along, so every rank stops after the same step.
         flag = torch.tensor(float(self._stop_signal is not None))
-        loss_v, ce_v, aux_v, stop_v = _mean_over_ranks([loss, ce, aux, flag], self.groups)
+        names = list(logs)
+        loss_v, aux_v, stop_v, *values = _mean_over_ranks(
+            [loss, aux, flag, *logs.values()], self.groups
+        )
+        logged = dict(zip(names, values))
         step = self.step + 1
-        skip = self.guard.skip_step(step, {"loss": loss_v, "ce": ce_v, "aux": aux_v}, grad_norm)
+        skip = self.guard.skip_step(step, {"loss": loss_v, **logged, "aux": aux_v}, grad_norm)
         if skip:  # no update at all: weights, moments and balance biases stay as they were
             self.optimizer.zero_grad(set_to_none=True)
             if self._balances:
@@ -393,7 +384,7 @@ class Trainer:
         row = {
             "step": step,
             "loss": loss_v,
-            "ce": ce_v,
+            **logged,
             "aux": aux_v,
             "grad_norm": grad_norm,
             "lr": self.scheduler.get_last_lr()[0],
@@ -430,14 +421,15 @@ class Trainer:
         return names
 
     def _eval(self) -> None:
-        loss = evaluate(self.model, self.val_batches)
+        metrics = self.task.evaluate(self.model, self.val_batches)
+        loss = metrics["val_loss"]
         if not math.isfinite(loss):  # finite weights can still give inf: never checkpoint it
             raise TrainingHalted(
                 f"step {self.step}: the validation loss is {loss}: the weights are finite but "
                 f"the model's outputs are not (too large a learning rate?); this step is not "
                 f"checkpointed."
             )
-        row = {"step": self.step, "val_loss": loss, "train_s": self.train_s}
+        row = {"step": self.step, **metrics, "train_s": self.train_s}
         self.evals.append(row)
         self._log(row)
         for event in self.collapse.at_eval(self.step, self.groups.distributed):
@@ -581,8 +573,10 @@ class Trainer:
 
 def _adamw(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     # Decay matrices (and stacked expert weights); never norms, biases or 1-D parameters.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
+    # Frozen parameters (prompt tuning, frozen routers) are not the optimizer's at all.
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
     o = cfg.optim
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}],

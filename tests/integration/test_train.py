@@ -88,7 +88,7 @@ def _cli(*args, cwd=None):
         ("train.steps=many", "--set train.steps='many': expected int"),
         (
             "modle.d_model=3",
-            "unknown key 'modle' in the run config; valid keys: data, guard, model",
+            "unknown key 'modle' in the run config; valid keys: data, distill, finetune",
         ),
     ],
 )

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moesaic.data.corpora import WORDNET_LEXNAMES, wordnet_synsets
+from moesaic.data import labelled
+from moesaic.data.corpora import WORDNET_LEXNAMES
 from moesaic.skillnet.data.common import Splits, cached, encode_bytes, require_file, split_by_key
 
 __all__ = ["LEXNAMES", "load_supersense", "read_glosses"]
@@ -31,14 +32,9 @@ def read_glosses(root: Path | None = None) -> list[tuple[str, int]]:
 
 @functools.lru_cache(maxsize=2)
 def _read_glosses(root: Path) -> tuple[tuple[str, int], ...]:
-    out = []
     for pos in ("noun", "verb"):
-        path = require_file("supersense", root / f"data.{pos}", "wordnet-base")
-        for fields, gloss in wordnet_synsets(path):
-            clause = gloss.split(";")[0].strip()
-            if clause:
-                out.append((clause, int(fields[1])))
-    return tuple(out)
+        require_file("supersense", root / f"data.{pos}", "wordnet-base")
+    return tuple(labelled.read_glosses(root))
 
 
 def load_supersense(

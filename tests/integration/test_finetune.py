@@ -1,0 +1,169 @@
+"""Fine-tuning and distillation through the one trainer: prompt tuning leaves the language model
+bit-identical, a fine-tuning run resumes bit for bit, frozen routers stay put, expert dropout
+reaches only the experts, and the distillation loss follows its formula and schedule."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moesaic.cli.finetune import finetune_config
+from moesaic.layer import MoE
+from moesaic.train.config import apply_overrides
+from moesaic.train.distill import distill_loss, kd_weight
+from moesaic.train.recipes import get_recipe
+from moesaic.train.run import load_run
+from moesaic.train.trainer import Trainer
+
+SMALL = [  # three classes, 60 texts each: the data loads and encodes in a moment
+    "finetune.num_classes=3",
+    "finetune.per_class=60",
+    "data.batch_size=8",
+    "data.eval_batches=2",
+    "train.steps=12",
+    "train.eval_every=6",
+    "train.checkpoint_every=6",
+    "train.log_every=1",
+    "finetune.prompt_tokens=4",
+]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("pretrained") / "run"
+    Trainer(get_recipe("lm-moe-test"), run, progress=False).fit()
+    return run
+
+
+def _cfg(pretrained, *overrides, task="supersense"):
+    return finetune_config(pretrained, task, [*SMALL, *overrides])
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _without_timings(run_dir):
+    return [
+        {k: v for k, v in r.items() if not k.endswith("_per_s") and k != "train_s"}
+        for r in _rows(run_dir)
+    ]
+
+
+def test_prompt_tuning_trains_only_the_prompt_and_the_classifier(pretrained, tmp_path):
+    trainer = Trainer(_cfg(pretrained, "finetune.method=prompt"), tmp_path / "p", progress=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    lm = load_run(pretrained).model.state_dict()
+    for name, value in lm.items():  # starts from the pretrained weights
+        assert torch.equal(before[f"lm.{name}"], value), name
+    trainer.fit()
+    after = trainer.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"prompt", "classifier.weight", "classifier.bias"}
+    trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    assert trained == 4 * 32 + 32 * 3 + 3  # P*D + D*C + C with D=32
+
+
+def test_a_fine_tuning_run_resumes_bit_identically(pretrained, tmp_path):
+    cfg = _cfg(pretrained)
+    full = Trainer(cfg, tmp_path / "full", progress=False)
+    full.fit()
+    part = Trainer(cfg, tmp_path / "part", progress=False)
+    part.fit(max_steps=6)
+    resumed = Trainer(cfg, tmp_path / "part", progress=False, resume=True)
+    assert resumed.step == 6
+    resumed.fit()
+    assert _without_timings(tmp_path / "part") == _without_timings(tmp_path / "full")
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert "val_acc" in full.evals[-1] and 0 <= full.evals[-1]["val_acc"] <= 1
+
+
+def test_frozen_routers_stay_and_the_dropouts_reach_their_modules(pretrained, tmp_path):
+    cfg = _cfg(pretrained, "finetune.freeze_router=true", "finetune.expert_dropout=0.3")
+    trainer = Trainer(cfg, tmp_path / "r", progress=False)
+    layers = [m for m in trainer.model.modules() if isinstance(m, MoE)]
+    assert layers and all(m.experts.dropout == 0.3 for m in layers)
+    assert trainer.model.lm.drop.p == 0.1  # Switch's 0.1 outside the experts
+    before = [m.router.gate.weight.clone() for m in layers]
+    trainer.fit()
+    for layer, w in zip(layers, before):
+        assert torch.equal(layer.router.gate.weight, w)
+    others = [p for n, p in trainer.model.named_parameters() if "router" not in n]
+    assert all(p.requires_grad for p in others)
+
+
+def test_distillation_loss_follows_its_formula_and_schedule(tmp_path):
+    teacher = tmp_path / "teacher"
+    Trainer(get_recipe("lm-moe-test"), teacher, progress=False).fit()
+    cfg = apply_overrides(
+        get_recipe("lm-moe-test"),
+        [
+            f"distill.teacher={teacher}",
+            "distill.weight=0.8",
+            "distill.until=8",
+            "distill.schedule=linear",
+            "distill.temperature=2",
+            "train.steps=10",
+            "train.log_every=1",
+            "model.n_layers=3",  # a larger student, as knowledge inheritance grows a model
+        ],
+    )
+    trainer = Trainer(cfg, tmp_path / "student", progress=False)
+    batch = trainer.sampler.next_batch()  # the step-1 loss by hand, from a copy of the state
+    trainer.sampler.load_state_dict({**trainer.sampler.state_dict(), "next_batch": 0})
+    logits = trainer.model(batch.x)
+    with torch.no_grad():
+        teacher_logits = load_run(teacher).model(batch.x)
+    ce = F.cross_entropy(logits.flatten(0, 1), batch.y.flatten())
+    kd = distill_loss(logits, teacher_logits, 2.0)
+    objective, logs = trainer.task.loss(trainer.model, batch, 1)
+    assert objective.item() == pytest.approx((0.2 * ce + 0.8 * kd).item(), rel=1e-5)
+    assert logs["kd"].item() == pytest.approx(kd.item(), rel=1e-5)
+    trainer.fit()
+    rows = [r for r in _rows(tmp_path / "student") if "loss" in r]
+    for r in rows:
+        w = kd_weight(r["step"], 0.8, 8, "linear")
+        if w:
+            assert r["kd_weight"] == pytest.approx(w)
+            mixed = (1 - w) * r["ce"] + w * r["kd"]
+            assert r["loss"] - r["aux"] == pytest.approx(mixed, rel=1e-5)
+        else:  # after the schedule ends the teacher is not even run
+            assert "kd" not in r and math.isclose(r["loss"] - r["aux"], r["ce"], rel_tol=1e-5)
+    assert [r["step"] for r in rows if "kd" not in r] == [9, 10]
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "moesaic", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_fine_tunes_and_bad_input_is_one_line(pretrained, tmp_path):
+    out = tmp_path / "cli"
+    done = _cli(
+        "finetune", "--run", str(pretrained), "--task", "supersense", "--out", str(out),
+        "--no-progress", *[a for s in SMALL for a in ("--set", s)],
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "test (" in done.stdout and "accuracy" in done.stdout
+    test = json.loads((out / "test.json").read_text())
+    assert test["step"] == 12 and 0 <= test["val_acc"] <= 1
+    missing = _cli("finetune", "--run", str(tmp_path / "nope"), "--task", "supersense")
+    assert missing.returncode == 2
+    assert missing.stderr.strip().count("\n") == 0 and "finetune.init=" in missing.stderr
+    bad = _cli("finetune", "--run", str(pretrained), "--task", "imdb")
+    assert bad.returncode == 2 and "invalid choice: 'imdb'" in bad.stderr
+    other_vocab = _cli(
+        "train", "--recipe", "lm-moe-test", "--run-dir", str(tmp_path / "s"),
+        "--set", f"distill.teacher={pretrained}", "--set", "data.tokenizer=bpe",
+        "--set", "data.bpe_vocab_size=300",
+    )  # fmt: skip
+    assert other_vocab.returncode == 2
+    assert "must share the student's tokenizer" in other_vocab.stderr
