@@ -10,7 +10,9 @@ from pathlib import Path
 
 from moesaic.cli.common import friendly_errors
 from moesaic.data import TokenStream, eval_batches, load_corpus, split_documents
-from moesaic.train.run import load_run
+from moesaic.train.checkpoint import check_fits, resumable_checkpoint
+from moesaic.train.config import RunConfig, config_from_dict
+from moesaic.train.run import load_run, read_run_config
 from moesaic.train.trainer import evaluate
 
 __all__ = ["main"]
@@ -29,6 +31,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batches is not None and args.batches < 1:
         parser.error(f"--batches={args.batches} must be >= 1")
+    cfg = config_from_dict(RunConfig, read_run_config(args.run))
+    if cfg.finetune is not None:
+        return _eval_classifier(args.run, cfg, args.batches)
     run = load_run(args.run)
     data = run.cfg.data
     if args.batches is not None:
@@ -41,4 +46,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.run} step {run.step}: validation loss {loss:.4f} nats/token{bits} "
         f"over {data.eval_batches} batches"
     )
+    return 0
+
+
+def _eval_classifier(run_dir: Path, cfg: RunConfig, batches: int | None) -> int:
+    """A fine-tuning run: loss and accuracy on the validation and test splits."""
+    from moesaic.train.classify import Classification
+
+    task = Classification(cfg)
+    task.prepare(run_dir, is_main=False)
+    if not task.started:
+        raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint yet")
+    model = task.build_model(None)
+    expected = model.state_dict()
+    found = resumable_checkpoint(
+        run_dir / "checkpoints",
+        lambda message: print(f"moesaic: {message}"),
+        check=lambda w, s: check_fits(expected, w, Path("model.safetensors")),
+    )
+    if found is None:
+        raise FileNotFoundError(f"{run_dir}/checkpoints holds no usable checkpoint")
+    _, weights, state = found
+    model.load_state_dict(weights)
+    for split in ("val", "test"):
+        m = task.evaluate(model, task.batches(split, batches))
+        print(
+            f"{run_dir} step {state['step']}: {split} loss {m['val_loss']:.4f}, accuracy "
+            f"{m['val_acc']:.4f} over {sum(len(b.y) for b in task.batches(split, batches))} "
+            f"examples"
+        )
     return 0

@@ -18,6 +18,7 @@ COMMANDS = {
     "bench": ("moesaic.cli.bench", "time the MoE layer against a naive loop and a dense FFN"),
     "report": ("moesaic.cli.report", "parameters, FLOPs, energy, routing and plots of a run"),
     "finetune": ("moesaic.cli.finetune", "fine-tune a trained run on a labelled text task"),
+    "distill": ("moesaic.cli.distill", "distil a trained run into a shallower student"),
     "upcycle": ("moesaic.cli.upcycle", "turn a trained dense run into an MoE run and train it"),
     "data": ("moesaic.cli.data", "the Debian packages the corpora, datasets and tests read"),
     "skillnet": (

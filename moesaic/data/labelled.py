@@ -122,7 +122,7 @@ def load_labelled(
             f"val_fraction={val_fraction} and test_fraction={test_fraction} must be > 0 with "
             f"a sum < 1"
         )
-    pairs = sorted(set(LABELLED_TASKS[task]()))
+    pairs = _pairs(task)
     seen = Counter(text for text, _ in pairs)
     pairs = [(t, c) for t, c in pairs if seen[t] == 1]  # a text with two labels is noise
     counts = Counter(c for _, c in pairs)
@@ -153,6 +153,17 @@ def load_labelled(
             f"{'/'.join(empty)} split empty: keep more texts per class"
         )
     return LabelledText(task=task, classes=classes, splits=splits)
+
+
+def _pairs(task: str) -> list[tuple[str, str]]:
+    source = LABELLED_TASKS[task]
+    if source not in _PAIRS:  # by loader: a test may register another under the same name
+        _PAIRS.clear()  # one task's texts at a time
+        _PAIRS[source] = sorted(set(source()))
+    return _PAIRS[source]
+
+
+_PAIRS: dict[Callable, list[tuple[str, str]]] = {}
 
 
 def _hash(purpose: str, text: str) -> int:

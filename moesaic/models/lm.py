@@ -375,9 +375,14 @@ class MoELM(nn.Module):
             isinstance(b.ffn, MoE) and b.ffn.router.reads_token_ids for b in self.blocks
         )
         if expert_group is not None:  # initialise whole, then shard: ranks match one process
-            for block in self.blocks:
-                if isinstance(block.ffn, MoE):
-                    block.ffn.shard_experts(expert_group)
+            self.shard_experts(expert_group)
+
+    def shard_experts(self, expert_group: object) -> None:
+        """Keep only this rank's experts of every MoE layer (``MoE.shard_experts``): a model
+        built or loaded whole and then sharded gives every rank the single-process experts."""
+        for block in self.blocks:
+            if isinstance(block.ffn, MoE):
+                block.ffn.shard_experts(expert_group)
 
     def reset_parameters(self) -> None:
         # GPT-2: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 * layers);

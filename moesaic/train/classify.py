@@ -25,7 +25,12 @@ from moesaic.data.labelled import load_labelled
 from moesaic.layer import MoE
 from moesaic.models.classifier import SequenceClassifier
 from moesaic.models.lm import MoELM
-from moesaic.train.checkpoint import check_fits, resumable_checkpoint, write_atomic
+from moesaic.train.checkpoint import (
+    check_fits,
+    list_checkpoints,
+    resumable_checkpoint,
+    write_atomic,
+)
 from moesaic.train.config import ConfigError, RunConfig, config_from_dict
 from moesaic.train.data import TOKENIZER_FILE
 from moesaic.train.tasks import Task
@@ -146,14 +151,17 @@ class Classification(Task):
         data = load_labelled(ft.task, num_classes=ft.num_classes, per_class=ft.per_class)
         self.classes = data.classes
         saved = run_dir / TOKENIZER_FILE
-        if ft.init:
+        # a run that has checkpoints loads its own weights and tokenizer: the pretrained run
+        # is read only when a fine-tuning run starts
+        self.started = bool(list_checkpoints(run_dir / "checkpoints"))
+        if self.started and saved.exists():
+            self.tokenizer = tokenizer_from_json(saved.read_text())
+        elif ft.init:
             self._check_init()
             source = Path(ft.init) / TOKENIZER_FILE
-            if is_main and not saved.exists():
+            if is_main:
                 shutil.copyfile(source, saved)
             self.tokenizer = tokenizer_from_json(source.read_text())
-        elif saved.exists():
-            self.tokenizer = tokenizer_from_json(saved.read_text())
         else:
             texts = (t for t, _ in data.splits["train"])
             self.tokenizer = (
@@ -192,12 +200,10 @@ class Classification(Task):
             moe = dataclasses.replace(lm_cfg.moe, expert_dropout=ft.expert_dropout)
             lm_cfg = dataclasses.replace(lm_cfg, moe=moe)
         lm = MoELM(lm_cfg)  # whole, loaded, then sharded: every rank gets its pretrained experts
-        if ft.init:
+        if ft.init and not self.started:
             self._load_pretrained(lm)
         if expert_group is not None:
-            for block in lm.blocks:
-                if isinstance(block.ffn, MoE):
-                    block.ffn.shard_experts(expert_group)
+            lm.shard_experts(expert_group)
         prompt = ft.prompt_tokens if ft.method == "prompt" else 0
         model = SequenceClassifier(lm, len(self.classes), ft.pool, prompt)
         if ft.method == "prompt":

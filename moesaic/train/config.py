@@ -212,6 +212,9 @@ class DistillConfig:
     with ``w = kd_weight(step, weight, until, schedule)`` (moesaic/train/distill.py): "constant"
     up to ``until`` steps then 0 is staged KD (Rajbhandari et al. 2022, §5.2); "linear" decays
     to 0 at ``until``, knowledge inheritance (CPM-2 §3). ``until=0`` keeps the teacher all run.
+    ``init_from_teacher`` starts the student from the teacher's weights wherever their names
+    and shapes agree (Switch distillation, Fedus et al. 2022, §5: non-expert weights from the
+    teacher; a shallower student takes the teacher's first layers).
     """
 
     teacher: str = ""
@@ -219,6 +222,7 @@ class DistillConfig:
     weight: float = 0.5
     until: int = 0
     schedule: str = "constant"
+    init_from_teacher: bool = False
 
     def __post_init__(self) -> None:
         check_positive_float("distill.temperature", self.temperature)
@@ -228,6 +232,8 @@ class DistillConfig:
         if isinstance(self.until, bool) or not isinstance(self.until, int) or self.until < 0:
             raise ValueError(f"distill.until={self.until!r} must be an int >= 0 (0: every step)")
         check_choice("distill.schedule", self.schedule, ("constant", "linear"))
+        if not isinstance(self.init_from_teacher, bool):
+            raise TypeError(f"distill.init_from_teacher={self.init_from_teacher!r} must be a bool")
         if not isinstance(self.teacher, str) or not self.teacher.strip():
             raise ValueError(
                 f"distill.teacher={self.teacher!r} must be the teacher's run directory"

@@ -134,7 +134,17 @@ class LanguageModelling(Task):
         return self.data.tokenizer
 
     def build_model(self, expert_group: object | None) -> nn.Module:
-        return build_model(self.cfg, self.data.tokenizer.vocab_size, expert_group)
+        d = self.cfg.distill
+        if d is None or not d.init_from_teacher:
+            return build_model(self.cfg, self.data.tokenizer.vocab_size, expert_group)
+        model = build_model(self.cfg, self.data.tokenizer.vocab_size)  # whole, then sharded
+        own, given = model.state_dict(), self.teacher.state_dict()
+        shared = {k: v for k, v in given.items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(shared, strict=False)
+        self.inherited = sorted(shared)
+        if expert_group is not None:
+            model.shard_experts(expert_group)
+        return model
 
     def sampler(self, rank: int, world_size: int):
         return self.data.sampler(self.cfg.data, rank, world_size)

@@ -13,12 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moesaic.cli.distill import student_config
 from moesaic.cli.finetune import finetune_config
 from moesaic.layer import MoE
-from moesaic.train.config import apply_overrides
+from moesaic.train.config import ConfigError, apply_overrides
 from moesaic.train.distill import distill_loss, kd_weight
 from moesaic.train.recipes import get_recipe
 from moesaic.train.run import load_run
+from moesaic.train.tasks import load_teacher
 from moesaic.train.trainer import Trainer
 
 SMALL = [  # three classes, 60 texts each: the data loads and encodes in a moment
@@ -41,7 +43,7 @@ def pretrained(tmp_path_factory):
     return run
 
 
-def _cfg(pretrained, *overrides, task="supersense"):
+def _cfg(pretrained, *overrides, task="fortune"):
     return finetune_config(pretrained, task, [*SMALL, *overrides])
 
 
@@ -148,22 +150,38 @@ def _cli(*args):
 def test_cli_fine_tunes_and_bad_input_is_one_line(pretrained, tmp_path):
     out = tmp_path / "cli"
     done = _cli(
-        "finetune", "--run", str(pretrained), "--task", "supersense", "--out", str(out),
+        "finetune", "--run", str(pretrained), "--task", "fortune", "--out", str(out),
         "--no-progress", *[a for s in SMALL for a in ("--set", s)],
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "test (" in done.stdout and "accuracy" in done.stdout
     test = json.loads((out / "test.json").read_text())
     assert test["step"] == 12 and 0 <= test["val_acc"] <= 1
-    missing = _cli("finetune", "--run", str(tmp_path / "nope"), "--task", "supersense")
+    evaluated = _cli("eval", "--run", str(out))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert f"test loss {test['val_loss']:.4f}, accuracy {test['val_acc']:.4f}" in evaluated.stdout
+    missing = _cli("finetune", "--run", str(tmp_path / "nope"), "--task", "fortune")
     assert missing.returncode == 2
     assert missing.stderr.strip().count("\n") == 0 and "finetune.init=" in missing.stderr
     bad = _cli("finetune", "--run", str(pretrained), "--task", "imdb")
     assert bad.returncode == 2 and "invalid choice: 'imdb'" in bad.stderr
-    other_vocab = _cli(
-        "train", "--recipe", "lm-moe-test", "--run-dir", str(tmp_path / "s"),
-        "--set", f"distill.teacher={pretrained}", "--set", "data.tokenizer=bpe",
-        "--set", "data.bpe_vocab_size=300",
-    )  # fmt: skip
-    assert other_vocab.returncode == 2
-    assert "must share the student's tokenizer" in other_vocab.stderr
+    with pytest.raises(ConfigError, match="must share the student's tokenizer"):
+        load_teacher(pretrained, vocab_size=300)
+
+
+def test_a_student_starts_from_its_teachers_layers_and_staged_kd_stops(pretrained, tmp_path):
+    cfg = student_config(pretrained, 1, ["train.steps=4", "train.log_every=1"], kd_fraction=0.5)
+    assert cfg.distill.until == 2 and cfg.model.n_layers == 1
+    trainer = Trainer(cfg, tmp_path / "student", progress=False)
+    teacher = load_run(pretrained).model.state_dict()
+    student = trainer.model.state_dict()
+    assert any(k.startswith("blocks.1.") for k in teacher)
+    assert not any(k.startswith("blocks.1.") for k in student)
+    assert trainer.task.inherited == sorted(student)  # every student tensor is the teacher's
+    for name in trainer.task.inherited:
+        assert torch.equal(student[name], teacher[name]), name
+    trainer.fit()
+    rows = [r for r in _rows(tmp_path / "student") if "loss" in r]
+    assert ["kd" in r for r in rows] == [True, True, False, False]
+    bad = _cli("distill", "--teacher", str(pretrained), "--student-layers", "0")
+    assert bad.returncode == 2 and "--student-layers=0 must be an int >= 1" in bad.stderr

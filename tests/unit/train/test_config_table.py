@@ -69,6 +69,7 @@ BAD = {
     "distill.weight": ("2", "distill.weight=2.0 must be <= 1"),
     "distill.until": ("-1", "distill.until=-1 must be an int >= 0"),
     "distill.schedule": ("cosine", "distill.schedule='cosine' is not one of"),
+    "distill.init_from_teacher": ("maybe", "--set distill.init_from_teacher='maybe': expected"),
     "data.corpus": ("wiki", "data.corpus='wiki' is not one of"),
     "data.tokenizer": ("word", "data.tokenizer='word' is not one of"),
     "data.bpe_vocab_size": ("0", "data.bpe_vocab_size=0 must be >= 1"),
