@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in VARIANTS:
                 finetune(out, task, name, args.finetune_steps)
         inherit(out, args.inherit_steps, args.inherit_layers)
+        students(out, args.inherit_steps, args.inherit_layers - 1)
     print(tables(out, args.tasks.split(",")))
     return 0
 
@@ -134,6 +135,27 @@ def inherit(out: Path, steps: int, layers: int) -> None:
         (run_dir / "done.json").write_text(json.dumps({"evals": result.evals}, indent=1))
 
 
+def students(out: Path, steps: int, layers: int) -> None:
+    """Mixture-of-students: the from-scratch deeper MoE of ``inherit`` as teacher, a student one
+    layer shallower (same MoE layer kept) with and without the teacher."""
+    from moesaic.cli.distill import student_config
+
+    teacher = out / "inherit" / "scratch"
+    runs = {
+        "student": student_config(teacher, layers, [f"train.steps={steps}", *THREADS]),
+        "alone": student_config(
+            teacher, layers, [f"train.steps={steps}", *THREADS, "distill.weight=0"], init=False
+        ),
+    }
+    for name, cfg in runs.items():
+        run_dir = out / "students" / name
+        if (run_dir / "done.json").exists():
+            continue
+        print(f"mixture-of-students: {name}", file=sys.stderr, flush=True)
+        result = Trainer(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir()).fit()
+        (run_dir / "done.json").write_text(json.dumps({"evals": result.evals}, indent=1))
+
+
 def tables(out: Path, tasks: list[str]) -> str:
     lines = []
     compare = out / "pretrain" / "compare.json"
@@ -176,6 +198,18 @@ def tables(out: Path, tasks: list[str]) -> str:
             + (f"{reached:.0f}" if reached is not None else "not reached")
             + " |",
         ]
+    names = {
+        "student": "student: teacher's first layers + staged KD",
+        "alone": "same student, random start, no teacher",
+    }
+    done = {n: out / "students" / n / "done.json" for n in names}
+    if all(f.exists() for f in done.values()) and scratch.exists():
+        teacher_loss = json.loads(scratch.read_text())["evals"][-1]["val_loss"]
+        lines += ["", "| mixture-of-students | final validation loss |", "|---|---|"]
+        lines.append(f"| teacher (the deeper MoE, from scratch) | {teacher_loss:.4f} |")
+        for n, f in done.items():
+            evals = json.loads(f.read_text())["evals"]
+            lines.append(f"| {names[n]} | {evals[-1]['val_loss']:.4f} |")
     return "\n".join(lines)
 
 
