@@ -23,3 +23,18 @@ def test_cluster_router_has_no_gradient_path_and_no_aux_loss():
     r = route(router, torch.randn(10, 4, requires_grad=True))
     assert not r.weight.requires_grad and r.aux_loss.item() == 0.0
     assert "centroids" in router.state_dict()
+
+
+def test_balanced_kmeans_gives_every_cluster_its_share_where_plain_kmeans_starves_one():
+    # 300 samples in one tight blob and 20 far away: plain k-means with 4 centroids puts one
+    # centroid on the small blob; balanced k-means gives each cluster 80 samples.
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(300, 2), torch.randn(20, 2) + 50.0])
+    plain = ms.ROUTERS["cluster"](2, 4).fit(x, seed=0)
+    counts = torch.bincount(plain.assign(x), minlength=4)
+    assert counts.min() <= 20
+    even = ms.ROUTERS["cluster"](2, 4).fit(x, seed=0, balanced=True)
+    assert torch.bincount(even.assign(x, balanced=True), minlength=4).tolist() == [80] * 4
+    # with N mod E left over, those few go to their nearest centroid
+    extra = torch.bincount(even.assign(x[:319], balanced=True), minlength=4)
+    assert extra.sum() == 319 and extra.min() >= 319 // 4
