@@ -21,6 +21,7 @@ S a specialist's subset size.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 
 import torch
@@ -233,18 +234,30 @@ class Specialist(nn.Module):
 
 @torch.no_grad()
 def confusable_clusters(
-    probs_NC: torch.Tensor, num_clusters: int, seed: int = 0
+    probs_NC: torch.Tensor, num_clusters: int, seed: int = 0, restarts: int = 10
 ) -> list[list[int]]:
     """Class subsets the generalist confuses: k-means on the columns of the covariance matrix of
     its predicted probabilities (Hinton et al. 2015, §5.1), so classes predicted together fall
-    in one cluster. Returns the clusters of two or more classes, largest first."""
+    in one cluster. Returns the clusters of two or more classes, largest first.
+
+    The diagonal (each class's own variance) is set to zero first: it says nothing about which
+    classes are predicted together, and with few classes it dominates the distances (with 15k
+    classes, as in the paper, it is one coordinate in 15k). The best of ``restarts`` seeded
+    k-means runs (least within-cluster squared distance) is kept.
+    """
     C = probs_NC.shape[1]
     check_positive_int("num_clusters", num_clusters)
     if num_clusters > C:
         raise ValueError(f"num_clusters={num_clusters} must be <= the number of classes {C}")
-    cov_CC = torch.cov(probs_NC.double().T).float()
-    router = ClusterRouter(C, num_clusters, top_k=1).fit(cov_CC, iters=50, seed=seed)
-    label_C = router.assign(cov_CC)
+    cov_CC = torch.cov(probs_NC.double().T).fill_diagonal_(0.0)
+    best, label_C = math.inf, None
+    for r in range(restarts):
+        router = ClusterRouter(C, num_clusters, top_k=1, router_dtype=torch.float64)
+        router.fit(cov_CC, iters=50, seed=seed + r)
+        assign_C = router.assign(cov_CC)
+        inertia = float((cov_CC - router.centroids.double()[assign_C]).square().sum())
+        if inertia < best:
+            best, label_C = inertia, assign_C
     clusters = [torch.nonzero(label_C == k).flatten().tolist() for k in range(num_clusters)]
     return sorted((c for c in clusters if len(c) >= 2), key=lambda c: (-len(c), c))
 
