@@ -19,6 +19,10 @@ COMMANDS = {
     "report": ("moesaic.cli.report", "parameters, FLOPs, energy, routing and plots of a run"),
     "finetune": ("moesaic.cli.finetune", "fine-tune a trained run on a labelled text task"),
     "upcycle": ("moesaic.cli.upcycle", "turn a trained dense run into an MoE run and train it"),
+    "classic": (
+        "moesaic.cli.classic",
+        "classic mixtures on Fashion-MNIST: mile|mele|hard|specialists",
+    ),
     "data": ("moesaic.cli.data", "the Debian packages the corpora, datasets and tests read"),
     "skillnet": (
         "moesaic.skillnet.cli",
