@@ -104,8 +104,12 @@ def _run(args: argparse.Namespace, setup: Any) -> Any:
         result: Any = runs.run_specialists(setup, data, dense)
         print(_specialist_report(result))
     else:
-        run = {"mile": runs.run_mile, "mele": runs.run_mele}.get(args.mode)
-        mixture = run(setup, data) if run else runs.run_hard(setup, data, dense)
+        if args.mode == "mile":
+            _, mixture = runs.run_mile(setup, data)
+        elif args.mode == "mele":
+            _, mixture = runs.run_mele(setup, data)
+        else:
+            _, mixture = runs.run_hard(setup, data, dense)
         result = [dense_result, mixture]
         print(_mixture_report(result))
     return result

@@ -132,8 +132,8 @@ def train_hard_moe(
 
     The trunk and shared decoder stay fixed (they come trained, e.g. from a dense model), so the
     experts need no communication: with ``processes > 1`` they train in that many
-    ``torch.multiprocessing`` workers (spawned), each with ``threads_per_expert`` threads, and
-    the result equals serial training. ``balanced`` runs balanced k-means and a balanced
+    ``torch.multiprocessing`` workers (forked on Linux, else spawned), each with
+    ``threads_per_expert`` threads, and the result equals serial training. ``balanced`` runs balanced k-means and a balanced
     partition of the training set. Returns the cluster (N,) of every training example; ``kw``
     goes to ``fit`` (epochs, batch_size, lr).
     """
@@ -151,7 +151,10 @@ def train_hard_moe(
         jobs.append((head, feats[rows], y[rows], job_kw, threads_per_expert))
     jobs = [j for j in jobs if len(j[1])]  # a starved expert keeps its initial weights
     if processes > 1:
-        ctx = torch.multiprocessing.get_context("spawn")
+        # fork where the platform has it (Linux): no re-import of torch per worker; each
+        # worker sets its own thread count before any parallel region, as DataLoader workers do
+        methods = torch.multiprocessing.get_all_start_methods()
+        ctx = torch.multiprocessing.get_context("fork" if "fork" in methods else "spawn")
         with ctx.Pool(processes) as pool:
             states = pool.map(_train_expert, jobs, chunksize=1)
     else:

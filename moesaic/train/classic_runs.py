@@ -127,7 +127,7 @@ def run_dense(setup: ClassicSetup, data: dict) -> tuple[nn.Sequential, dict[str,
                    "train_s": seconds}  # fmt: skip
 
 
-def run_mile(setup: ClassicSetup, data: dict) -> dict[str, Any]:
+def run_mile(setup: ClassicSetup, data: dict) -> tuple[ClassicMoE, dict[str, Any]]:
     """MILE: a linear softmax gate over E expert MLPs, trained jointly."""
     torch.manual_seed(setup.seed)
     model = ClassicMoE(D_IN, CLASSES, setup.experts, hidden=(setup.hidden, setup.hidden))
@@ -138,11 +138,13 @@ def run_mile(setup: ClassicSetup, data: dict) -> dict[str, Any]:
         acc = _accuracy(model.predict(data["x_test"]).argmax(-1), data["y_test"])
         expert_N = model.assign(data["x_test"])
     n = _params(model)
-    return {"name": "MILE", "accuracy": acc, "params": n, "activated": n, "train_s": seconds,
+    return model, {"name": "MILE", "accuracy": acc, "params": n, "activated": n, "train_s": seconds,
             **_partition(data, expert_N, setup.experts)}  # fmt: skip
 
 
-def _run_hard(setup: ClassicSetup, data: dict, model: HardMoE, name: str) -> dict[str, Any]:
+def _run_hard(
+    setup: ClassicSetup, data: dict, model: HardMoE, name: str
+) -> tuple[HardMoE, dict[str, Any]]:
     start = time.perf_counter()
     cluster = train_hard_moe(model, data["x_train"], data["y_train"], balanced=setup.balanced,
                              processes=setup.processes, **setup.fit_kw())  # fmt: skip
@@ -152,8 +154,8 @@ def _run_hard(setup: ClassicSetup, data: dict, model: HardMoE, name: str) -> dic
         expert_N = model.assign(data["x_test"])
     decoder = [model.decoder] if model.decoder is not None else []
     E = len(model.experts)
-    return {
-        "name": name,
+    return model, {
+        "name": f"{name}, balanced" if setup.balanced else name,
         "accuracy": acc,
         "params": _params(model),
         "activated": _params(model.trunk, model.experts[0], *decoder),
@@ -163,14 +165,16 @@ def _run_hard(setup: ClassicSetup, data: dict, model: HardMoE, name: str) -> dic
     }
 
 
-def run_mele(setup: ClassicSetup, data: dict) -> dict[str, Any]:
+def run_mele(setup: ClassicSetup, data: dict) -> tuple[HardMoE, dict[str, Any]]:
     """MELE: k-means on the pixels, one full expert MLP per cluster, each with its own output."""
     torch.manual_seed(setup.seed)
     experts = [mlp(D_IN, (setup.hidden, setup.hidden), CLASSES) for _ in range(setup.experts)]
     return _run_hard(setup, data, HardMoE(nn.Identity(), experts, None, D_IN), "MELE")
 
 
-def run_hard(setup: ClassicSetup, data: dict, dense: nn.Sequential) -> dict[str, Any]:
+def run_hard(
+    setup: ClassicSetup, data: dict, dense: nn.Sequential
+) -> tuple[HardMoE, dict[str, Any]]:
     """Hard MoE: the trained dense model's first layer is the trunk, its output layer the shared
     (frozen) decoder, and each expert starts as a copy of its second layer."""
     model = HardMoE.from_dense(dense, setup.experts, trunk_layers=2)

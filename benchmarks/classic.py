@@ -1,0 +1,159 @@
+"""The classic mixtures of experts on Fashion-MNIST, side by side in one process.
+
+Rows: the dense MLP 784-H-H-10; MILE (a linear softmax gate over E such MLPs, trained jointly on
+the competitive mixture likelihood); MELE (k-means on the pixels, one such MLP per cluster);
+hard MoE (k-means on the dense model's first-layer features, each expert a copy of its second
+layer, all sharing its frozen output layer); MELE and hard MoE again with balanced k-means. Then
+specialists on the generalist's (the dense model's) confusable clusters, their eq. 5
+combination, and a student distilled from that combination. Expert training of MELE and hard
+MoE is timed serially (one process, one thread) and in 2 worker processes of one thread each,
+and the two results are compared parameter by parameter.
+
+    python benchmarks/classic.py                    # 60k train, 10k test, E=4, 8 epochs, seed 0
+    python benchmarks/classic.py --seeds 0 1 2      # accuracy rows for each seed
+    python benchmarks/classic.py --train 5000 --epochs 2 --out /tmp/classic.json   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # python benchmarks/<name>.py
+
+import torch
+
+from moesaic.cli.timing import environment
+from moesaic.data.images import FASHION_CLASSES_EN
+from moesaic.train import classic_runs as runs
+
+__all__ = ["main"]
+
+
+def _load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _mixtures(setup: runs.ClassicSetup, data: dict, timing: bool) -> dict:
+    """Every mixture row of one seed; with ``timing`` also the 2-process runs."""
+    dense, r_dense = runs.run_dense(setup, data)
+    _, r_mile = runs.run_mile(setup, data)
+    out = {"dense": r_dense, "MILE": r_mile, "timing": []}
+    for name, run in (("MELE", runs.run_mele), ("hard MoE", runs.run_hard)):
+        args = (dense,) if run is runs.run_hard else ()
+        load_before = _load()
+        serial, r_serial = run(setup, data, *args)
+        out[name] = r_serial
+        if timing:
+            parallel, r_par = run(dataclasses.replace(setup, processes=2), data, *args)
+            out["timing"].append({
+                "model": name, "serial_s": r_serial["train_s"], "parallel_s": r_par["train_s"],
+                "identical": _same(serial, parallel), "load_before": load_before,
+                "load_after": _load(), "train_counts": r_serial["train_counts"],
+            })  # fmt: skip
+        _, r_bal = run(dataclasses.replace(setup, balanced=True), data, *args)
+        out[f"{name}, balanced"] = r_bal
+    out["specialists"] = runs.run_specialists(setup, data, dense)
+    return out
+
+
+def _accuracy_table(per_seed: list[dict]) -> list[str]:
+    names = ["dense", "MILE", "MELE", "MELE, balanced", "hard MoE", "hard MoE, balanced"]
+    seeds = " | ".join(f"seed {s['seed']}" for s in per_seed)
+    lines = [f"| model | {seeds} | mean | parameters | activated per image | NMI (seed "
+             f"{per_seed[0]['seed']}) | train s (seed {per_seed[0]['seed']}) |",
+             "|---" * (len(per_seed) + 6) + "|"]  # fmt: skip
+    for name in names:
+        accs = [s["rows"][name]["accuracy"] for s in per_seed]
+        r = per_seed[0]["rows"][name]
+        nmi = f"{r['nmi']:.3f}" if "nmi" in r else "-"
+        cells = " | ".join(f"{a:.4f}" for a in accs)
+        lines.append(f"| {name} | {cells} | {sum(accs) / len(accs):.4f} | {r['params']:,} | "
+                     f"{r['activated']:,} | {nmi} | {r['train_s']:.1f} |")  # fmt: skip
+    return lines
+
+
+def _class_table(r: dict) -> list[str]:
+    E = len(r["table"][0])
+    lines = [f"**{r['name']}** (NMI {r['nmi']:.3f}; test images of each class per expert)", "",
+             "| class | " + " | ".join(f"expert {e}" for e in range(E)) + " |",
+             "|---" * (E + 1) + "|"]  # fmt: skip
+    for c, row in enumerate(r["table"]):
+        lines.append(f"| {FASHION_CLASSES_EN[c]} | " + " | ".join(map(str, row)) + " |")
+    return lines + [""]
+
+
+def _specialist_table(per_seed: list[dict]) -> list[str]:
+    lines = ["| seed | rows | generalist | generalist + specialists | distilled student | "
+             "generalist errors | fixed | broken |", "|---" * 8 + "|"]  # fmt: skip
+    for s in per_seed:
+        r = s["rows"]["specialists"]
+        o = r["overall"]
+        lines.append(f"| {s['seed']} | all 10 classes | {o['generalist']:.4f} | "
+                     f"{o['generalist + specialists']:.4f} | {o['distilled student']:.4f} | "
+                     f"| | |")  # fmt: skip
+        for c in r["clusters"]:
+            a = c["accuracy"]
+            lines.append(f"| {s['seed']} | {', '.join(c['classes'])} ({c['n_test']}) | "
+                         f"{a['generalist']:.4f} | {a['generalist + specialists']:.4f} | "
+                         f"{a['distilled student']:.4f} | {c['errors_generalist']} | "
+                         f"{c['fixed']} | {c['broken']} |")  # fmt: skip
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--train", type=int, default=60000)
+    p.add_argument("--test", type=int, default=10000)
+    p.add_argument("--experts", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--out", type=Path, default=None, help="write every result as JSON here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    per_seed = []
+    for i, seed in enumerate(args.seeds):
+        setup = runs.ClassicSetup(
+            n_train=args.train, n_test=args.test, experts=args.experts, epochs=args.epochs,
+            seed=seed, progress=args.progress,
+        )  # fmt: skip
+        data = runs.load_data(setup)
+        per_seed.append({"seed": seed, "rows": _mixtures(setup, data, timing=i == 0)})
+        print(f"seed {seed} done at {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    first = per_seed[0]["rows"]
+    lines = [f"{environment()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+             f"train {args.train}, test {args.test}, E={args.experts}, {args.epochs} epochs, "
+             f"total {time.perf_counter() - start:.0f} s", ""]  # fmt: skip
+    lines += _accuracy_table(per_seed) + [""]
+    for name in ("MILE", "MELE", "hard MoE", "hard MoE, balanced"):
+        lines += _class_table(first[name])
+    lines += ["| experts of | serial s (1 process, 1 thread) | 2 processes x 1 thread, s | "
+              "speed-up | parallel == serial | load avg before | after | train images per "
+              "expert |", "|---" * 8 + "|"]  # fmt: skip
+    for t in first["timing"]:
+        lines.append(f"| {t['model']} | {t['serial_s']:.1f} | {t['parallel_s']:.1f} | "
+                     f"{t['serial_s'] / t['parallel_s']:.2f}x | {t['identical']} | "
+                     f"{t['load_before']} | {t['load_after']} | {t['train_counts']} |")  # fmt: skip
+    lines += [""] + _specialist_table(per_seed)
+    print("\n".join(lines))
+    if args.out is not None:
+        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)},
+                                        "per_seed": per_seed}, indent=1))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
