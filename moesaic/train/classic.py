@@ -133,9 +133,9 @@ def train_hard_moe(
     The trunk and shared decoder stay fixed (they come trained, e.g. from a dense model), so the
     experts need no communication: with ``processes > 1`` they train in that many
     ``torch.multiprocessing`` workers (forked on Linux, else spawned), each with
-    ``threads_per_expert`` threads, and the result equals serial training. ``balanced`` runs balanced k-means and a balanced
-    partition of the training set. Returns the cluster (N,) of every training example; ``kw``
-    goes to ``fit`` (epochs, batch_size, lr).
+    ``threads_per_expert`` threads, and the result equals serial training. ``balanced`` runs
+    balanced k-means and a balanced partition of the training set. Returns the cluster (N,) of
+    every training example; ``kw`` goes to ``fit`` (epochs, batch_size, lr).
     """
     with torch.no_grad():
         feats = model.features(x)
