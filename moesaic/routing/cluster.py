@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from moesaic._validate import check_choice
 from moesaic.context import RoutingContext
 from moesaic.routing.assignment import balanced_assignment
 from moesaic.routing.base import Router, Routing
@@ -32,10 +33,22 @@ class ClusterRouter(Router):
 
     @torch.no_grad()
     def fit(
-        self, x_ND: torch.Tensor, iters: int = 25, seed: int = 0, balanced: bool = False
+        self,
+        x_ND: torch.Tensor,
+        iters: int = 25,
+        seed: int = 0,
+        balanced: bool = False,
+        init: str = "random",
     ) -> ClusterRouter:
-        """Lloyd's k-means on features x (N, D), initialised from E distinct random samples;
-        ``balanced`` assigns by ``assign(x, balanced=True)`` in every step."""
+        """Lloyd's k-means on features x (N, D); ``balanced`` assigns by
+        ``assign(x, balanced=True)`` in every step.
+
+        ``init``: "random" starts from E distinct random samples; "kmeans++" draws each next
+        centroid with probability proportional to the squared distance to the nearest one
+        already drawn (Arthur & Vassilvitskii 2007), which rarely puts two centroids in one
+        well-separated cluster.
+        """
+        check_choice("init", init, ("random", "kmeans++"))
         if x_ND.dim() != 2 or x_ND.shape[1] != self.d_model or x_ND.shape[0] < self.num_experts:
             raise ValueError(
                 f"fit(x) needs x of shape (N, {self.d_model}) with N >= num_experts="
@@ -43,7 +56,10 @@ class ClusterRouter(Router):
             )
         x = x_ND.to(self.router_dtype)
         g = torch.Generator().manual_seed(seed)
-        c = x[torch.randperm(x.shape[0], generator=g)[: self.num_experts].to(x.device)].clone()
+        if init == "kmeans++":
+            c = _kmeans_plus_plus(x, self.num_experts, g)
+        else:
+            c = x[torch.randperm(x.shape[0], generator=g)[: self.num_experts].to(x.device)].clone()
         for _ in range(iters):
             nearest_N = _assign(x, c, balanced)
             sums = torch.zeros_like(c).index_add_(0, nearest_N, x)
@@ -83,3 +99,17 @@ def _assign(x_ND: torch.Tensor, c_ED: torch.Tensor, balanced: bool) -> torch.Ten
     n = x_ND.shape[0] - x_ND.shape[0] % c_ED.shape[0]
     nearest_N[:n] = balanced_assignment(-dist_NE[:n].square())
     return nearest_N
+
+
+def _kmeans_plus_plus(x_ND: torch.Tensor, E: int, g: torch.Generator) -> torch.Tensor:
+    first = int(torch.randint(x_ND.shape[0], (1,), generator=g))
+    c = [x_ND[first]]
+    d2_N = (x_ND - c[0]).square().sum(1)
+    for _ in range(E - 1):
+        weights = d2_N.double().cpu()
+        if weights.sum() <= 0:  # fewer distinct points than centroids: any sample will do
+            weights = torch.ones_like(weights)
+        pick = int(torch.multinomial(weights, 1, generator=g))
+        c.append(x_ND[pick])
+        d2_N = torch.minimum(d2_N, (x_ND - c[-1]).square().sum(1))
+    return torch.stack(c).clone()

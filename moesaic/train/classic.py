@@ -139,7 +139,7 @@ def train_hard_moe(
     """
     with torch.no_grad():
         feats = model.features(x)
-    model.router.fit(feats, iters=kmeans_iters, seed=seed, balanced=balanced)
+    model.router.fit(feats, iters=kmeans_iters, seed=seed, balanced=balanced, init="kmeans++")
     cluster_N = model.router.assign(feats, balanced=balanced)
     for p in [*model.trunk.parameters(), *(model.decoder or nn.Identity()).parameters()]:
         p.requires_grad_(False)

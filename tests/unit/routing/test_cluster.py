@@ -38,3 +38,13 @@ def test_balanced_kmeans_gives_every_cluster_its_share_where_plain_kmeans_starve
     # with N mod E left over, those few go to their nearest centroid
     extra = torch.bincount(even.assign(x[:319], balanced=True), minlength=4)
     assert extra.sum() == 319 and extra.min() >= 319 // 4
+
+
+def test_kmeans_plus_plus_puts_one_centroid_in_each_far_apart_blob_for_every_seed():
+    g = torch.Generator().manual_seed(1)
+    centers = torch.tensor([[20.0, 0], [-20, 0], [0, 20], [0, -20]])
+    x = centers[torch.arange(200) % 4] + torch.randn(200, 2, generator=g)
+    for seed in range(10):
+        router = ms.ROUTERS["cluster"](2, 4).fit(x, iters=1, seed=seed, init="kmeans++")
+        nearest_blob = torch.cdist(router.centroids, centers).argmin(1)
+        assert sorted(nearest_blob.tolist()) == [0, 1, 2, 3]
