@@ -40,31 +40,50 @@ def _load() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
 def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def _mixtures(setup: runs.ClassicSetup, data: dict, timing: bool) -> dict:
+def _timed(setup: runs.ClassicSetup, data: dict, name: str, run, args: tuple) -> tuple:
+    """The serial result and the serial vs 2-process timing of one mixture's experts."""
+    load_before = _load()
+    serial, r_serial = run(setup, data, *args)
+    parallel, r_par = run(dataclasses.replace(setup, processes=2), data, *args)
+    return r_serial, {
+        "model": name, "serial_s": r_serial["train_s"], "parallel_s": r_par["train_s"],
+        "identical": _same(serial, parallel), "load_before": load_before, "load_after": _load(),
+        "train_counts": r_serial["train_counts"],
+    }  # fmt: skip
+
+
+def _mixtures(setup: runs.ClassicSetup, data: dict, timing: bool, only_timing: bool) -> dict:
     """Every mixture row of one seed; with ``timing`` also the 2-process runs."""
     dense, r_dense = runs.run_dense(setup, data)
-    _, r_mile = runs.run_mile(setup, data)
-    out = {"dense": r_dense, "MILE": r_mile, "timing": []}
+    out = {"dense": r_dense, "timing": []}
+    if not only_timing:
+        out["MILE"] = runs.run_mile(setup, data)[1]
     for name, run in (("MELE", runs.run_mele), ("hard MoE", runs.run_hard)):
         args = (dense,) if run is runs.run_hard else ()
-        load_before = _load()
-        serial, r_serial = run(setup, data, *args)
-        out[name] = r_serial
         if timing:
-            parallel, r_par = run(dataclasses.replace(setup, processes=2), data, *args)
-            out["timing"].append({
-                "model": name, "serial_s": r_serial["train_s"], "parallel_s": r_par["train_s"],
-                "identical": _same(serial, parallel), "load_before": load_before,
-                "load_after": _load(), "train_counts": r_serial["train_counts"],
-            })  # fmt: skip
-        _, r_bal = run(dataclasses.replace(setup, balanced=True), data, *args)
-        out[f"{name}, balanced"] = r_bal
+            out[name], t = _timed(setup, data, name, run, args)
+            out["timing"].append(t)
+        else:
+            out[name] = run(setup, data, *args)[1]
+        if not only_timing:
+            out[f"{name}, balanced"] = run(dataclasses.replace(setup, balanced=True), data, *args)[
+                1
+            ]
+    if only_timing:
+        return out
     out["specialists"] = runs.run_specialists(setup, data, dense)
+    if timing:  # first seed: also one specialist on exactly T-shirt/top, pullover, coat, shirt
+        tops = dataclasses.replace(setup, subsets=(runs.TOPS,))
+        out["specialist on tops"] = runs.run_specialists(tops, data, dense)
     return out
 
 
@@ -94,21 +113,43 @@ def _class_table(r: dict) -> list[str]:
     return lines + [""]
 
 
+def _with_tops(r: dict) -> list[dict]:
+    """The specialists' clusters, then T-shirt/top, pullover, coat, shirt unless one of them."""
+    tops = r["tops"]
+    return r["clusters"] + ([] if any(c["classes"] == tops["classes"] for c in r["clusters"])
+                            else [tops])  # fmt: skip
+
+
 def _specialist_table(per_seed: list[dict]) -> list[str]:
+    runs_ = [(s["seed"], s["rows"][k]) for s in per_seed for k in ("specialists",
+             "specialist on tops") if k in s["rows"]]  # fmt: skip
     lines = ["| seed | rows | generalist | generalist + specialists | distilled student | "
              "generalist errors | fixed | broken |", "|---" * 8 + "|"]  # fmt: skip
-    for s in per_seed:
-        r = s["rows"]["specialists"]
+    for seed, r in runs_:
         o = r["overall"]
-        lines.append(f"| {s['seed']} | all 10 classes | {o['generalist']:.4f} | "
+        specs = "; ".join("{" + ", ".join(FASHION_CLASSES_EN[c] for c in sub) + "}"
+                          for sub in r["subsets"])  # fmt: skip
+        lines.append(f"| {seed} | specialists: {specs} | | | | | | |")
+        lines.append(f"| {seed} | all 10 classes | {o['generalist']:.4f} | "
                      f"{o['generalist + specialists']:.4f} | {o['distilled student']:.4f} | "
                      f"| | |")  # fmt: skip
-        for c in r["clusters"]:
+        for c in _with_tops(r):
             a = c["accuracy"]
-            lines.append(f"| {s['seed']} | {', '.join(c['classes'])} ({c['n_test']}) | "
+            lines.append(f"| {seed} | {', '.join(c['classes'])} ({c['n_test']}) | "
                          f"{a['generalist']:.4f} | {a['generalist + specialists']:.4f} | "
                          f"{a['distilled student']:.4f} | {c['errors_generalist']} | "
                          f"{c['fixed']} | {c['broken']} |")  # fmt: skip
+    return lines
+
+
+def _timing_table(rows: dict) -> list[str]:
+    lines = ["| experts of | serial s (1 process, 1 thread) | 2 processes x 1 thread, s | "
+             "speed-up | parallel == serial | load avg before | after | train images per "
+             "expert |", "|---" * 8 + "|"]  # fmt: skip
+    for t in rows["timing"]:
+        lines.append(f"| {t['model']} | {t['serial_s']:.1f} | {t['parallel_s']:.1f} | "
+                     f"{t['serial_s'] / t['parallel_s']:.2f}x | {t['identical']} | "
+                     f"{t['load_before']} | {t['load_after']} | {t['train_counts']} |")  # fmt: skip
     return lines
 
 
@@ -120,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--progress", action="store_true")
+    p.add_argument(
+        "--timing-only", action="store_true", help="only serial vs 2-process expert training"
+    )
     p.add_argument("--out", type=Path, default=None, help="write every result as JSON here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -131,22 +175,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=seed, progress=args.progress,
         )  # fmt: skip
         data = runs.load_data(setup)
-        per_seed.append({"seed": seed, "rows": _mixtures(setup, data, timing=i == 0)})
+        if args.timing_only:
+            rows = _mixtures(setup, data, timing=True, only_timing=True)
+            print(f"{environment()}; {_now()}; train {args.train}, E={args.experts}, "
+                  f"{args.epochs} epochs\n")  # fmt: skip
+            print("\n".join(_timing_table(rows)))
+            return 0
+        per_seed.append({"seed": seed, "rows": _mixtures(setup, data, i == 0, False)})
         print(f"seed {seed} done at {time.perf_counter() - start:.0f} s", file=sys.stderr)
     first = per_seed[0]["rows"]
-    lines = [f"{environment()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+    lines = [f"{environment()}; {_now()}; "
              f"train {args.train}, test {args.test}, E={args.experts}, {args.epochs} epochs, "
              f"total {time.perf_counter() - start:.0f} s", ""]  # fmt: skip
     lines += _accuracy_table(per_seed) + [""]
     for name in ("MILE", "MELE", "hard MoE", "hard MoE, balanced"):
         lines += _class_table(first[name])
-    lines += ["| experts of | serial s (1 process, 1 thread) | 2 processes x 1 thread, s | "
-              "speed-up | parallel == serial | load avg before | after | train images per "
-              "expert |", "|---" * 8 + "|"]  # fmt: skip
-    for t in first["timing"]:
-        lines.append(f"| {t['model']} | {t['serial_s']:.1f} | {t['parallel_s']:.1f} | "
-                     f"{t['serial_s'] / t['parallel_s']:.2f}x | {t['identical']} | "
-                     f"{t['load_before']} | {t['load_after']} | {t['train_counts']} |")  # fmt: skip
+    lines += _timing_table(first)
     lines += [""] + _specialist_table(per_seed)
     print("\n".join(lines))
     if args.out is not None:

@@ -55,6 +55,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--clusters", type=int, default=d.clusters, help=f"k for specialists ({d.clusters})"
     )
+    p.add_argument(
+        "--subset",
+        dest="subsets",
+        action="append",
+        default=[],
+        type=_classes,
+        metavar="C,C,...",
+        help="a specialist's classes, e.g. 0,2,4,6 (repeatable; default: clustering)",
+    )
     p.add_argument("--spec-epochs", type=int, default=d.spec_epochs, help=f"({d.spec_epochs})")
     p.add_argument("--temperature", type=float, default=d.temperature, help="student's T")
     p.add_argument("--top-n", type=int, default=d.top_n, help="generalist classes that activate")
@@ -74,7 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     fields = {f: getattr(args, a) for a, f in FIELDS.items()}
     try:
-        setup = runs.ClassicSetup(**fields, balanced=args.balanced, progress=not args.no_progress)
+        setup = runs.ClassicSetup(
+            **fields,
+            subsets=tuple(args.subsets),
+            balanced=args.balanced,
+            progress=not args.no_progress,
+        )
     except (ValueError, TypeError) as err:
         raise ConfigError(f"--{_option(str(err))}") from None
     if args.threads < 1:
@@ -115,8 +129,17 @@ def _run(args: argparse.Namespace, setup: Any) -> Any:
     return result
 
 
+def _classes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not class numbers like 0,2,4,6") from None
+
+
 def _option(message: str) -> str:
     """A ClassicSetup message with its field named as the option (n_train=5 -> train=5)."""
+    if message.startswith("subsets["):
+        return "subset " + message.split("=", 1)[1]
     for option, field in FIELDS.items():
         if message.startswith(f"{field}="):
             return option.replace("_", "-") + message[len(field) :]
@@ -140,13 +163,20 @@ def _mixture_report(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _with_tops(r: dict) -> list[dict]:
+    """The specialists' clusters, then T-shirt/top, pullover, coat, shirt unless one of them."""
+    tops = r["tops"]
+    return r["clusters"] + ([] if any(c["classes"] == tops["classes"] for c in r["clusters"])
+                            else [tops])  # fmt: skip
+
+
 def _specialist_report(r: dict[str, Any]) -> str:
     names = list(r["overall"])
     lines = ["| test accuracy | " + " | ".join(names) + " | generalist errors | fixed | broken |",
              "|---" * (len(names) + 4) + "|"]  # fmt: skip
     lines.append("| all classes | " + " | ".join(f"{r['overall'][k]:.4f}" for k in names)
                  + " | | | |")  # fmt: skip
-    for c in r["clusters"]:
+    for c in _with_tops(r):
         acc = " | ".join(f"{c['accuracy'][k]:.4f}" for k in names)
         lines.append(f"| {', '.join(c['classes'])} ({c['n_test']}) | {acc} | "
                      f"{c['errors_generalist']} | {c['fixed']} | {c['broken']} |")  # fmt: skip

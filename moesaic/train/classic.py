@@ -105,7 +105,7 @@ class _ExpertHead(nn.Module):
 
 def _train_expert(job: tuple) -> dict[str, torch.Tensor]:
     """Train one expert on its cluster's features (runs in a worker process or inline)."""
-    head, feats, y, kw, threads = job
+    head, feats, y, kw, threads = _FORKED_JOBS[job] if isinstance(job, int) else job
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -113,6 +113,33 @@ def _train_expert(job: tuple) -> dict[str, torch.Tensor]:
     finally:
         torch.set_num_threads(before)
     return head.expert.state_dict()
+
+
+# The jobs of the running train_hard_moe: forked workers inherit them instead of receiving a
+# pickled copy of every cluster's features through a pipe.
+_FORKED_JOBS: list[tuple] = []
+
+
+def _run_jobs(jobs: list[tuple], processes: int) -> list[dict[str, torch.Tensor]]:
+    """Each job's trained expert state, serially or in ``processes`` workers. Workers fork where
+    the platform can (Linux: no re-import of torch, jobs inherited) and spawn elsewhere; each
+    sets its own thread count before any parallel region, as DataLoader workers do. The largest
+    clusters go first, so the workers finish close together."""
+    if processes <= 1:
+        return [_train_expert(j) for j in jobs]
+    order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i][1]))
+    fork = "fork" in torch.multiprocessing.get_all_start_methods()
+    ctx = torch.multiprocessing.get_context("fork" if fork else "spawn")
+    _FORKED_JOBS[:] = jobs if fork else []
+    try:
+        with ctx.Pool(min(processes, len(jobs))) as pool:
+            done = pool.map(_train_expert, order if fork else [jobs[i] for i in order], 1)
+    finally:
+        _FORKED_JOBS.clear()
+    states: list = [None] * len(jobs)
+    for i, state in zip(order, done):
+        states[i] = state
+    return states
 
 
 def train_hard_moe(
@@ -124,22 +151,29 @@ def train_hard_moe(
     processes: int = 1,
     threads_per_expert: int = 1,
     kmeans_iters: int = 25,
+    kmeans_sample: int | None = 10000,
     seed: int = 0,
     progress: bool = False,
     **kw,
 ) -> torch.Tensor:
     """Fit the centroids on trunk features, then train each expert on its cluster only.
 
+    The centroids come from k-means (k-means++ start) on ``kmeans_sample`` training examples
+    drawn under ``seed`` (all of them when None); then every training example is assigned.
     The trunk and shared decoder stay fixed (they come trained, e.g. from a dense model), so the
     experts need no communication: with ``processes > 1`` they train in that many
-    ``torch.multiprocessing`` workers (forked on Linux, else spawned), each with
-    ``threads_per_expert`` threads, and the result equals serial training. ``balanced`` runs
-    balanced k-means and a balanced partition of the training set. Returns the cluster (N,) of
-    every training example; ``kw`` goes to ``fit`` (epochs, batch_size, lr).
+    ``torch.multiprocessing`` workers, each with ``threads_per_expert`` threads, and the result
+    equals serial training. ``balanced`` runs balanced k-means and a balanced partition of the
+    training set. Returns the cluster (N,) of every training example; ``kw`` goes to ``fit``
+    (epochs, batch_size, lr).
     """
     with torch.no_grad():
         feats = model.features(x)
-    model.router.fit(feats, iters=kmeans_iters, seed=seed, balanced=balanced, init="kmeans++")
+    sample = feats
+    if kmeans_sample is not None and kmeans_sample < len(feats):
+        pick = torch.randperm(len(feats), generator=torch.Generator().manual_seed(seed))
+        sample = feats[pick[:kmeans_sample]]
+    model.router.fit(sample, iters=kmeans_iters, seed=seed, balanced=balanced, init="kmeans++")
     cluster_N = model.router.assign(feats, balanced=balanced)
     for p in [*model.trunk.parameters(), *(model.decoder or nn.Identity()).parameters()]:
         p.requires_grad_(False)
@@ -150,16 +184,7 @@ def train_hard_moe(
         job_kw = dict(kw, seed=seed + 1000 * (e + 1), desc=f"expert {e}", progress=progress)
         jobs.append((head, feats[rows], y[rows], job_kw, threads_per_expert))
     jobs = [j for j in jobs if len(j[1])]  # a starved expert keeps its initial weights
-    if processes > 1:
-        # fork where the platform has it (Linux): no re-import of torch per worker; each
-        # worker sets its own thread count before any parallel region, as DataLoader workers do
-        methods = torch.multiprocessing.get_all_start_methods()
-        ctx = torch.multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        with ctx.Pool(processes) as pool:
-            states = pool.map(_train_expert, jobs, chunksize=1)
-    else:
-        states = [_train_expert(j) for j in jobs]
-    for (head, *_), state in zip(jobs, states):
+    for (head, *_), state in zip(jobs, _run_jobs(jobs, processes)):
         head.expert.load_state_dict(state)
     model.eval()
     return cluster_N

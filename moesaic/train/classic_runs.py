@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 D_IN, CLASSES = 784, 10
+TOPS = (0, 2, 4, 6)  # T-shirt/top, pullover, coat, shirt: the classes most often confused
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -55,6 +56,7 @@ class ClassicSetup:
     balanced: bool = False  # balanced k-means and partition for MELE / hard
     processes: int = 1  # worker processes training hard-mixture / MELE experts
     clusters: int = 3  # k of the confusable-class clustering (specialists)
+    subsets: tuple[tuple[int, ...], ...] = ()  # the specialists' classes instead of clustering
     spec_epochs: int = 4
     temperature: float = 2.0  # distillation of the student from the specialist ensemble
     top_n: int = 2  # a specialist is active when it covers one of the generalist's top_n
@@ -75,6 +77,12 @@ class ClassicSetup:
         for name, top in limits.items():
             if getattr(self, name) > top:
                 raise ValueError(f"{name}={getattr(self, name)} must be <= {top}")
+        for i, subset in enumerate(self.subsets):
+            if len(set(subset)) < 2 or not all(0 <= c < CLASSES for c in subset):
+                raise ValueError(
+                    f"subsets[{i}]={list(subset)} must hold two or more distinct classes in "
+                    f"[0, {CLASSES})"
+                )
         if self.experts > self.n_train:
             raise ValueError(f"experts={self.experts} must be <= n_train={self.n_train}")
 
@@ -187,6 +195,7 @@ def run_specialists(setup: ClassicSetup, data: dict, generalist: nn.Sequential) 
     x, y = data["x_train"], data["y_train"]
     start = time.perf_counter()
     specialists = train_specialists(generalist, x, y, num_clusters=setup.clusters,
+                                    subsets=[list(s) for s in setup.subsets] or None,
                                     **setup.fit_kw(setup.spec_epochs))  # fmt: skip
     spec_s = time.perf_counter() - start
     subsets = [s.subset for s in specialists]
@@ -211,7 +220,7 @@ def run_specialists(setup: ClassicSetup, data: dict, generalist: nn.Sequential) 
     preds = {"generalist": gen_te.argmax(-1), "generalist + specialists": log_q_te.argmax(-1),
              "distilled student": stu_te.argmax(-1)}  # fmt: skip
     clusters = []
-    for s in subsets:
+    for s in [*subsets, torch.tensor(TOPS)]:
         inside = torch.isin(y_te, s)
         g_ok, q_ok = preds["generalist"] == y_te, preds["generalist + specialists"] == y_te
         clusters.append({
@@ -225,7 +234,8 @@ def run_specialists(setup: ClassicSetup, data: dict, generalist: nn.Sequential) 
     return {
         "subsets": [s.tolist() for s in subsets],
         "overall": {k: _accuracy(p, y_te) for k, p in preds.items()},
-        "clusters": clusters,
+        "clusters": clusters[:-1],
+        "tops": clusters[-1],  # the same counts on T-shirt/top, pullover, coat, shirt
         "active_fraction": float(active_te.sum(1).gt(0).double().mean()),
         "specialists_train_s": spec_s,
         "student_train_s": student_s,
