@@ -8,6 +8,7 @@ MELE activates exactly one dense model's parameters per example (MILE runs all i
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from typing import Any
@@ -190,8 +191,9 @@ def run_hard(
 
 
 def run_specialists(setup: ClassicSetup, data: dict, generalist: nn.Sequential) -> dict[str, Any]:
-    """Specialists on the generalist's confusable clusters, their eq. 5 combination, and a
-    student of the generalist's shape distilled from that combination."""
+    """Specialists on the generalist's confusable clusters, their eq. 5 combination, a student
+    of the generalist's shape distilled from that combination, and a control: the generalist
+    trained on as many more examples as the specialists were."""
     x, y = data["x_train"], data["y_train"]
     start = time.perf_counter()
     specialists = train_specialists(generalist, x, y, num_clusters=setup.clusters,
@@ -214,11 +216,19 @@ def run_specialists(setup: ClassicSetup, data: dict, generalist: nn.Sequential) 
     distill_student(student, x, y, log_q_tr, temperature=setup.temperature, desc="student",
                     **setup.fit_kw())  # fmt: skip
     student_s = time.perf_counter() - start
+    # The control: the generalist trained on as many more examples as the specialists saw
+    # (each saw its subset twice over, half subset and half dustbin, for spec_epochs)
+    seen = sum(min(2 * int(torch.isin(y, s).sum()), len(y)) for s in subsets) * setup.spec_epochs
+    longer_epochs = max(1, round(seen / len(y)))
+    longer = copy.deepcopy(generalist)
+    train_dense(longer, x, y, desc="generalist, longer",
+                **setup.fit_kw(longer_epochs) | {"seed": setup.seed + 11})  # fmt: skip
     with torch.no_grad():
-        stu_te = student(data["x_test"])
+        stu_te, longer_te = student(data["x_test"]), longer(data["x_test"])
     y_te = data["y_test"]
     preds = {"generalist": gen_te.argmax(-1), "generalist + specialists": log_q_te.argmax(-1),
-             "distilled student": stu_te.argmax(-1)}  # fmt: skip
+             "distilled student": stu_te.argmax(-1),
+             "generalist, trained longer": longer_te.argmax(-1)}  # fmt: skip
     clusters = []
     for s in [*subsets, torch.tensor(TOPS)]:
         inside = torch.isin(y_te, s)
@@ -237,6 +247,7 @@ def run_specialists(setup: ClassicSetup, data: dict, generalist: nn.Sequential) 
         "clusters": clusters[:-1],
         "tops": clusters[-1],  # the same counts on T-shirt/top, pullover, coat, shirt
         "active_fraction": float(active_te.sum(1).gt(0).double().mean()),
+        "longer_epochs": longer_epochs,
         "specialists_train_s": spec_s,
         "student_train_s": student_s,
         "log_dustbin_shift": [float(s.dustbin_shift) for s in specialists],
