@@ -32,6 +32,7 @@ __all__ = [
     "ClassicSetup",
     "load_data",
     "run_dense",
+    "run_dense_longer",
     "run_mile",
     "run_mele",
     "run_hard",
@@ -134,6 +135,23 @@ def run_dense(setup: ClassicSetup, data: dict) -> tuple[nn.Sequential, dict[str,
     n = _params(model)
     return model, {"name": "dense", "accuracy": acc, "params": n, "activated": n,
                    "train_s": seconds}  # fmt: skip
+
+
+def run_dense_longer(
+    setup: ClassicSetup, data: dict, dense: nn.Sequential
+) -> tuple[nn.Sequential, dict[str, Any]]:
+    """The control for the hard mixture, whose experts start from the trained dense model and
+    train ``epochs`` more: a copy of the dense model trained ``epochs`` more on all the data."""
+    model = copy.deepcopy(dense)
+    start = time.perf_counter()
+    train_dense(model, data["x_train"], data["y_train"], desc="dense, longer",
+                **setup.fit_kw() | {"seed": setup.seed + 11})  # fmt: skip
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        acc = _accuracy(model(data["x_test"]).argmax(-1), data["y_test"])
+    n = _params(model)
+    return model, {"name": "dense, trained longer", "accuracy": acc, "params": n,
+                   "activated": n, "train_s": seconds}  # fmt: skip
 
 
 def run_mile(setup: ClassicSetup, data: dict) -> tuple[ClassicMoE, dict[str, Any]]:
