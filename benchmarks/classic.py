@@ -1,14 +1,21 @@
 """The classic mixtures of experts on Fashion-MNIST, side by side in one process.
 
-Rows: the dense MLP 784-H-H-10, and a copy of it trained as many epochs more (the control for
-the hard mixture, whose experts start from it and train that much more); MILE (a linear softmax gate over E such MLPs, trained jointly on
-the competitive mixture likelihood); MELE (k-means on the pixels, one such MLP per cluster);
-hard MoE (k-means on the dense model's first-layer features, each expert a copy of its second
-layer, all sharing its frozen output layer); MELE and hard MoE again with balanced k-means. Then
-specialists on the generalist's (the dense model's) confusable clusters, their eq. 5
-combination, and a student distilled from that combination. Expert training of MELE and hard
-MoE is timed serially (one process, one thread) and in 2 worker processes of one thread each,
-and the two results are compared parameter by parameter.
+Rows:
+
+- the dense MLP 784-H-H-10, and a copy of it trained as many epochs more (the control for the
+  hard mixture, whose experts start from it and train that much more);
+- MILE: a linear softmax gate over E such MLPs, trained jointly on the competitive mixture
+  likelihood;
+- MELE: k-means on the pixels, one such MLP per cluster;
+- hard MoE: k-means on the dense model's first-layer features, each expert a copy of its second
+  layer, all sharing its frozen output layer;
+- MELE and hard MoE again with balanced k-means.
+
+Then specialists on the generalist's (the dense model's) confusable clusters, their eq. 5
+combination, a student distilled from that combination, and the generalist trained on as many
+more examples. Expert training of MELE and hard MoE is timed serially (one process, one thread)
+and in 2 worker processes of one thread each, and the two results are compared parameter by
+parameter.
 
     python benchmarks/classic.py                    # 60k train, 10k test, E=4, 8 epochs, seed 0
     python benchmarks/classic.py --seeds 0 1 2      # accuracy rows for each seed
