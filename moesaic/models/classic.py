@@ -189,7 +189,7 @@ class HardMoE(nn.Module):
             if out_BO is None:
                 out_BO = out.new_zeros(len(feats_BH), out.shape[-1])
             out_BO = out_BO.index_copy(0, rows, out)
-        return out_BO
+        return out_BO if out_BO is not None else self.expert_logits(0, feats_BH)  # empty batch
 
 
 class Specialist(nn.Module):

@@ -77,6 +77,10 @@ def test_classic_moe_takes_any_input_shape_that_flattens():
     gate, out = model(x)
     assert gate.shape == (4, 3) and out.shape == (4, 3, 5)
     torch.testing.assert_close(model.predict(x).sum(-1), torch.ones(4))
+    with pytest.raises(ValueError, match="task='ranking' is not one of"):
+        ClassicMoE(12, 5, 3, task="ranking")
+    with pytest.raises(ValueError, match="num_experts=0 must be >= 1"):
+        ClassicMoE(12, 5, 0)
 
 
 def _blobs(n_per: int = 60, seed: int = 0):
@@ -110,6 +114,7 @@ def test_hard_moe_routes_to_the_nearest_centroid_and_trains_each_expert_on_its_c
     test = torch.randn(50, 2) * 8
     assert torch.equal(model.assign(test), torch.cdist(test, model.router.centroids).argmin(1))
     with torch.no_grad():
+        assert model(test[:0]).shape == (0, 3)
         out = model(test)
         for i in range(len(test)):
             e = int(model.assign(test[i : i + 1]))
