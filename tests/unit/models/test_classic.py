@@ -17,6 +17,16 @@ from moesaic.models.classic import (
 from moesaic.train.classic import train_dense, train_hard_moe, train_mile, train_specialists
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: one thread is fastest, and on a shared 2-core machine a second
+    thread only waits for the other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_mile_regression_loss_and_gradients_match_the_hand_worked_two_expert_case():
     # g = softmax(0, ln 3) = (1/4, 3/4); d = 1, o = (1, 3): squared errors 0 and 4.
     # E = -log(1/4 * 1 + 3/4 * e^-2) = -log(0.351501) = 1.045541

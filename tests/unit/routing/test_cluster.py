@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import moesaic as ms
@@ -25,6 +26,16 @@ def test_cluster_router_has_no_gradient_path_and_no_aux_loss():
     assert "centroids" in router.state_dict()
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny problems: one thread is fastest, and on a shared 2-core machine much faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_balanced_kmeans_gives_every_cluster_its_share_where_plain_kmeans_starves_one():
     # 300 samples in one tight blob and 20 far away: plain k-means with 4 centroids puts one
     # centroid on the small blob; balanced k-means gives each cluster 80 samples.
@@ -40,6 +51,7 @@ def test_balanced_kmeans_gives_every_cluster_its_share_where_plain_kmeans_starve
     assert extra.sum() == 319 and extra.min() >= 319 // 4
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_kmeans_plus_plus_puts_one_centroid_in_each_far_apart_blob_for_every_seed():
     g = torch.Generator().manual_seed(1)
     centers = torch.tensor([[20.0, 0], [-20, 0], [0, 20], [0, -20]])
