@@ -20,6 +20,10 @@ COMMANDS = {
     "finetune": ("moesaic.cli.finetune", "fine-tune a trained run on a labelled text task"),
     "distill": ("moesaic.cli.distill", "distil a trained run into a shallower student"),
     "upcycle": ("moesaic.cli.upcycle", "turn a trained dense run into an MoE run and train it"),
+    "classic": (
+        "moesaic.cli.classic",
+        "classic mixtures on Fashion-MNIST: mile|mele|hard|specialists",
+    ),
     "data": ("moesaic.cli.data", "the Debian packages the corpora, datasets and tests read"),
     "skillnet": (
         "moesaic.skillnet.cli",

@@ -12,8 +12,18 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterable
+from pathlib import Path
 
-__all__ = ["DATA_PACKAGES", "TEST_PACKAGES", "installed", "missing", "install_line", "install"]
+__all__ = [
+    "DATA_PACKAGES",
+    "TEST_PACKAGES",
+    "SourceMissingError",
+    "installed",
+    "missing",
+    "install_line",
+    "install",
+    "require_file",
+]
 
 # package -> what needs it
 DATA_PACKAGES: dict[str, str] = {
@@ -23,13 +33,33 @@ DATA_PACKAGES: dict[str, str] = {
     "fortunes-min": "corpus fortunes (and mixture)",
     "fortunes": "corpus fortunes (and mixture)",
     "jargon-text": "corpus jargon (and mixture)",
-    "dataset-fashion-mnist": "SkillNet images (Fashion-MNIST)",
+    "dataset-fashion-mnist": "Fashion-MNIST images (SkillNet, moesaic classic)",
     "espeak-ng": "SkillNet sound (spoken words)",
     "fonts-dejavu-core": "SkillNet digit glyphs",
     "fonts-noto-color-emoji": "SkillNet emoji pairs",
 }
 # Beyond the data, the tests render the HTML report in a headless browser.
 TEST_PACKAGES: dict[str, str] = {**DATA_PACKAGES, "chromium": "tests: the report rendered"}
+
+
+class SourceMissingError(FileNotFoundError):
+    """A dataset's source (a Debian package, a pip package) is missing; the message holds the
+    exact command that installs it."""
+
+    def __init__(self, dataset: str, what: str, install: str) -> None:
+        self.dataset, self.install = dataset, install
+        super().__init__(f"dataset {dataset!r} needs {what}: {install}")
+
+
+def require_file(dataset: str, path: Path, deb_package: str) -> Path:
+    """``path`` if it exists, else ``SourceMissingError`` naming the ``apt-get`` line."""
+    if not Path(path).exists():
+        raise SourceMissingError(
+            dataset,
+            f"{path} from the Debian package {deb_package}",
+            f"apt-get install -y {deb_package}",
+        )
+    return Path(path)
 
 
 def installed(package: str) -> bool:

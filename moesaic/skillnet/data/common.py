@@ -24,6 +24,8 @@ from types import ModuleType
 
 import numpy as np
 
+from moesaic.data.debian import SourceMissingError, require_file
+
 __all__ = [
     "SPLITS",
     "Splits",
@@ -40,26 +42,6 @@ __all__ = [
 SPLITS = ("train", "val", "test")
 FORMAT = 1  # part of every cache key: bump it when a loader's output changes
 Splits = dict[str, dict[str, np.ndarray]]
-
-
-class SourceMissingError(FileNotFoundError):
-    """A dataset's source (a Debian package, a pip package) is missing; the message holds the
-    exact command that installs it."""
-
-    def __init__(self, dataset: str, what: str, install: str) -> None:
-        self.dataset, self.install = dataset, install
-        super().__init__(f"dataset {dataset!r} needs {what}: {install}")
-
-
-def require_file(dataset: str, path: Path, deb_package: str) -> Path:
-    """``path`` if it exists, else ``SourceMissingError`` naming the ``apt-get`` line."""
-    if not Path(path).exists():
-        raise SourceMissingError(
-            dataset,
-            f"{path} from the Debian package {deb_package}",
-            f"apt-get install -y {deb_package}",
-        )
-    return Path(path)
 
 
 def require_module(dataset: str, module: str, pip_name: str) -> ModuleType:

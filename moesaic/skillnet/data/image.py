@@ -1,4 +1,4 @@
-"""Images: Fashion-MNIST from Debian's dataset-fashion-mnist (28x28 grey, 10 classes; DATA.md 2).
+"""SkillNet's image task: Fashion-MNIST (the reader is ``moesaic.data.images``).
 
 ``train`` is drawn from the 60k training file, ``val`` and ``test`` from disjoint halves of the
 10k test file, so no image is in two splits. Class names come in English and Chinese.
@@ -6,52 +6,25 @@
 
 from __future__ import annotations
 
-import functools
-import gzip
 from pathlib import Path
 
 import numpy as np
 
-from moesaic.skillnet.data.common import Splits, cached, require_file
+from moesaic.data.images import (
+    FASHION_CLASSES_EN,
+    FASHION_CLASSES_ZH,
+    FASHION_ROOT,
+    read_fashion_mnist,
+    read_idx,
+)
+from moesaic.skillnet.data.common import Splits, cached
 
 __all__ = ["FASHION_CLASSES_EN", "FASHION_CLASSES_ZH", "read_idx", "load_fashion_mnist"]
 
-FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
-FASHION_CLASSES_EN = (
-    "T-shirt/top", "trouser", "pullover", "dress", "coat",
-    "sandal", "shirt", "sneaker", "bag", "ankle boot",
-)  # fmt: skip
-FASHION_CLASSES_ZH = (
-    "T恤/上衣",
-    "裤子",
-    "套头衫",
-    "连衣裙",
-    "外套",
-    "凉鞋",
-    "衬衫",
-    "运动鞋",
-    "包",
-    "短靴",
-)
-
-
-def read_idx(path: Path, offset: int) -> np.ndarray:
-    """The uint8 payload of a gzipped IDX file (offset 16 for images, 8 for labels)."""
-    with gzip.open(path, "rb") as f:
-        return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
-
 
 def _read(prefix: str) -> tuple[np.ndarray, np.ndarray]:
-    return _read_cached(FASHION_ROOT, prefix)
-
-
-@functools.lru_cache(maxsize=2)
-def _read_cached(root: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
-    images = require_file("fashion-mnist", root / f"{prefix}-images-idx3-ubyte.gz",
-                          "dataset-fashion-mnist")  # fmt: skip
-    labels = require_file("fashion-mnist", root / f"{prefix}-labels-idx1-ubyte.gz",
-                          "dataset-fashion-mnist")  # fmt: skip
-    return read_idx(images, 16).reshape(-1, 28, 28), read_idx(labels, 8).astype(np.int64)
+    # FASHION_ROOT is read here, at call time, so a test can point it elsewhere
+    return read_fashion_mnist(prefix, FASHION_ROOT)
 
 
 def load_fashion_mnist(
