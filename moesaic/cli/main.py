@@ -18,6 +18,7 @@ COMMANDS = {
     "bench": ("moesaic.cli.bench", "time the MoE layer against a naive loop and a dense FFN"),
     "report": ("moesaic.cli.report", "parameters, FLOPs, energy, routing and plots of a run"),
     "upcycle": ("moesaic.cli.upcycle", "turn a trained dense run into an MoE run and train it"),
+    "extract": ("moesaic.cli.extract", "a task-routed run's sub-network for one task, as a run"),
     "data": ("moesaic.cli.data", "the Debian packages the corpora, datasets and tests read"),
     "skillnet": (
         "moesaic.skillnet.cli",

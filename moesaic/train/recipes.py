@@ -104,3 +104,26 @@ def lm_deepseekmoe_tiny() -> RunConfig:
         optim=OptimConfig(lr=3e-3, warmup_steps=50),
         train=TrainConfig(steps=3000, eval_every=250, checkpoint_every=500),
     )
+
+
+@recipe("lm-taskmoe")
+def lm_taskmoe() -> RunConfig:
+    """TaskMoE on the multi-domain corpus: the domain labels are the tasks, and every MoE layer
+    routes by the task (``lm-taskmoe-tiny``), so each domain's sub-network can be extracted
+    (``moesaic extract``). The trainer must pass each batch's domains as
+    ``ms.routing_context(task=batch.domain)``."""
+    return RunConfig(
+        recipe="lm-taskmoe",
+        model=model_config("lm-taskmoe-tiny"),
+        data=DataConfig(corpus="mixture", seq_len=128, batch_size=32, eval_batches=16),
+        optim=OptimConfig(lr=3e-3, warmup_steps=50),
+        train=TrainConfig(steps=3000, eval_every=250, checkpoint_every=500),
+    )
+
+
+@recipe("lm-tokenmoe")
+def lm_tokenmoe() -> RunConfig:
+    """``lm-taskmoe``'s token-routed twin: same data, steps, experts and activated FLOPs."""
+    return dataclasses.replace(
+        lm_taskmoe(), recipe="lm-tokenmoe", model=model_config("lm-tokenmoe-tiny")
+    )
