@@ -1,7 +1,17 @@
-"""Inference: batched sampling with a KV cache; TaskMoE extraction; packed expert weights."""
+"""Inference: batched sampling with a KV cache; TaskMoE extraction; expert offloading; packed
+expert weights."""
 
 from moesaic.inference.extract import extract, task_experts
 from moesaic.inference.generate import generate_ids
+from moesaic.inference.offload import OffloadStats, offload
 from moesaic.inference.packing import pack_experts, unpack_experts
 
-__all__ = ["extract", "generate_ids", "pack_experts", "task_experts", "unpack_experts"]
+__all__ = [
+    "OffloadStats",
+    "extract",
+    "generate_ids",
+    "offload",
+    "pack_experts",
+    "task_experts",
+    "unpack_experts",
+]
