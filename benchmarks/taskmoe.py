@@ -118,9 +118,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--eval-batches", type=int, default=8, help="val batches per domain")
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds per cell")
     parser.add_argument("--out", type=Path, default=None, help="keep the two runs here")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared machine, idle OpenMP threads spinning "
+        "against other processes made two threads several times slower)",
+    )
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.eval_batches < 1 or args.rounds < 1:
-        parser.error("--steps, --eval-batches and --rounds must be >= 1")
+    if min(args.steps, args.eval_batches, args.rounds, args.threads) < 1:
+        parser.error("--steps, --eval-batches, --rounds and --threads must be >= 1")
+    torch.set_num_threads(args.threads)
     task_cfg, token_cfg = get_recipe("lm-taskmoe"), get_recipe("lm-tokenmoe")
     data = prepare_data(task_cfg.data)
     names = data.train.domains

@@ -269,8 +269,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x_BSD, rope, cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
-        """``start``: how many tokens the cache held before this forward."""
+    def forward(
+        self, x_BSD, rope, cache: KVCache | None, layer: int, start: int, pad_B=None
+    ) -> torch.Tensor:
+        """``start``: how many tokens the cache held before this forward. ``pad_B``: each
+        row's count of left-padding tokens (None: none), which no query attends to and which
+        shift the row's rotary positions so its first real token is at position 0."""
         B, S, D = x_BSD.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x_BSD).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
@@ -278,12 +282,18 @@ class Attention(nn.Module):
         k = k.view(B, S, Hkv, hd).transpose(1, 2)  # (B, Hkv, S, hd)
         v = v.view(B, S, Hkv, hd).transpose(1, 2)
         if rope is not None:
-            cos, sin = rope[0][start : start + S], rope[1][start : start + S]
+            if pad_B is None:
+                cos, sin = rope[0][start : start + S], rope[1][start : start + S]
+            else:  # per-row positions: (B, 1, S, hd / 2) tables
+                pos_BS = _positions(pad_B, start, S)
+                cos, sin = rope[0][pos_BS].unsqueeze(1), rope[1][pos_BS].unsqueeze(1)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         # Causal over the whole context: a query at position start+i sees keys 0..start+i.
         mask = None if start == 0 else _causal_mask(S, start + S, x_BSD.device)
+        if pad_B is not None:
+            mask = _padding_mask(pad_B, S, start + S)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -294,6 +304,23 @@ class Attention(nn.Module):
             enable_gqa=Hkv != H,
         )
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
+
+
+def _positions(pad_B: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """(B, S) position of each token counted from its row's first real token (pads: 0)."""
+    pos = torch.arange(start, start + length, device=pad_B.device)
+    return (pos[None, :] - pad_B[:, None]).clamp(min=0)
+
+
+def _padding_mask(pad_B: torch.Tensor, q_len: int, k_len: int) -> torch.Tensor:
+    """(B, 1, q_len, k_len) causal mask that also hides each row's left padding; a padding
+    query sees itself, so no row of the softmax is empty."""
+    causal = _causal_mask(q_len, k_len, pad_B.device)
+    k_pos = torch.arange(k_len, device=pad_B.device)
+    q_pos = k_pos[k_len - q_len :]
+    real_BK = k_pos[None, :] >= pad_B[:, None]
+    self_QK = q_pos[:, None] == k_pos[None, :]
+    return (causal & (real_BK[:, None, :] | self_QK))[:, None]
 
 
 def _causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
@@ -337,8 +364,8 @@ class Block(nn.Module):
             self.ffn = DenseFFN(cfg.d_model, cfg.ffn_width(index), cfg.activation)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, cache, layer, start):
-        x = x + self.drop(self.attn(self.ln1(x), rope, cache, layer, start))
+    def forward(self, x, rope, cache, layer, start, pad_B=None):
+        x = x + self.drop(self.attn(self.ln1(x), rope, cache, layer, start, pad_B))
         return x + self.drop(self.ffn(self.ln2(x)))
 
 
@@ -394,24 +421,36 @@ class MoELM(nn.Module):
             is_output = name.endswith("proj.weight") or last == "w2" or name.endswith("w2.weight")
             nn.init.normal_(p, 0.0, resid if is_output else std)
 
-    def forward(self, idx_BS: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        idx_BS: torch.Tensor,
+        cache: KVCache | None = None,
+        pad_B: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, S, V). ``pad_B`` (LongTensor (B,), for batched generation): row b's
+        first ``pad_B[b]`` tokens are left padding, hidden from attention, and its positions
+        start at its first real token, so each row computes as it would alone."""
         self._check(idx_BS, cache)
         start = cache.length if cache is not None else 0
         x = self.embed(idx_BS)
         if self.pos is not None:
-            x = x + self.pos(torch.arange(start, start + idx_BS.shape[1], device=idx_BS.device))
+            S = idx_BS.shape[1]
+            if pad_B is None:
+                x = x + self.pos(torch.arange(start, start + S, device=idx_BS.device))
+            else:
+                x = x + self.pos(_positions(pad_B, start, S))
         x = self.drop(x)
         rope = (self.rope_cos, self.rope_sin) if self.pos is None else None
         if self._token_ids:
             with routing_context(token_ids=idx_BS):
-                x = self._blocks(x, rope, cache, start)
+                x = self._blocks(x, rope, cache, start, pad_B)
         else:
-            x = self._blocks(x, rope, cache, start)
+            x = self._blocks(x, rope, cache, start, pad_B)
         return self.head(self.ln_f(x))
 
-    def _blocks(self, x, rope, cache: KVCache | None, start: int) -> torch.Tensor:
+    def _blocks(self, x, rope, cache: KVCache | None, start: int, pad_B=None) -> torch.Tensor:
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, cache, i, start)
+            x = block(x, rope, cache, i, start, pad_B)
         return x
 
     def loss(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
