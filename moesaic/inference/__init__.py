@@ -1,10 +1,11 @@
-"""Inference: batched sampling with a KV cache; TaskMoE extraction; expert offloading; packed
-expert weights."""
+"""Inference: batched sampling with a KV cache; TaskMoE extraction; expert offloading; int8
+experts; packed expert weights."""
 
 from moesaic.inference.extract import extract, task_experts
 from moesaic.inference.generate import generate_ids
 from moesaic.inference.offload import OffloadStats, offload
 from moesaic.inference.packing import pack_experts, unpack_experts
+from moesaic.inference.quantize import quantize
 
 __all__ = [
     "OffloadStats",
@@ -12,6 +13,7 @@ __all__ = [
     "generate_ids",
     "offload",
     "pack_experts",
+    "quantize",
     "task_experts",
     "unpack_experts",
 ]
