@@ -127,11 +127,13 @@ def _check(model: object, task: object) -> dict[int, MoE]:
                 "tokens can be dropped depending on the batch, so no sub-network equals the "
                 "layer; extract needs dropless layers (capacity_factor=None)"
             )
-        if layer.shared_gate is not None or layer.experts.b1 is not None:
+        if layer.shared_gate is not None or layer.residual_coef is not None:
             raise ValueError(
-                f"{where}: extract needs experts without biases and an ungated shared expert "
-                "(a dense FFN of the LM holds neither)"
+                f"{where}: its shared expert is scaled per token (shared_gate or "
+                "residual_coefficient), which no dense FFN of the LM can hold"
             )
+        if layer.experts.b1 is not None:
+            raise ValueError(f"{where}: extract needs experts without biases (expert_bias=False)")
         if layer.expert_group is not None:
             raise ValueError(f"{where}: experts sharded over processes; gather them first")
     return layers

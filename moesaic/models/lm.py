@@ -73,6 +73,10 @@ class LMConfig:
     moe: MoEConfig | None = None  # None: dense model
     moe_every: int = 2  # layer i is MoE when (i + 1) % moe_every == 0 ...
     first_dense_layers: int = 0  # ... and i >= first_dense_layers
+    # Pyramid MoE (DeepSpeed-MoE): experts per layer, 0 for a dense layer, e.g. [0, 8, 0, 16];
+    # when set it places the MoE layers instead of moe_every / first_dense_layers, and each
+    # count replaces moe.num_experts at its layer.
+    moe_experts: list[int] | None = None
     # Dense models only: FFN width at the layers where the MoE model has its experts
     # (dense_equivalent() sets it to top_k * d_ff + moe.shared_d_ff); None means d_ff.
     matched_d_ff: int | None = None
@@ -128,6 +132,30 @@ class LMConfig:
             )
         if self.moe is not None:
             self._check_moe()
+        if self.moe_experts is not None:
+            self._check_pyramid()
+
+    def _check_pyramid(self) -> None:
+        counts = self.moe_experts
+        if not isinstance(counts, (list, tuple)) or len(counts) != self.n_layers:
+            raise ValueError(
+                f"model.moe_experts={counts!r} must be a list of model.n_layers={self.n_layers} "
+                "expert counts (0 for a dense layer)"
+            )
+        for i, n in enumerate(counts):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"model.moe_experts[{i}]={n!r} must be an int >= 0")
+        if self.moe is None:
+            return  # a dense model uses it only to place matched_d_ff (dense_equivalent)
+        if not any(counts):
+            raise ValueError(f"model.moe_experts={list(counts)} needs at least one count > 0")
+        k = self.moe.experts_per_token
+        for i, n in enumerate(counts):
+            if 0 < n < k:
+                raise ValueError(
+                    f"model.moe_experts[{i}]={n} must be >= model.moe.top_k={k} "
+                    "(or 0 for a dense layer)"
+                )
 
     def _check_moe(self) -> None:
         if not isinstance(self.moe, MoEConfig):
@@ -168,9 +196,24 @@ class LMConfig:
             return moe.inherit("model.", d_model=self.d_model, activation=self.activation)
 
     def expert_site(self, index: int) -> bool:
-        """Whether layer ``index`` is where an MoE model has its MoE layer (``moe_every`` and
-        ``first_dense_layers``; a dense model's ``matched_d_ff`` applies there)."""
+        """Whether layer ``index`` is where an MoE model has its MoE layer (``moe_experts``, or
+        ``moe_every`` and ``first_dense_layers``; a dense model's ``matched_d_ff`` applies
+        there)."""
+        if self.moe_experts is not None:
+            return self.moe_experts[index] > 0
         return index >= self.first_dense_layers and (index + 1) % self.moe_every == 0
+
+    def layer_experts(self, index: int) -> int:
+        """Experts of layer ``index`` (0 for a dense layer)."""
+        if not self.moe_layer(index):
+            return 0
+        return self.moe.num_experts if self.moe_experts is None else self.moe_experts[index]
+
+    def layer_moe_config(self, index: int) -> MoEConfig:
+        """``moe_config()`` with layer ``index``'s expert count (pyramid MoE)."""
+        cfg = self.moe_config()
+        n = self.layer_experts(index)
+        return cfg if n == cfg.num_experts else dataclasses.replace(cfg, num_experts=n)
 
     def moe_layer(self, index: int) -> bool:
         return self.is_moe and self.expert_site(index)
@@ -359,7 +402,7 @@ class Block(nn.Module):
         self.ln1, self.ln2 = make_norm(cfg), make_norm(cfg)
         self.attn = Attention(cfg)
         if cfg.moe_layer(index):
-            self.ffn: nn.Module = MoE(cfg.moe_config())
+            self.ffn: nn.Module = MoE(cfg.layer_moe_config(index))
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.ffn_width(index), cfg.activation)
         self.drop = nn.Dropout(cfg.dropout)

@@ -127,3 +127,18 @@ def lm_tokenmoe() -> RunConfig:
     return dataclasses.replace(
         lm_taskmoe(), recipe="lm-tokenmoe", model=model_config("lm-tokenmoe-tiny")
     )
+
+
+@recipe("lm-moe-4l")
+def lm_moe_4l() -> RunConfig:
+    """A four-layer standard MoE LM (32 top-1 experts every other layer): PR-MoE's baseline."""
+    return dataclasses.replace(lm_moe_tiny(), recipe="lm-moe-4l", model=model_config("lm-moe-4l"))
+
+
+@recipe("lm-prmoe")
+def lm_prmoe() -> RunConfig:
+    """PR-MoE (DeepSpeed-MoE): ``lm-moe-4l`` with pyramid expert counts [0, 16, 0, 32] and
+    Residual-MoE layers; same data and budget."""
+    return dataclasses.replace(
+        lm_moe_tiny(), recipe="lm-prmoe", model=model_config("lm-prmoe-tiny")
+    )
