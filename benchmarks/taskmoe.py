@@ -1,6 +1,6 @@
 """TaskMoE vs token-MoE on the multi-domain corpus, and each domain's extracted sub-network.
 
-Kudugunta et al. 2021 ("Beyond Distillation", sections 3 and 5): routing by task lets each
+Kudugunta et al. 2021 ("Beyond Distillation"): routing by task lets each
 task's sub-network be extracted and served like a small dense model; their headline is 1.9x the
 token-MoE's peak decoding throughput at equal or better quality. Here ``lm-tokenmoe`` and
 ``lm-taskmoe`` (same data, batches, steps, experts and activated FLOPs; the domain label is the

@@ -2,7 +2,8 @@
 
 The run must route by task in every MoE layer (``lm-taskmoe``); its tasks are the domains of its
 corpus, in the trainer's id order (sorted names). The output is a dense run (TaskMoE,
-Kudugunta et al. 2021, section 3) that ``moesaic eval``, ``generate`` and ``report`` read.
+Kudugunta et al. 2021, "Beyond Distillation") that ``moesaic eval``, ``generate`` and
+``report`` read.
 """
 
 from __future__ import annotations

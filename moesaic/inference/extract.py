@@ -1,4 +1,4 @@
-"""TaskMoE sub-network extraction (Kudugunta et al. 2021, "Beyond Distillation", section 3).
+"""TaskMoE sub-network extraction (Kudugunta et al. 2021, "Beyond Distillation").
 
 A task-routed MoE layer sends every token of task t to the same k experts with the same gate
 weights, so for that task the layer is the fixed sum ``sum_i g_i FFN_i(x)``. Summed FFNs are one

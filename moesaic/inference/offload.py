@@ -1,4 +1,4 @@
-"""Expert offloading (CPM-2's InfMoE, Zhang et al. 2021, section 4): experts live on disk and
+"""Expert offloading (InfMoE, the toolkit of CPM-2, Zhang et al. 2021): experts live on disk and
 only a budget's worth of them in memory.
 
 ``offload(model, budget_bytes=..., store=DIR)`` writes every MoE layer's experts to

@@ -175,9 +175,9 @@ MIXTURE_TASKS = 6
 
 @register_model("lm-taskmoe-tiny", MoELM)
 def lm_taskmoe_tiny() -> LMConfig:
-    """TaskMoE (Kudugunta et al. 2021, section 3): every MoE layer routes by the task (the
-    domain) alone, ``g = softmax(W emb(task))``, top-2 of 32 experts as in the paper's GShard
-    setting, dropless; a task's sub-network is then ``ms.inference.extract``-able."""
+    """TaskMoE (Kudugunta et al. 2021, "Beyond Distillation"): every MoE layer routes by the
+    task (the domain) alone, ``g = softmax(W emb(task))``, top-2 of 32 experts as in the paper's
+    GShard setting, dropless; a task's sub-network is then ``ms.inference.extract``-able."""
     return LMConfig(
         vocab_size=256,
         max_seq_len=256,

@@ -98,3 +98,11 @@ def test_cli_generate_decodes_several_prompts_and_prints_tokens_per_second(tmp_p
     assert "16 new tokens in 2 sequences" in err and "tokens/s" in err
     alone = generate_ids(model, list(b"x"), 8, temperature=0, seed=4)
     assert texts[1].rstrip("\n") == "x" + build_tokenizer("byte").decode(alone)
+    stop = build_tokenizer("byte").decode(alone[2:4])  # row 1 stops once its text holds it
+    assert (
+        generate_cli.main([*args, "--max-new-tokens", "8", "--temperature", "0", "--stop", stop])
+        == 0
+    )
+    out, err = capsys.readouterr()
+    assert out.split("\n\n")[1].rstrip("\n").endswith(stop)
+    assert "in 2 sequences" in err and "16 new tokens" not in err
