@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = loss if base is None else base
         r1, r32 = (b * NEW / seconds[f"{name} b{b}"] for b in (1, 32))
         print(
-            f"| {name} | {expert_bytes(m) / 2**20:.2f} | {loss:.4f} | {loss - base:+.4f} | "
+            f"| {name} | {expert_bytes(m) / 2**20:.2f} | {loss:.4f} | {loss - base:+.5f} | "
             f"{r1:,.0f} | {r32:,.0f} |"
         )
     return 0
