@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from moesaic.cli.common import friendly_errors
+from moesaic.cli.extract import task_names
 from moesaic.inference.generate import generate_batch
 from moesaic.train.run import load_run
 
@@ -31,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="text to continue (non-empty); repeat for a batch of prompts",
     )
     parser.add_argument("--stop", default=None, help="a row stops once its text holds this")
+    parser.add_argument(
+        "--task", default=None, help="a task-routed (TaskMoE) run: the domain to decode as"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=40, help="0 = sample from all tokens")
@@ -63,6 +67,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{context} tokens (model.max_seq_len) and the longest prompt takes {longest}"
         )
 
+    task = None
+    if args.task is not None:
+        names = task_names(run.cfg.data.corpus)
+        if args.task not in names:
+            parser.error(
+                f"--task={args.task!r} is not one of {names} (the domains of "
+                f"data.corpus={run.cfg.data.corpus!r})"
+            )
+        task = names.index(args.task)
+
     def stop(ids: list[int]) -> bool:
         return args.stop in run.tokenizer.decode(ids)
 
@@ -77,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             top_p=args.top_p,
             seed=args.seed,
             stop=stop if args.stop is not None else None,
+            task=task,
         )
     except ValueError as err:
         parser.error(str(err))

@@ -2,7 +2,7 @@
 experts; packed expert weights."""
 
 from moesaic.inference.extract import extract, task_experts
-from moesaic.inference.generate import generate_ids
+from moesaic.inference.generate import generate_batch, generate_ids
 from moesaic.inference.offload import OffloadStats, offload
 from moesaic.inference.packing import pack_experts, unpack_experts
 from moesaic.inference.quantize import quantize
@@ -10,6 +10,7 @@ from moesaic.inference.quantize import quantize
 __all__ = [
     "OffloadStats",
     "extract",
+    "generate_batch",
     "generate_ids",
     "offload",
     "pack_experts",

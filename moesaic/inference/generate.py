@@ -6,10 +6,12 @@ Shape legend (docs/shapes.md): B batch, S sequence, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
 
+from moesaic.context import routing_context
 from moesaic.models.lm import KVCache, MoELM
 
 __all__ = ["generate_ids", "generate_batch"]
@@ -69,6 +71,7 @@ def generate_batch(
     seed: int = 0,
     stop: Callable[[list[int]], bool] | None = None,
     use_cache: bool = True,
+    task: int | None = None,
 ) -> list[list[int]]:
     """Sample continuations of several prompts together: row i gives what
     ``generate_ids(model, prompts[i], ..., seed=seed + i)`` gives alone.
@@ -76,7 +79,9 @@ def generate_batch(
     The prompts are left-padded to one length; ``MoELM``'s ``pad_B`` hides the padding from
     attention and starts each row's positions at its first real token. A row stops after
     ``max_new_tokens`` tokens or as soon as ``stop(its new ids)`` is true (that last token is
-    kept); the batch stops when every row has. Rows are independent only where routing is:
+    kept); the batch stops when every row has. ``task``: the task id a task-routed model
+    (TaskMoE) decodes under (``ms.routing_context(task=task)``). Rows are independent only
+    where routing is:
     dropless layers (``capacity_factor=None``) with a per-token router, which a batch-level
     router (expert choice, BASE) or a capacity that pads can take slots from is not.
 
@@ -99,19 +104,21 @@ def generate_batch(
     done = [max_new_tokens == 0] * B
     cache = KVCache(model.cfg.n_layers) if use_cache else None
     pending = ids_BS
-    try:
-        while not all(done):
-            logits_BSV = model(pending if use_cache else ids_BS, cache, pad_B)
-            last_BV = logits_BSV[:, -1].float().cpu()
-            nxt = [_sample(last_BV[b], temperature, top_k, top_p, gens[b]) for b in range(B)]
-            for b in range(B):
-                if not done[b]:
-                    out[b].append(nxt[b])
-                    done[b] = len(out[b]) >= max_new_tokens or bool(stop and stop(out[b]))
-            pending = torch.tensor(nxt, device=device)[:, None]
-            ids_BS = torch.cat([ids_BS, pending], dim=1)
-    finally:
-        model.train(was_training)
+    context = routing_context(task=task) if task is not None else contextlib.nullcontext()
+    with context:
+        try:
+            while not all(done):
+                logits_BSV = model(pending if use_cache else ids_BS, cache, pad_B)
+                last_BV = logits_BSV[:, -1].float().cpu()
+                nxt = [_sample(last_BV[b], temperature, top_k, top_p, gens[b]) for b in range(B)]
+                for b in range(B):
+                    if not done[b]:
+                        out[b].append(nxt[b])
+                        done[b] = len(out[b]) >= max_new_tokens or bool(stop and stop(out[b]))
+                pending = torch.tensor(nxt, device=device)[:, None]
+                ids_BS = torch.cat([ids_BS, pending], dim=1)
+        finally:
+            model.train(was_training)
     return out
 
 

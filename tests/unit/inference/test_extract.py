@@ -136,3 +136,13 @@ def test_cli_extract_refuses_an_unknown_task_naming_the_valid_ones(tmp_path, cap
     assert code == 2 and len(err.splitlines()) == 1
     assert "--task='poetry' is not one of ['bible', 'code', 'docs'" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_extracted_model_generates_what_the_full_model_generates_for_its_task():
+    from moesaic.inference import generate_batch
+
+    model, prompts = _task_model(), [[1, 2, 3], [9]]
+    kw = {"temperature": 1.0, "seed": 4}
+    assert generate_batch(model, prompts, 8, task=2, **kw) == generate_batch(
+        extract(model, 2), prompts, 8, **kw
+    )
