@@ -8,6 +8,7 @@ loss on the run's fixed validation windows, decoding tokens/s at batch 1 and 32 
 cache, 16-token prompts, 48 new tokens).
 
     python benchmarks/int8.py --run runs/lm-tokenmoe        # any token-routed LM run
+    python benchmarks/int8.py --kernel                      # the product alone, by rows
 """
 
 from __future__ import annotations
@@ -41,15 +42,42 @@ def expert_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def kernel_table(rounds: int) -> None:
+    """x (M, 512) times one (2048, 512) weight: fp32 ``F.linear`` vs the int8 kernel."""
+    w = torch.randn(2048, 512)
+    q, s = ms.inference.quantize_rows(w)
+    print("| rows M | fp32 F.linear ms | int8 kernel ms | int8 / fp32 |")
+    print("|---:|---:|---:|---:|")
+    for m in (1, 8, 32, 64):
+        x = torch.randn(m, 512)
+        calls = {
+            "fp32": lambda x=x: torch.nn.functional.linear(x, w),
+            "int8": lambda x=x: torch._weight_int8pack_mm(x, q, s),
+        }
+        t = time_interleaved(calls, rounds)
+        print(
+            f"| {m} | {t['fp32'] * 1e3:.3f} | {t['int8'] * 1e3:.3f} | {t['int8'] / t['fp32']:.1f} |"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="a trained run directory")
+    parser.add_argument("--run", type=Path, default=None, help="a trained run directory")
+    parser.add_argument("--kernel", action="store_true", help="time the product alone")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.threads < 1:
         parser.error("--rounds and --threads must be >= 1")
     torch.set_num_threads(args.threads)
+    if args.kernel:
+        if not int8_kernel_available():
+            parser.error("torch._weight_int8pack_mm is not available in this torch")
+        print(environment())
+        kernel_table(args.rounds)
+        return 0
+    if args.run is None:
+        parser.error("--run DIR is required (or --kernel)")
     run = load_run(args.run)
     d = run.cfg.data
     _, val_docs = split_documents(load_corpus(d.corpus), d.val_fraction, d.seed)

@@ -5,7 +5,7 @@ from moesaic.inference.extract import extract, task_experts
 from moesaic.inference.generate import generate_batch, generate_ids
 from moesaic.inference.offload import OffloadStats, offload
 from moesaic.inference.packing import pack_experts, unpack_experts
-from moesaic.inference.quantize import quantize
+from moesaic.inference.quantize import quantize, quantize_rows
 
 __all__ = [
     "OffloadStats",
@@ -15,6 +15,7 @@ __all__ = [
     "offload",
     "pack_experts",
     "quantize",
+    "quantize_rows",
     "task_experts",
     "unpack_experts",
 ]

@@ -14,6 +14,7 @@ Shape legend (docs/shapes.md): B batch, S sequence, D model dim, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any
 
@@ -75,8 +76,9 @@ class LMConfig:
     first_dense_layers: int = 0  # ... and i >= first_dense_layers
     # Pyramid MoE (DeepSpeed-MoE): experts per layer, 0 for a dense layer, e.g. [0, 8, 0, 16];
     # when set it places the MoE layers instead of moe_every / first_dense_layers, and each
-    # count replaces moe.num_experts at its layer.
-    moe_experts: list[int] | None = None
+    # count replaces moe.num_experts at its layer. Its JSON text ("[0, 8, 0, 16]", as
+    # --set model.moe_experts=... gives it) is read as the list.
+    moe_experts: list[int] | str | None = None
     # Dense models only: FFN width at the layers where the MoE model has its experts
     # (dense_equivalent() sets it to top_k * d_ff + moe.shared_d_ff); None means d_ff.
     matched_d_ff: int | None = None
@@ -136,8 +138,18 @@ class LMConfig:
             self._check_pyramid()
 
     def _check_pyramid(self) -> None:
+        if isinstance(self.moe_experts, str):
+            try:
+                self.moe_experts = json.loads(self.moe_experts)
+            except ValueError:
+                raise ValueError(
+                    f"model.moe_experts={self.moe_experts!r} must be a list of expert counts, "
+                    "e.g. [0, 8, 0, 16]"
+                ) from None
         counts = self.moe_experts
-        if not isinstance(counts, (list, tuple)) or len(counts) != self.n_layers:
+        if isinstance(counts, tuple):
+            counts = self.moe_experts = list(counts)
+        if not isinstance(counts, list) or len(counts) != self.n_layers:
             raise ValueError(
                 f"model.moe_experts={counts!r} must be a list of model.n_layers={self.n_layers} "
                 "expert counts (0 for a dense layer)"

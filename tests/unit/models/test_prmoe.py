@@ -91,3 +91,12 @@ def test_bad_pyramids_fail_with_one_line(counts, message):
 def test_residual_coefficient_needs_a_shared_expert():
     with pytest.raises(ValueError, match="residual_coefficient=True needs shared_d_ff > 0"):
         ms.MoEConfig(num_experts=4, residual_coefficient=True)
+
+
+def test_the_pyramid_can_be_set_from_the_command_line():
+    from moesaic.train.config import apply_overrides
+
+    cfg = apply_overrides(get_recipe("lm-moe-4l"), ["model.moe_experts=[0, 8, 0, 16]"])
+    assert cfg.model.moe_experts == [0, 8, 0, 16]
+    model = MoELM(dataclasses.replace(cfg.model, d_model=16, d_ff=32, max_seq_len=16))
+    assert [getattr(b.ffn, "num_experts", 0) for b in model.blocks] == [0, 8, 0, 16]
