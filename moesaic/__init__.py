@@ -4,7 +4,7 @@ import moesaic as ms
 layer = ms.MoE(d_model=512, d_ff=2048, num_experts=8, router="switch")
 """
 
-from moesaic import convert, metrics, models, parallel
+from moesaic import convert, inference, metrics, models, parallel
 from moesaic.config import MoEConfig
 from moesaic.context import RoutingContext, current_context, routing_context
 from moesaic.dispatch import DROP_POLICIES, expert_capacity
@@ -52,6 +52,7 @@ __all__ = [
     "RoutingRecorder",
     "moefy",
     "convert",
+    "inference",
     "metrics",
     "models",
     "parallel",

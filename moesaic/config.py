@@ -42,9 +42,10 @@ class MoEConfig:
         drop_policy: "position" | "priority".
         activation: "gelu" | "gelu_tanh" | "relu" | "silu" | "swiglu"; None: the model's
             activation inside a model, "gelu" for a layer of its own.
-        expert_bias, shared_d_ff, shared_gate, aux_loss_weight, z_loss_weight, jitter, router_dtype,
-        router_options, expert_backend: as in ``ms.MoE``. ``router_dtype`` may be
-            given by name ("float32"), as a run config stored in JSON has it.
+        expert_bias, shared_d_ff, shared_gate, residual_coefficient, aux_loss_weight,
+        z_loss_weight, jitter, router_dtype, router_options, expert_backend: as in ``ms.MoE``.
+            ``router_dtype`` may be given by name ("float32"), as a run config stored in JSON
+            has it.
         expert_dropout: dropout on the routed experts' hidden activations, in training only
             (Switch fine-tuning: 0.4 inside experts, 0.1 elsewhere; Fedus et al. 2022, §4.2).
 
@@ -70,6 +71,7 @@ class MoEConfig:
     expert_bias: bool = False
     shared_d_ff: int = 0
     shared_gate: bool = False
+    residual_coefficient: bool = False
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 0.0
     jitter: float | None = None
@@ -97,6 +99,13 @@ class MoEConfig:
             raise TypeError(f"shared_gate={self.shared_gate!r} must be a bool")
         if self.shared_gate and not shared:
             raise ValueError("shared_gate=True needs shared_d_ff > 0 (it gates the shared expert)")
+        if not isinstance(self.residual_coefficient, bool):
+            raise TypeError(f"residual_coefficient={self.residual_coefficient!r} must be a bool")
+        if self.residual_coefficient and (not shared or self.shared_gate):
+            raise ValueError(
+                "residual_coefficient=True needs shared_d_ff > 0 and shared_gate=False (it mixes "
+                "the MoE and the shared expert instead of gating the latter)"
+            )
         check_nonnegative_float("aux_loss_weight", self.aux_loss_weight)
         check_dropout("expert_dropout", self.expert_dropout)
         check_nonnegative_float("z_loss_weight", self.z_loss_weight)

@@ -48,6 +48,11 @@ class MoE(nn.Module):
         shared_gate: scale the shared expert by a learned per-token sigmoid gate (Qwen2-MoE:
             ``y = MoE(x) + sigmoid(x w) * MLP(x)``, ``shared_gate`` an ``nn.Linear(D, 1)``
             without bias); needs ``shared_d_ff > 0``.
+        residual_coefficient: mix the MoE and the shared expert with a learned per-token
+            2-way softmax, as DeepSpeed-MoE's released Residual-MoE does (Rajbhandari et al.
+            2022, section 4.1; ``use_residual``): ``c = softmax(W x + b)``,
+            ``y = c0 * MoE(x) + c1 * MLP(x)``, ``residual_coef`` an ``nn.Linear(D, 2)``;
+            needs ``shared_d_ff > 0``. Without it the sum is the paper's ``MoE(x) + MLP(x)``.
         aux_loss_weight: alpha, the weight of the router's load-balancing loss.
         z_loss_weight: weight of the router z-loss (ST-MoE).
         jitter: multiplicative input jitter of learned routers in training; None takes the
@@ -119,6 +124,9 @@ class MoE(nn.Module):
         self.shared_gate = (
             nn.Linear(D, 1, bias=False, device=device, dtype=dtype) if config.shared_gate else None
         )
+        self.residual_coef = (
+            nn.Linear(D, 2, device=device, dtype=dtype) if config.residual_coefficient else None
+        )
         self._last = _LastForward()
 
     def shard_experts(self, group) -> None:
@@ -184,7 +192,7 @@ class MoE(nn.Module):
         if y_TD is None:
             y_TD = combine(self._run_experts(permute(x_TD, plan), plan.counts), plan)
         if self.shared is not None:
-            y_TD = y_TD + self._shared_expert(x_TD)
+            y_TD = self._add_shared(x_TD, y_TD)
         aux = self.aux_loss_weight * routing.aux_loss + self.z_loss_weight * routing.z_loss
         self._last.add_aux_loss(aux, y_TD, joins=self.training and y_TD.requires_grad)
         self._last.stats = RoutingStats(
@@ -192,11 +200,15 @@ class MoE(nn.Module):
         )
         return y_TD.reshape(x.shape)
 
-    def _shared_expert(self, x_TD: torch.Tensor) -> torch.Tensor:
-        y_TD = self.shared(x_TD, [x_TD.shape[0]])
+    def _add_shared(self, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
+        """The routed experts' output plus the shared expert's (gated or mixed)."""
+        shared_TD = self.shared(x_TD, [x_TD.shape[0]])
+        if self.residual_coef is not None:  # DeepSpeed-MoE's Residual-MoE mix, per token
+            c_T2 = torch.softmax(self.residual_coef(x_TD), dim=-1)
+            return c_T2[:, :1] * y_TD + c_T2[:, 1:] * shared_TD
         if self.shared_gate is None:
-            return y_TD
-        return torch.sigmoid(self.shared_gate(x_TD)) * y_TD  # (T, 1) gate: one per token
+            return y_TD + shared_TD
+        return y_TD + torch.sigmoid(self.shared_gate(x_TD)) * shared_TD  # (T, 1): per token
 
     def _run_experts(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         if self.expert_group is None:

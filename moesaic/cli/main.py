@@ -24,6 +24,7 @@ COMMANDS = {
         "moesaic.cli.classic",
         "classic mixtures on Fashion-MNIST: mile|mele|hard|specialists",
     ),
+    "extract": ("moesaic.cli.extract", "a task-routed run's sub-network for one task, as a run"),
     "data": ("moesaic.cli.data", "the Debian packages the corpora, datasets and tests read"),
     "skillnet": (
         "moesaic.skillnet.cli",

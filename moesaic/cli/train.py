@@ -61,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.resume = _has_checkpoint(args.run_dir)
     use_saved = args.resume or (args.auto_resume and started)
     cfg = saved_config(args.run_dir, args.overrides) if use_saved else config_from_args(args)
+    _check_routable(cfg)
     groups = init_parallel(expert=cfg.parallel.expert)  # torchrun's environment, if any
     run_dir = _shared_run_dir(
         args.run_dir or Path("runs") / f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}", groups
@@ -87,6 +88,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def _check_routable(cfg) -> None:
+    """The trainer does not yet pass each batch's domains as task ids, so a task-routed model
+    would fail at its first step: say so before any work."""
+    moe = cfg.model.moe
+    if moe is not None and moe.router in ("task", "skill"):
+        raise ConfigError(
+            f"model.moe.router={moe.router!r} needs each batch's task ids, which 'moesaic "
+            "train' does not pass yet (issue 23); benchmarks/taskmoe.py trains lm-taskmoe with "
+            "ms.routing_context(task=batch.domain)"
+        )
 
 
 def _has_checkpoint(run_dir: Path) -> bool:

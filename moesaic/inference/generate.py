@@ -1,15 +1,20 @@
-"""Autoregressive sampling with a KV cache (each new token costs one position, not a recompute).
+"""Autoregressive sampling with a KV cache (each new token costs one position, not a recompute),
+one prompt at a time (``generate_ids``) or a batch of them together (``generate_batch``).
 
 Shape legend (docs/shapes.md): B batch, S sequence, V vocabulary.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Sequence
+
 import torch
 
+from moesaic.context import routing_context
 from moesaic.models.lm import KVCache, MoELM
 
-__all__ = ["generate_ids"]
+__all__ = ["generate_ids", "generate_batch"]
 
 
 @torch.inference_mode()
@@ -52,6 +57,69 @@ def generate_ids(
     finally:
         model.train(was_training)
     return ids[len(prompt_ids) :]
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: MoELM,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    stop: Callable[[list[int]], bool] | None = None,
+    use_cache: bool = True,
+    task: int | None = None,
+) -> list[list[int]]:
+    """Sample continuations of several prompts together: row i gives what
+    ``generate_ids(model, prompts[i], ..., seed=seed + i)`` gives alone.
+
+    The prompts are left-padded to one length; ``MoELM``'s ``pad_B`` hides the padding from
+    attention and starts each row's positions at its first real token. A row stops after
+    ``max_new_tokens`` tokens or as soon as ``stop(its new ids)`` is true (that last token is
+    kept); the batch stops when every row has. ``task``: the task id a task-routed model
+    (TaskMoE) decodes under (``ms.routing_context(task=task)``). Rows are independent only
+    where routing is:
+    dropless layers (``capacity_factor=None``) with a per-token router, which a batch-level
+    router (expert choice, BASE) or a capacity that pads can take slots from is not.
+
+    Returns:
+        the new ids of each prompt, in prompt order.
+    """
+    if not prompts:
+        raise ValueError("prompts is empty: give at least one prompt")
+    for prompt in prompts:
+        _check(model, prompt, max_new_tokens, temperature, top_k, top_p)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    B, width = len(prompts), max(len(p) for p in prompts)
+    pad_B = torch.tensor([width - len(p) for p in prompts], device=device)
+    ids_BS = torch.stack([torch.tensor([0] * (width - len(p)) + list(p)) for p in prompts])
+    ids_BS = ids_BS.to(device)
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(B)]
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [max_new_tokens == 0] * B
+    cache = KVCache(model.cfg.n_layers) if use_cache else None
+    pending = ids_BS
+    context = routing_context(task=task) if task is not None else contextlib.nullcontext()
+    with context:
+        try:
+            while not all(done):
+                logits_BSV = model(pending if use_cache else ids_BS, cache, pad_B)
+                last_BV = logits_BSV[:, -1].float().cpu()
+                nxt = [_sample(last_BV[b], temperature, top_k, top_p, gens[b]) for b in range(B)]
+                for b in range(B):
+                    if not done[b]:
+                        out[b].append(nxt[b])
+                        done[b] = len(out[b]) >= max_new_tokens or bool(stop and stop(out[b]))
+                pending = torch.tensor(nxt, device=device)[:, None]
+                ids_BS = torch.cat([ids_BS, pending], dim=1)
+        finally:
+            model.train(was_training)
+    return out
 
 
 def _sample(logits_V: torch.Tensor, temperature: float, top_k: int | None, top_p, gen) -> int:

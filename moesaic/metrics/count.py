@@ -144,7 +144,8 @@ def _count_one(model: nn.Module, task: int | None, seq_len: int | None) -> Model
         total += round(local * (shards - 1))
         inactive += local * shards * (1 - k / m.num_experts)
         forward += 2 * k * local / m.experts.num_experts + _router_flops(m)
-        for shared in (m.shared, m.shared_gate):  # the shared expert and its gate: every token
+        # the shared expert, its gate or residual mix: every token
+        for shared in (m.shared, m.shared_gate, m.residual_coef):
             if shared is not None:
                 forward += 2 * sum(p.numel() for p in shared.parameters())
     if isinstance(model, MoELM):

@@ -36,8 +36,9 @@ def lm_flops_per_token(cfg: LMConfig, seq_len: int) -> FlopsPerToken:
         F = cfg.ffn_width(i)
         if cfg.moe_layer(i):
             moe = cfg.moe
-            forward += moe.experts_per_token * 2 * mats * D * F + 2 * D * moe.num_experts
+            forward += moe.experts_per_token * 2 * mats * D * F + 2 * D * cfg.layer_experts(i)
             forward += 2 * mats * D * moe.shared_d_ff + 2 * D * moe.shared_gate
+            forward += 2 * D * 2 * moe.residual_coefficient  # DeepSpeed-MoE's residual mix
         else:
             forward += 2 * mats * D * F
     return FlopsPerToken(forward=forward, train=3 * forward)

@@ -14,6 +14,7 @@ Shape legend (docs/shapes.md): B batch, S sequence, D model dim, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any
 
@@ -73,6 +74,11 @@ class LMConfig:
     moe: MoEConfig | None = None  # None: dense model
     moe_every: int = 2  # layer i is MoE when (i + 1) % moe_every == 0 ...
     first_dense_layers: int = 0  # ... and i >= first_dense_layers
+    # Pyramid MoE (DeepSpeed-MoE): experts per layer, 0 for a dense layer, e.g. [0, 8, 0, 16];
+    # when set it places the MoE layers instead of moe_every / first_dense_layers, and each
+    # count replaces moe.num_experts at its layer. Its JSON text ("[0, 8, 0, 16]", as
+    # --set model.moe_experts=... gives it) is read as the list.
+    moe_experts: list[int] | str | None = None
     # Dense models only: FFN width at the layers where the MoE model has its experts
     # (dense_equivalent() sets it to top_k * d_ff + moe.shared_d_ff); None means d_ff.
     matched_d_ff: int | None = None
@@ -126,6 +132,40 @@ class LMConfig:
             )
         if self.moe is not None:
             self._check_moe()
+        if self.moe_experts is not None:
+            self._check_pyramid()
+
+    def _check_pyramid(self) -> None:
+        if isinstance(self.moe_experts, str):
+            try:
+                self.moe_experts = json.loads(self.moe_experts)
+            except ValueError:
+                raise ValueError(
+                    f"model.moe_experts={self.moe_experts!r} must be a list of expert counts, "
+                    "e.g. [0, 8, 0, 16]"
+                ) from None
+        counts = self.moe_experts
+        if isinstance(counts, tuple):
+            counts = self.moe_experts = list(counts)
+        if not isinstance(counts, list) or len(counts) != self.n_layers:
+            raise ValueError(
+                f"model.moe_experts={counts!r} must be a list of model.n_layers={self.n_layers} "
+                "expert counts (0 for a dense layer)"
+            )
+        for i, n in enumerate(counts):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"model.moe_experts[{i}]={n!r} must be an int >= 0")
+        if self.moe is None:
+            return  # a dense model uses it only to place matched_d_ff (dense_equivalent)
+        if not any(counts):
+            raise ValueError(f"model.moe_experts={list(counts)} needs at least one count > 0")
+        k = self.moe.experts_per_token
+        for i, n in enumerate(counts):
+            if 0 < n < k:
+                raise ValueError(
+                    f"model.moe_experts[{i}]={n} must be >= model.moe.top_k={k} "
+                    "(or 0 for a dense layer)"
+                )
 
     def _check_moe(self) -> None:
         if not isinstance(self.moe, MoEConfig):
@@ -166,9 +206,24 @@ class LMConfig:
             return moe.inherit("model.", d_model=self.d_model, activation=self.activation)
 
     def expert_site(self, index: int) -> bool:
-        """Whether layer ``index`` is where an MoE model has its MoE layer (``moe_every`` and
-        ``first_dense_layers``; a dense model's ``matched_d_ff`` applies there)."""
+        """Whether layer ``index`` is where an MoE model has its MoE layer (``moe_experts``, or
+        ``moe_every`` and ``first_dense_layers``; a dense model's ``matched_d_ff`` applies
+        there)."""
+        if self.moe_experts is not None:
+            return self.moe_experts[index] > 0
         return index >= self.first_dense_layers and (index + 1) % self.moe_every == 0
+
+    def layer_experts(self, index: int) -> int:
+        """Experts of layer ``index`` (0 for a dense layer)."""
+        if not self.moe_layer(index):
+            return 0
+        return self.moe.num_experts if self.moe_experts is None else self.moe_experts[index]
+
+    def layer_moe_config(self, index: int) -> MoEConfig:
+        """``moe_config()`` with layer ``index``'s expert count (pyramid MoE)."""
+        cfg = self.moe_config()
+        n = self.layer_experts(index)
+        return cfg if n == cfg.num_experts else dataclasses.replace(cfg, num_experts=n)
 
     def moe_layer(self, index: int) -> bool:
         return self.is_moe and self.expert_site(index)
@@ -267,8 +322,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x_BSD, rope, cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
-        """``start``: how many tokens the cache held before this forward."""
+    def forward(
+        self, x_BSD, rope, cache: KVCache | None, layer: int, start: int, pad_B=None
+    ) -> torch.Tensor:
+        """``start``: how many tokens the cache held before this forward. ``pad_B``: each
+        row's count of left-padding tokens (None: none), which no query attends to and which
+        shift the row's rotary positions so its first real token is at position 0."""
         B, S, D = x_BSD.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x_BSD).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
@@ -276,12 +335,18 @@ class Attention(nn.Module):
         k = k.view(B, S, Hkv, hd).transpose(1, 2)  # (B, Hkv, S, hd)
         v = v.view(B, S, Hkv, hd).transpose(1, 2)
         if rope is not None:
-            cos, sin = rope[0][start : start + S], rope[1][start : start + S]
+            if pad_B is None:
+                cos, sin = rope[0][start : start + S], rope[1][start : start + S]
+            else:  # per-row positions: (B, 1, S, hd / 2) tables
+                pos_BS = _positions(pad_B, start, S)
+                cos, sin = rope[0][pos_BS].unsqueeze(1), rope[1][pos_BS].unsqueeze(1)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         # Causal over the whole context: a query at position start+i sees keys 0..start+i.
         mask = None if start == 0 else _causal_mask(S, start + S, x_BSD.device)
+        if pad_B is not None:
+            mask = _padding_mask(pad_B, S, start + S)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -292,6 +357,23 @@ class Attention(nn.Module):
             enable_gqa=Hkv != H,
         )
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
+
+
+def _positions(pad_B: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """(B, S) position of each token counted from its row's first real token (pads: 0)."""
+    pos = torch.arange(start, start + length, device=pad_B.device)
+    return (pos[None, :] - pad_B[:, None]).clamp(min=0)
+
+
+def _padding_mask(pad_B: torch.Tensor, q_len: int, k_len: int) -> torch.Tensor:
+    """(B, 1, q_len, k_len) causal mask that also hides each row's left padding; a padding
+    query sees itself, so no row of the softmax is empty."""
+    causal = _causal_mask(q_len, k_len, pad_B.device)
+    k_pos = torch.arange(k_len, device=pad_B.device)
+    q_pos = k_pos[k_len - q_len :]
+    real_BK = k_pos[None, :] >= pad_B[:, None]
+    self_QK = q_pos[:, None] == k_pos[None, :]
+    return (causal & (real_BK[:, None, :] | self_QK))[:, None]
 
 
 def _causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
@@ -330,13 +412,13 @@ class Block(nn.Module):
         self.ln1, self.ln2 = make_norm(cfg), make_norm(cfg)
         self.attn = Attention(cfg)
         if cfg.moe_layer(index):
-            self.ffn: nn.Module = MoE(cfg.moe_config())
+            self.ffn: nn.Module = MoE(cfg.layer_moe_config(index))
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.ffn_width(index), cfg.activation)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, cache, layer, start):
-        x = x + self.drop(self.attn(self.ln1(x), rope, cache, layer, start))
+    def forward(self, x, rope, cache, layer, start, pad_B=None):
+        x = x + self.drop(self.attn(self.ln1(x), rope, cache, layer, start, pad_B))
         return x + self.drop(self.ffn(self.ln2(x)))
 
 
@@ -397,20 +479,29 @@ class MoELM(nn.Module):
             is_output = name.endswith("proj.weight") or last == "w2" or name.endswith("w2.weight")
             nn.init.normal_(p, 0.0, resid if is_output else std)
 
-    def forward(self, idx_BS: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        return self.head(self.features(idx_BS, cache))
+    def forward(
+        self,
+        idx_BS: torch.Tensor,
+        cache: KVCache | None = None,
+        pad_B: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, S, V). ``pad_B`` (LongTensor (B,), for batched generation): row b's
+        first ``pad_B[b]`` tokens are left padding, hidden from attention, and its positions
+        start at its first real token, so each row computes as it would alone."""
+        return self.head(self.features(idx_BS, cache, pad_B=pad_B))
 
     def features(
         self,
         idx_BS: torch.Tensor,
         cache: KVCache | None = None,
         prefix_BPD: torch.Tensor | None = None,
+        pad_B: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The final normed hidden states (B, S, D) that the output head reads; with
         ``prefix_BPD`` (soft-prompt vectors, prompt tuning) those P positions come first and the
-        output is (B, P + S, D)."""
-        if prefix_BPD is not None and cache is not None:
-            raise ValueError("a soft-prompt prefix cannot be combined with a KV cache")
+        output is (B, P + S, D). ``pad_B`` as in ``forward``."""
+        if prefix_BPD is not None and (cache is not None or pad_B is not None):
+            raise ValueError("a soft-prompt prefix cannot be combined with a KV cache or padding")
         P = 0 if prefix_BPD is None else prefix_BPD.shape[1]
         self._check(idx_BS, cache, extra=P)
         start = cache.length if cache is not None else 0
@@ -418,21 +509,25 @@ class MoELM(nn.Module):
         if prefix_BPD is not None:
             x = torch.cat([prefix_BPD.to(x.dtype), x], dim=1)
         if self.pos is not None:
-            x = x + self.pos(torch.arange(start, start + x.shape[1], device=idx_BS.device))
+            S = x.shape[1]
+            if pad_B is None:
+                x = x + self.pos(torch.arange(start, start + S, device=idx_BS.device))
+            else:
+                x = x + self.pos(_positions(pad_B, start, S))
         x = self.drop(x)
         rope = (self.rope_cos, self.rope_sin) if self.pos is None else None
         if self._token_ids:
             # prompt positions carry no token: id 0 stands in for the routers that hash ids
             ids = F.pad(idx_BS, (P, 0)) if P else idx_BS
             with routing_context(token_ids=ids):
-                x = self._blocks(x, rope, cache, start)
+                x = self._blocks(x, rope, cache, start, pad_B)
         else:
-            x = self._blocks(x, rope, cache, start)
+            x = self._blocks(x, rope, cache, start, pad_B)
         return self.ln_f(x)
 
-    def _blocks(self, x, rope, cache: KVCache | None, start: int) -> torch.Tensor:
+    def _blocks(self, x, rope, cache: KVCache | None, start: int, pad_B=None) -> torch.Tensor:
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, cache, i, start)
+            x = block(x, rope, cache, i, start, pad_B)
         return x
 
     def loss(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:

@@ -169,6 +169,69 @@ def lm_deepseekmoe_tiny() -> LMConfig:
     )
 
 
+# The multi-domain corpus has six domains (moesaic.data.corpora.MIXTURE_DOMAINS): the tasks.
+MIXTURE_TASKS = 6
+
+
+@register_model("lm-taskmoe-tiny", MoELM)
+def lm_taskmoe_tiny() -> LMConfig:
+    """TaskMoE (Kudugunta et al. 2021, "Beyond Distillation"): every MoE layer routes by the
+    task (the domain) alone, ``g = softmax(W emb(task))``, top-2 of 32 experts as in the paper's
+    GShard setting, dropless; a task's sub-network is then ``ms.inference.extract``-able."""
+    return LMConfig(
+        vocab_size=256,
+        max_seq_len=256,
+        d_model=64,
+        n_layers=4,
+        n_heads=2,
+        d_ff=256,
+        moe=MoEConfig(
+            num_experts=32,
+            top_k=2,
+            router="task",
+            capacity_factor=None,
+            router_options={"num_tasks": MIXTURE_TASKS},
+        ),
+        moe_every=2,
+    )
+
+
+@register_model("lm-tokenmoe-tiny", MoELM)
+def lm_tokenmoe_tiny() -> LMConfig:
+    """``lm-taskmoe-tiny`` with token-level top-2 routing: the same experts, widths and
+    activated FLOPs per token (the comparison of Kudugunta et al. 2021)."""
+    task = lm_taskmoe_tiny()
+    moe = dataclasses.replace(task.moe, router="topk", router_options={})
+    return dataclasses.replace(task, moe=moe)
+
+
+@register_model("lm-moe-4l", MoELM)
+def lm_moe_4l() -> LMConfig:
+    """A standard Switch MoE LM (Fedus et al.; DeepSpeed-MoE's "standard MoE"): four layers,
+    32 top-1 experts in every other one; ``lm-prmoe-tiny``'s baseline."""
+    return LMConfig(
+        vocab_size=256,
+        max_seq_len=256,
+        d_model=64,
+        n_layers=4,
+        n_heads=2,
+        d_ff=256,
+        moe=MoEConfig(num_experts=32, top_k=1, router="switch", capacity_factor=None),
+        moe_every=2,
+    )
+
+
+@register_model("lm-prmoe-tiny", MoELM)
+def lm_prmoe_tiny() -> LMConfig:
+    """PR-MoE (Rajbhandari et al. 2022, DeepSpeed-MoE section 4.1): ``lm-moe-4l`` with a
+    pyramid (16 experts in the first MoE layer, 32 in the last: deeper layers gain more from
+    experts) and Residual-MoE (a dense MLP every token takes plus one top-1 expert, mixed by the
+    released code's learned per-token coefficient)."""
+    base = lm_moe_4l()
+    moe = dataclasses.replace(base.moe, shared_d_ff=base.d_ff, residual_coefficient=True)
+    return dataclasses.replace(base, moe=moe, moe_experts=[0, 16, 0, 32])
+
+
 @register_model("lm-moe-test", MoELM)
 def lm_moe_test() -> LMConfig:
     """A model small enough for unit tests (a few ms per step)."""

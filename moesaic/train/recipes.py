@@ -132,3 +132,41 @@ def finetune_defaults(task: str) -> RunConfig:
         ),
         finetune=FinetuneConfig(task=task),
     )
+
+
+@recipe("lm-taskmoe")
+def lm_taskmoe() -> RunConfig:
+    """TaskMoE on the multi-domain corpus: the domain labels are the tasks, and every MoE layer
+    routes by the task (``lm-taskmoe-tiny``), so each domain's sub-network can be extracted
+    (``moesaic extract``). The trainer must pass each batch's domains as
+    ``ms.routing_context(task=batch.domain)``."""
+    return RunConfig(
+        recipe="lm-taskmoe",
+        model=model_config("lm-taskmoe-tiny"),
+        data=DataConfig(corpus="mixture", seq_len=128, batch_size=32, eval_batches=16),
+        optim=OptimConfig(lr=3e-3, warmup_steps=50),
+        train=TrainConfig(steps=3000, eval_every=250, checkpoint_every=500),
+    )
+
+
+@recipe("lm-tokenmoe")
+def lm_tokenmoe() -> RunConfig:
+    """``lm-taskmoe``'s token-routed twin: same data, steps, experts and activated FLOPs."""
+    return dataclasses.replace(
+        lm_taskmoe(), recipe="lm-tokenmoe", model=model_config("lm-tokenmoe-tiny")
+    )
+
+
+@recipe("lm-moe-4l")
+def lm_moe_4l() -> RunConfig:
+    """A four-layer standard MoE LM (32 top-1 experts every other layer): PR-MoE's baseline."""
+    return dataclasses.replace(lm_moe_tiny(), recipe="lm-moe-4l", model=model_config("lm-moe-4l"))
+
+
+@recipe("lm-prmoe")
+def lm_prmoe() -> RunConfig:
+    """PR-MoE (DeepSpeed-MoE): ``lm-moe-4l`` with pyramid expert counts [0, 16, 0, 32] and
+    Residual-MoE layers; same data and budget."""
+    return dataclasses.replace(
+        lm_moe_tiny(), recipe="lm-prmoe", model=model_config("lm-prmoe-tiny")
+    )

@@ -49,17 +49,19 @@ def _count_on_meta(model_cfg) -> tuple[int, int]:
     counted as fast as one with 2."""
     from moesaic.models.lm import MoELM
 
-    def kind(cfg, i: int) -> tuple[bool, int]:  # a layer's parameters depend on these only
-        return cfg.moe_layer(i), cfg.ffn_width(i)
+    def kind(cfg, i: int) -> tuple[bool, int, int]:  # a layer's parameters depend on these
+        return cfg.moe_layer(i), cfg.ffn_width(i), cfg.layer_experts(i)
 
     # Past the first dense layers, layer i's kind depends on (i + 1) % moe_every only: one
     # dense layer (if any) and moe_every more layers hold every kind.
     first = min(model_cfg.first_dense_layers, 1)
-    probe_cfg = dataclasses.replace(
-        model_cfg,
-        n_layers=min(model_cfg.n_layers, first + model_cfg.moe_every),
-        first_dense_layers=first,
-    )
+    probe_cfg = model_cfg  # pyramid (moe_experts): a list of n_layers counts, probe them all
+    if model_cfg.moe_experts is None:
+        probe_cfg = dataclasses.replace(
+            model_cfg,
+            n_layers=min(model_cfg.n_layers, first + model_cfg.moe_every),
+            first_dense_layers=first,
+        )
     with torch.device("meta"):
         probe = MoELM(probe_cfg)
     per_kind = {

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from moesaic.data import tokenizer_from_json
 from moesaic.models.lm import MoELM
-from moesaic.train.checkpoint import check_fits, resumable_checkpoint
-from moesaic.train.config import RunConfig, config_from_dict
+from moesaic.train.checkpoint import check_fits, resumable_checkpoint, save_checkpoint, write_atomic
+from moesaic.train.config import RunConfig, config_from_dict, config_to_dict
 from moesaic.train.data import TOKENIZER_FILE
 
-__all__ = ["LoadedRun", "load_run", "read_run_config"]
+__all__ = ["LoadedRun", "load_run", "read_run_config", "write_run"]
 
 
 @dataclasses.dataclass
@@ -43,6 +43,20 @@ def load_run(run_dir: Path) -> LoadedRun:
     model.load_state_dict(weights)
     model.eval()
     return LoadedRun(cfg=cfg, model=model, tokenizer=tokenizer, step=int(state["step"]))
+
+
+def write_run(run_dir: Path, cfg: RunConfig, model: MoELM, tokenizer: object, step: int) -> Path:
+    """Write ``model`` as a finished run at ``step`` (config.json, tokenizer.json, an empty
+    metrics.jsonl and one checkpoint) that ``load_run`` and every command reading runs accept;
+    for models made from a run rather than trained (``moesaic extract``)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(config_to_dict(cfg), indent=1)
+    write_atomic(run_dir / "config.json", text)
+    write_atomic(run_dir / TOKENIZER_FILE, tokenizer.to_json())
+    write_atomic(run_dir / "metrics.jsonl", "")
+    state = {"step": step, "train_s": 0.0, "evals": [], "config": text}
+    return save_checkpoint(run_dir / "checkpoints", step, model, state)
 
 
 def read_run_config(run_dir: Path) -> dict:

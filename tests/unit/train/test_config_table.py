@@ -32,6 +32,10 @@ BAD = {
     "model.moe_every": ("0", "model.moe_every=0 must be >= 1"),
     "model.expert_d_ff": ("0", "model.expert_d_ff=0 must be >= 1"),
     "model.first_dense_layers": ("-1", "model.first_dense_layers=-1 must be an int >= 0"),
+    "model.moe_experts": (
+        "[0, 8, 0]",
+        "model.moe_experts=[0, 8, 0] must be a list of model.n_layers=2",
+    ),
     "model.moe.d_model": ("0", "model.moe.d_model=0 must be >= 1"),
     "model.moe.d_ff": ("-1", "model.moe.d_ff=-1 must be >= 1"),
     "model.moe.num_experts": ("0", "model.moe.num_experts=0 must be >= 1"),
@@ -43,6 +47,10 @@ BAD = {
     "model.moe.expert_bias": ("maybe", "--set model.moe.expert_bias='maybe': expected bool"),
     "model.moe.shared_d_ff": ("-1", "model.moe.shared_d_ff=-1 must be an int >= 0"),
     "model.moe.shared_gate": ("maybe", "--set model.moe.shared_gate='maybe': expected bool"),
+    "model.moe.residual_coefficient": (
+        "maybe",
+        "--set model.moe.residual_coefficient='maybe': expected bool",
+    ),
     "model.moe.aux_loss_weight": (
         "-0.1",
         "model.moe.aux_loss_weight=-0.1 must be a finite float >= 0",
@@ -112,6 +120,11 @@ INCOMPATIBLE = [
     (["model.n_heads=8", "model.d_model=24"], "model.positions='rope' needs an even head dim"),
     (["model.matched_d_ff=128"], "model.matched_d_ff is for dense models (model.moe=None)"),
     (["model.moe.shared_gate=true"], "model.moe.shared_gate=True needs shared_d_ff > 0"),
+    (
+        ["model.moe_experts=[0, 1]", "model.moe.top_k=2", "model.moe.router=topk"],
+        "model.moe_experts[1]=1 must be >= model.moe.top_k=2",
+    ),
+    (["model.moe_experts=eight"], "model.moe_experts='eight' must be a list of expert counts"),
     (["model.first_dense_layers=2"], "model.first_dense_layers=2 must be < model.n_layers=2"),
     (["model.moe.d_ff=128", "model.expert_d_ff=32"], "d_ff=128 conflicts with model.expert_d_ff"),
     (

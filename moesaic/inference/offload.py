@@ -1,0 +1,350 @@
+"""Expert offloading (InfMoE, the toolkit of CPM-2, Zhang et al. 2021): experts live on disk and
+only a budget's worth of them in memory.
+
+``offload(model, budget_bytes=..., store=DIR)`` writes every MoE layer's experts to
+``DIR/blocks.<i>.safetensors`` and replaces the layer's ``Experts`` with ``OffloadedExperts``:
+
+- an expert is read (through a memory map of its file, whose pages are released right after the
+  copy, so the mapping never holds more than the one expert being read) only when a token is
+  routed to it: experts that get no token are never read (InfMoE skips empty experts too);
+- the experts read so far stay in one least-recently-used resident set shared by all layers,
+  never more than ``budget_bytes`` of weights;
+- while layer l computes, a worker thread reads the experts layer l+1 used at the previous
+  step (its routing is unknown until it runs; consecutive decoding steps tend to reuse experts),
+  InfMoE's overlap of loading with compute. ``OffloadStats`` counts how often that guess was
+  right.
+
+Each expert runs as the plain "torch" backend computes it (``F.linear`` on the same weight
+matrices), so an offloaded model's outputs are bit-identical to the resident model running
+``expert_backend="torch"`` (and equal within float rounding to the tuned CPU backend).
+
+Shape legend (docs/shapes.md): A assignments grouped by expert, D model dim, F expert hidden.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import mmap
+import struct
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn import functional as F
+
+from moesaic.experts import Experts
+from moesaic.layer import MoE
+
+__all__ = ["offload", "OffloadedExperts", "OffloadStats", "ExpertCache", "expert_nbytes"]
+
+Key = tuple[int, int]  # (layer number among the MoE layers, expert)
+Weights = tuple[torch.Tensor, ...]  # w1 (F, D), w2 (D, F)[, w3 (F, D)][, biases]
+NAMES = ("w1", "w2", "w3", "b1", "b2", "b3")
+
+
+def expert_nbytes(experts: Experts) -> int:
+    """Bytes of one expert's weights (w1, w2, w3 and biases where present)."""
+    total = 0
+    for name in NAMES:
+        w = getattr(experts, name)
+        if w is not None:
+            total += w[0].numel() * w.element_size()
+    return total
+
+
+@dataclasses.dataclass
+class OffloadStats:
+    """What the resident set did. ``prefetch_rate`` (``prefetch_hits / prefetch_needed``): of
+    the experts a layer needed, the fraction its previous call's choices predicted (the guess the
+    worker read ahead); ``hit_rate``: the fraction found resident or on its way."""
+
+    reads: int = 0  # experts read from the store (sync and prefetch)
+    read_bytes: int = 0
+    hits: int = 0  # experts found resident when a layer needed them
+    misses: int = 0  # experts read while the layer waited
+    prefetched: int = 0  # experts the worker read ahead
+    prefetch_needed: int = 0  # experts needed by layers that had a prefetch guess
+    prefetch_hits: int = 0  # of those, in the guess
+    evictions: int = 0
+    peak_bytes: int = 0  # most weight bytes resident at once
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / max(1, self.hits + self.misses)
+
+    @property
+    def prefetch_rate(self) -> float:
+        return self.prefetch_hits / max(1, self.prefetch_needed)
+
+
+class _SafetensorsMap:
+    """One safetensors file read through a memory map: ``read(name)`` copies a tensor out and
+    releases the mapping's pages it touched (``madvise(MADV_DONTNEED)``), so only the copies
+    count against memory."""
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            self.header = json.loads(f.read(n))
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.base = 8 + n
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self.header[name]
+        start, end = (self.base + o for o in info["data_offsets"])
+        raw = np.frombuffer(self.map, dtype=np.uint8, count=end - start, offset=start).copy()
+        page = mmap.PAGESIZE
+        lo = start // page * page
+        self.map.madvise(mmap.MADV_DONTNEED, lo, end - lo)
+        dtype = getattr(torch, _DTYPES[info["dtype"]])
+        return torch.from_numpy(raw).view(dtype).reshape(info["shape"])
+
+    def close(self) -> None:
+        self.map.close()
+
+
+_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+class ExpertCache:
+    """The resident set: experts by (layer, expert), least recently used first, at most
+    ``budget_bytes`` of them; reads go through the layers' files; one worker thread reads
+    ahead."""
+
+    def __init__(self, files: list[Path], expert_bytes: list[int], budget_bytes: int) -> None:
+        self.maps = [_SafetensorsMap(p) for p in files]
+        self.expert_bytes, self.budget = expert_bytes, budget_bytes
+        self.resident: OrderedDict[Key, Weights] = OrderedDict()
+        self.bytes = 0
+        self.lock = threading.Lock()
+        self.loading: dict[Key, Future] = {}
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moesaic-prefetch")
+        self.stats = OffloadStats()
+        self.last_used: dict[int, list[int]] = {}  # layer -> experts it needed last time
+        self.guess: dict[int, set[int]] = {}  # layer -> experts read ahead for its next call
+        self.pinned: set[Key] = set()  # the computing layer's experts still to run
+        self.current: Key | None = None  # the expert computing now: never evicted
+
+    def get(self, key: Key) -> Weights:
+        """The expert's weights, read now if neither resident nor on its way."""
+        with self.lock:
+            if key in self.resident:
+                self.resident.move_to_end(key)
+                self.stats.hits += 1
+                return self.resident[key]
+            pending = self.loading.get(key)
+        if pending is not None:
+            pending.result()
+            with self.lock:
+                if key in self.resident:
+                    self.stats.hits += 1
+                    self.resident.move_to_end(key)
+                    return self.resident[key]
+        self.stats.misses += 1
+        weights = self._read(key, sync=True)
+        while weights is None:  # read-aheads in flight hold the room: let them land, retry
+            with self.lock:
+                pending = list(self.loading.values())
+            for f in pending:
+                f.result()
+            weights = self._read(key, sync=True)
+        return weights
+
+    def prefetch(self, layer: int) -> None:
+        """Read ahead, on the worker, the experts ``layer`` needed at its previous call."""
+        guess = self.last_used.get(layer)
+        if guess is None:
+            return
+        self.guess[layer] = set(guess)
+        for e in guess:
+            key = (layer, e)
+            with self.lock:
+                if key in self.resident or key in self.loading:
+                    continue
+                self.loading[key] = self.worker.submit(self._read, key, False)
+
+    def begin(self, keys: list[Key]) -> None:
+        """A layer is about to compute ``keys``: read-aheads may not evict them."""
+        with self.lock:
+            self.pinned = set(keys)
+
+    def computing(self, key: Key | None) -> None:
+        """``key`` computes now (never evicted); None: it is done (any read may evict it)."""
+        with self.lock:
+            if self.current is not None:
+                self.pinned.discard(self.current)
+            self.current = key
+
+    def _read(self, key: Key, sync: bool) -> Weights | None:
+        """Read ``key`` into the resident set, evicting least recently used experts to make
+        room. A read ahead (``sync`` False) evicts only experts the computing layer does not
+        need and gives up when that is not enough; a layer's own read may also evict its
+        experts still to come (they are read again when their turn comes)."""
+        layer, e = key
+        size = self.expert_bytes[layer]
+        with self.lock:
+            if not self._make_room(size, sync):
+                if not sync:
+                    self.loading.pop(key, None)
+                return None
+            self.bytes += size  # reserved before reading, so the budget holds meanwhile
+        names = [n for n in NAMES if f"{n}.{e}" in self.maps[layer].header]
+        weights = tuple(self.maps[layer].read(f"{n}.{e}") for n in names)
+        with self.lock:
+            self.resident[key] = weights
+            self.loading.pop(key, None)
+            self.stats.reads += 1
+            self.stats.read_bytes += size
+            self.stats.prefetched += not sync
+            self.stats.peak_bytes = max(self.stats.peak_bytes, self.bytes)
+        return weights
+
+    def _make_room(self, size: int, sync: bool) -> bool:
+        """(lock held) Evict until ``size`` more bytes fit; False when they cannot."""
+        while self.bytes + size > self.budget:
+            free = [k for k in self.resident if k not in self.pinned]
+            if not sync:  # a read-ahead never evicts the read-aheads of its own round
+                free = [k for k in free if k[1] not in self.guess.get(k[0], ())]
+            held = [k for k in self.resident if k in self.pinned and k != self.current]
+            victims = free + held if sync else free
+            if not victims:
+                return False
+            self.bytes -= self.expert_bytes[victims[0][0]]
+            del self.resident[victims[0]]
+            self.stats.evictions += 1
+        return True
+
+    def record(self, layer: int, needed: list[int]) -> None:
+        """Note what ``layer`` needed (the next call's guess) and score the last guess."""
+        guess = self.guess.pop(layer, None)
+        if guess is not None:
+            self.stats.prefetch_needed += len(needed)
+            self.stats.prefetch_hits += len(guess.intersection(needed))
+        self.last_used[layer] = needed
+
+    def close(self) -> None:
+        self.worker.shutdown(wait=True)
+        for m in self.maps:
+            m.close()
+
+
+class OffloadedExperts(nn.Module):
+    """Stands in for a layer's ``Experts``: the same function, weights from an ``ExpertCache``.
+
+    Forward-only (serving): it has no parameters, so nothing trains it.
+    """
+
+    def __init__(self, experts: Experts, cache: ExpertCache, layer: int, next_layer: int):
+        super().__init__()
+        self.num_experts, self.d_model, self.d_ff = (
+            experts.num_experts,
+            experts.d_model,
+            experts.d_ff,
+        )
+        self.act, self.gated = experts.act, experts.gated
+        self.has_bias = experts.b1 is not None
+        # the layer checks inputs against w1's device and dtype; no weights are kept here
+        self.register_buffer("w1", torch.empty(0, dtype=experts.w1.dtype), persistent=False)
+        self.cache, self.layer, self.next_layer = cache, layer, next_layer
+
+    def forward_combined(self, x_TD: torch.Tensor, plan) -> None:
+        return None  # the layer permutes, calls forward and combines
+
+    @torch.no_grad()
+    def forward(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        needed = [e for e, c in enumerate(counts) if c]
+        self.cache.begin([(self.layer, e) for e in needed])
+        self.cache.prefetch(self.next_layer)  # overlaps this layer's reads and compute
+        y = []
+        for e, x in enumerate(x_AD.split(counts)):
+            if x.shape[0] == 0:
+                continue  # no token: never read
+            self.cache.computing((self.layer, e))
+            y.append(self._ffn(x, self.cache.get((self.layer, e))))
+        self.cache.computing(None)
+        self.cache.record(self.layer, needed)
+        return torch.cat(y) if y else x_AD.new_empty(0, self.d_model)
+
+    def _ffn(self, x: torch.Tensor, weights: Weights) -> torch.Tensor:
+        # The "torch" backend's arithmetic (moesaic/experts/loop.py) on the same matrices.
+        w = dict(zip([n for n in NAMES if self._has(n)], weights))
+        h = self.act(F.linear(x, w["w1"], w.get("b1")))
+        if self.gated:
+            h = h * F.linear(x, w["w3"], w.get("b3"))
+        return F.linear(h, w["w2"], w.get("b2"))
+
+    def _has(self, name: str) -> bool:
+        return (name[0] == "w" or self.has_bias) and (name[1] != "3" or self.gated)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, layer={self.layer}, offloaded"
+
+
+def offload(model: nn.Module, *, budget_bytes: int, store: str | Path) -> ExpertCache:
+    """Move every MoE layer's experts of ``model`` to safetensors files in ``store`` and serve
+    them from a resident set of at most ``budget_bytes`` (see the module docstring). The model
+    is changed in place (its experts' memory is released); the returned ``ExpertCache`` holds
+    the statistics (``.stats``) and is closed with ``.close()``.
+
+    Raises:
+        ValueError: ``budget_bytes`` not a positive int, or smaller than one expert (naming both
+            sizes); a model without MoE layers; experts sharded over processes.
+    """
+    layers = _check(model, budget_bytes)
+    store = Path(store)
+    store.mkdir(parents=True, exist_ok=True)
+    files, sizes = [], []
+    for name, layer in layers:
+        path = store / f"{name}.safetensors"
+        save_file(_expert_tensors(layer.experts), path)
+        files.append(path)
+        sizes.append(expert_nbytes(layer.experts))
+    cache = ExpertCache(files, sizes, budget_bytes)
+    for n, (_, layer) in enumerate(layers):
+        layer.experts = OffloadedExperts(layer.experts, cache, n, (n + 1) % len(layers))
+    return cache
+
+
+def _expert_tensors(experts: Experts) -> dict[str, torch.Tensor]:
+    """Each expert's matrices as ``F.linear`` takes them: ``w1.{e}`` (F, D), ``w2.{e}`` (D, F)."""
+    out = {}
+    for name in NAMES:
+        w = getattr(experts, name)
+        if w is None:
+            continue
+        for e in range(w.shape[0]):
+            t = w[e].t() if name[0] == "w" else w[e]
+            out[f"{name}.{e}"] = t.detach().contiguous()
+    return out
+
+
+def _check(model: object, budget_bytes: object) -> list[tuple[str, MoE]]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 1:
+        raise ValueError(f"budget_bytes={budget_bytes!r} must be an int > 0")
+    layers = [
+        (n.removesuffix(".ffn") or "moe", m) for n, m in model.named_modules() if isinstance(m, MoE)
+    ]
+    if not layers:
+        raise ValueError("model has no MoE layers: there are no experts to offload")
+    for name, layer in layers:
+        if not isinstance(layer.experts, Experts):
+            raise ValueError(f"{name}: its experts are already offloaded")
+        if layer.expert_group is not None:
+            raise ValueError(f"{name}: experts sharded over processes; offload a whole model")
+    largest_name, largest = max(
+        ((name, expert_nbytes(layer.experts)) for name, layer in layers), key=lambda p: p[1]
+    )
+    if budget_bytes < largest:
+        raise ValueError(
+            f"budget_bytes={budget_bytes:,} is smaller than one expert of {largest_name} "
+            f"({largest:,} bytes): the budget must hold at least one expert"
+        )
+    return layers
