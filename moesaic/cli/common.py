@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch.distributed as dist
+
 from moesaic.train.checkpoint import CheckpointError, CheckpointWriteError
 from moesaic.train.config import ConfigError, RunConfig, apply_overrides, config_from_dict
 from moesaic.train.guard import TrainingHalted
@@ -18,7 +20,15 @@ from moesaic.train.run import read_run_config
 from moesaic.train.runlock import RunDirError
 from moesaic.train.signals import signal_handlers
 
-__all__ = ["add_config_arguments", "config_from_args", "friendly_errors", "saved_config"]
+__all__ = [
+    "add_config_arguments",
+    "add_set_argument",
+    "add_run_arguments",
+    "config_from_args",
+    "finish_distributed",
+    "friendly_errors",
+    "saved_config",
+]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,14 +37,40 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_RECIPE,
         help=f"one of: {', '.join(sorted(RECIPES))} (default {DEFAULT_RECIPE})",
     )
+    add_set_argument(parser, "train.steps=200")
+
+
+def add_set_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    """``--set SECTION.FIELD=VALUE`` (repeatable) into ``args.overrides``."""
     parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="SECTION.FIELD=VALUE",
-        help="override one config field, e.g. --set train.steps=200 (repeatable)",
+        help=f"override one config field, e.g. --set {example} (repeatable)",
     )
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, what: str, example: str) -> None:
+    """``--out``, ``--set``, ``--resume`` and ``--no-progress`` of a command that trains a new
+    run (``what`` names it in the help)."""
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"the run directory of {what} (default under runs/)"
+    )
+    add_set_argument(parser, example)
+    parser.add_argument(
+        "--resume", action="store_true", help=f"continue {what} in --out from its checkpoint"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def finish_distributed(groups) -> None:
+    """Leave together and tear the process group down: a rank exiting with a live gloo group
+    can abort in its destructors ("terminate called without an active exception")."""
+    if groups.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:

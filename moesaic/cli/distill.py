@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from moesaic.cli.common import friendly_errors, saved_config
+from moesaic.cli.common import add_run_arguments, friendly_errors, saved_config
 from moesaic.cli.train import summary
 from moesaic.train.config import (
     ConfigError,
@@ -49,21 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-init", action="store_true", help="start the student from random weights"
     )
-    parser.add_argument(
-        "--out", type=Path, default=None, help="run directory (default runs/RECIPE-studentN-TIME)"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override one field of the student's run, e.g. --set train.steps=500",
-    )
-    parser.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its checkpoint"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_arguments(parser, "the student", "train.steps=500")
     args = parser.parse_args(argv)
     if args.resume:
         if args.out is None:

@@ -13,9 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch.distributed as dist
-
-from moesaic.cli.common import friendly_errors, saved_config
+from moesaic.cli.common import add_run_arguments, finish_distributed, friendly_errors, saved_config
 from moesaic.data.labelled import LABELLED_TASKS
 from moesaic.parallel import init as init_parallel
 from moesaic.train.checkpoint import write_atomic
@@ -53,21 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="the pretrained run's architecture with random weights (the no-pretraining baseline)",
     )
-    parser.add_argument(
-        "--out", type=Path, default=None, help="run directory (default runs/finetune-TASK-TIME)"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override one config field, e.g. --set finetune.expert_dropout=0.1 (repeatable)",
-    )
-    parser.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its checkpoint"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_arguments(parser, "the fine-tuning run", "finetune.expert_dropout=0.1")
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
     if args.method:
@@ -89,9 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = summary(result, trainer)
     if groups.is_main:
         print(text, flush=True)
-    if groups.distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+    finish_distributed(groups)
     return 0
 
 

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from moesaic.cli.common import (
     add_config_arguments,
     config_from_args,
+    finish_distributed,
     friendly_errors,
     saved_config,
 )
@@ -61,7 +62,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.resume = _has_checkpoint(args.run_dir)
     use_saved = args.resume or (args.auto_resume and started)
     cfg = saved_config(args.run_dir, args.overrides) if use_saved else config_from_args(args)
-    _check_routable(cfg)
     groups = init_parallel(expert=cfg.parallel.expert)  # torchrun's environment, if any
     run_dir = _shared_run_dir(
         args.run_dir or Path("runs") / f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}", groups
@@ -82,24 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = summary(result, trainer)  # every rank: sampling runs collective forwards
     if groups.is_main:
         print(text, flush=True)
-    if groups.distributed:
-        # Leave together and tear the group down: a rank exiting with a live gloo group can
-        # abort in its destructors ("terminate called without an active exception").
-        dist.barrier()
-        dist.destroy_process_group()
+    finish_distributed(groups)
     return 0
-
-
-def _check_routable(cfg) -> None:
-    """The trainer does not yet pass each batch's domains as task ids, so a task-routed model
-    would fail at its first step: say so before any work."""
-    moe = cfg.model.moe
-    if moe is not None and moe.router in ("task", "skill"):
-        raise ConfigError(
-            f"model.moe.router={moe.router!r} needs each batch's task ids, which 'moesaic "
-            "train' does not pass yet (issue 23); benchmarks/taskmoe.py trains lm-taskmoe with "
-            "ms.routing_context(task=batch.domain)"
-        )
 
 
 def _has_checkpoint(run_dir: Path) -> bool:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from moesaic._validate import prefixed_errors
-from moesaic.cli.common import friendly_errors
+from moesaic.cli.common import add_set_argument, friendly_errors
 from moesaic.cli.train import summary
 from moesaic.config import MoEConfig
 from moesaic.train.config import ConfigError
@@ -41,14 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--noise", type=float, default=0.0, help="relative noise added to each expert copy (0)"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override a field of the new run, e.g. --set train.steps=300 (repeatable)",
-    )
+    add_set_argument(parser, "train.steps=300")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     from moesaic.convert.run import PROVENANCE, upcycle_run

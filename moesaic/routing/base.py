@@ -119,6 +119,9 @@ class Router(nn.Module, abc.ABC):
     # True for routers that read ``RoutingContext.token_ids``: a model that knows its tokens' ids
     # (``MoELM``) then provides them.
     reads_token_ids: ClassVar[bool] = False
+    # True for routers that read ``RoutingContext.task``: the trainer then passes each batch
+    # row's label (the corpus domain) as its task id.
+    reads_task_ids: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -67,6 +67,7 @@ class TaskRouter(TopKRouter):
     """
 
     default_top_k = 2
+    reads_task_ids = True
 
     def __init__(
         self, d_model: int, num_experts: int, top_k: int | None = None, *, num_tasks: int, **kwargs
@@ -91,6 +92,8 @@ class SkillRouter(Router):
         task_skills: one sequence of expert ids per task, e.g. ``[[0], [1], [0, 2]]``. Include an
             always-on general skill in every set to get SkillNet-NLG's general + task skills.
     """
+
+    reads_task_ids = True
 
     def __init__(
         self,

@@ -12,6 +12,7 @@ labelled task. ``task_for(cfg)`` picks the one a run config describes.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moesaic.context import routing_context
+from moesaic.layer import MoE
 from moesaic.models.lm import MoELM
 from moesaic.train.checkpoint import write_atomic
 from moesaic.train.config import ConfigError, RunConfig
 from moesaic.train.data import TOKENIZER_FILE, PreparedData, prepare_data
 from moesaic.train.distill import distill_loss, kd_weight
 
-__all__ = ["Task", "LanguageModelling", "task_for", "build_model", "evaluate", "load_teacher"]
+__all__ = [
+    "Task",
+    "LanguageModelling",
+    "task_for",
+    "build_model",
+    "evaluate",
+    "load_teacher",
+    "domains_as_tasks",
+]
 
 
 class Task(abc.ABC):
@@ -75,12 +86,28 @@ def build_model(cfg: RunConfig, vocab_size: int, expert_group: object | None = N
     return MoELM(dataclasses.replace(cfg.model, vocab_size=vocab_size), expert_group)
 
 
+def task_routed(model: nn.Module) -> bool:
+    """Whether an MoE layer of ``model`` routes by task (TaskMoE, SkillNet's skills)."""
+    return any(isinstance(m, MoE) and m.router.reads_task_ids for m in model.modules())
+
+
+def domains_as_tasks(model: nn.Module, batch: Any):
+    """The context a forward on ``batch`` runs in: each row's domain as its task id when
+    ``model`` routes by task (TaskMoE, Kudugunta et al. 2021: the domain is the task)."""
+    if task_routed(model):
+        return routing_context(task=batch.domain)
+    return contextlib.nullcontext()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list) -> float:
     """Mean next-token cross-entropy (nats per token) over fixed validation batches."""
     was_training = model.training
     model.eval()
-    total = sum(model.loss(b.x, b.y).item() for b in batches)
+    total = 0.0
+    for b in batches:
+        with domains_as_tasks(model, b):
+            total += model.loss(b.x, b.y).item()
     model.train(was_training)
     return total / len(batches)
 
@@ -128,6 +155,12 @@ class LanguageModelling(Task):
             self.teacher = load_teacher(cfg.distill.teacher, self.data.tokenizer.vocab_size)
         self.labels = list(self.data.train.domains)
         self.units_per_step = cfg.data.batch_size * cfg.data.seq_len
+        num_tasks = (cfg.model.moe.router_options or {}).get("num_tasks") if cfg.model.moe else None
+        if num_tasks is not None and num_tasks < len(self.labels):
+            raise ConfigError(
+                f"model.moe.router_options.num_tasks={num_tasks} must be >= the corpus's "
+                f"{len(self.labels)} domains {self.labels} (each domain is a task)"
+            )
 
     @property
     def tokenizer(self):
@@ -156,11 +189,13 @@ class LanguageModelling(Task):
         d = self.cfg.distill
         w = 0.0 if d is None else kd_weight(step, d.weight, d.until, d.schedule)
         if w == 0.0:
-            ce = model.loss(batch.x, batch.y)
+            with domains_as_tasks(model, batch):
+                ce = model.loss(batch.x, batch.y)
             return ce, {"ce": ce}
-        logits = model(batch.x)
+        with domains_as_tasks(model, batch):
+            logits = model(batch.x)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), batch.y.flatten())
-        with torch.no_grad():
+        with torch.no_grad(), domains_as_tasks(self.teacher, batch):
             teacher_logits = self.teacher(batch.x)
         kd = distill_loss(logits, teacher_logits, d.temperature)
         return (1 - w) * ce + w * kd, {"ce": ce, "kd": kd, "kd_weight": torch.tensor(w)}

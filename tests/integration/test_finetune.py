@@ -1,6 +1,6 @@
-"""Fine-tuning and distillation through the one trainer: prompt tuning leaves the language model
-bit-identical, a fine-tuning run resumes bit for bit, frozen routers stay put, expert dropout
-reaches only the experts, and the distillation loss follows its formula and schedule."""
+"""One trainer, every task: prompt tuning leaves the language model bit-identical, a fine-tuning
+run resumes bit for bit, frozen routers stay put, expert dropout reaches only the experts, the
+distillation loss follows its formula and schedule, and task routers get each row's domain."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ import torch.nn.functional as F
 
 from moesaic.cli.distill import student_config
 from moesaic.cli.finetune import finetune_config
+from moesaic.data import ByteTokenizer, Document, TokenStream
 from moesaic.layer import MoE
 from moesaic.train.config import ConfigError, apply_overrides
+from moesaic.train.data import PreparedData
 from moesaic.train.distill import distill_loss, kd_weight
 from moesaic.train.recipes import get_recipe
 from moesaic.train.run import load_run
@@ -185,3 +187,37 @@ def test_a_student_starts_from_its_teachers_layers_and_staged_kd_stops(pretraine
     assert ["kd" in r for r in rows] == [True, True, False, False]
     bad = _cli("distill", "--teacher", str(pretrained), "--student-layers", "0")
     assert bad.returncode == 2 and "--student-layers=0 must be an int >= 1" in bad.stderr
+
+
+def test_the_trainer_passes_each_rows_domain_to_task_routers(tmp_path):
+    # two domains; with the task router every token of a domain goes to that domain's top-k
+    # experts, so each step's domain-by-expert counts have k experts per domain in the batch
+    docs = [Document(f"{d}/{i}", (d * 40 + str(i)) * 8, d) for d in ("ab", "xy") for i in range(6)]
+    tok = ByteTokenizer()
+    domains = ["ab", "xy"]
+    data = PreparedData(
+        tokenizer=tok,
+        train=TokenStream.from_documents(docs[:5] + docs[6:11], tok, domains=domains),
+        val=TokenStream.from_documents([docs[5], docs[11]], tok, domains=domains),
+    )
+    cfg = apply_overrides(
+        get_recipe("lm-moe-test"),
+        [
+            "model.moe.router=task",
+            "model.moe.router_options.num_tasks=2",
+            "model.moe.top_k=2",
+            "train.steps=6",
+            "train.log_every=1",
+            "data.eval_batches=1",
+        ],
+    )
+    trainer = Trainer(cfg, tmp_path / "task", progress=False, data=data)
+    trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "task" / "routing.jsonl").open()]
+    assert len(rows) == 6
+    for row in rows:
+        experts = [sum(c > 0 for c in counts) for counts in row["affinity"]]
+        assert all(n in (0, 2) for n in experts) and sum(experts) >= 2, row["affinity"]
+    narrow = apply_overrides(cfg, ["model.moe.router_options.num_tasks=1"])
+    with pytest.raises(ConfigError, match="num_tasks=1 must be >= the corpus's 2 domains"):
+        Trainer(narrow, tmp_path / "narrow", progress=False, data=data)
