@@ -16,7 +16,9 @@ only a budget's worth of them in memory.
 
 Each expert runs as the plain "torch" backend computes it (``F.linear`` on the same weight
 matrices), so an offloaded model's outputs are bit-identical to the resident model running
-``expert_backend="torch"`` (and equal within float rounding to the tuned CPU backend).
+``expert_backend="torch"`` (and equal within float rounding to the tuned CPU backend). That loop
+is the readable definition, not the fast path: for a few rows per expert on CPU it is several
+times slower than the tuned backend (docs/serving.md measures both).
 
 Shape legend (docs/shapes.md): A assignments grouped by expert, D model dim, F expert hidden.
 """
