@@ -121,8 +121,9 @@ def test_a_bad_budget_fails_with_one_line_before_writing_anything(tmp_path, budg
     assert not (tmp_path / "store").exists()
 
 
-def test_offloaded_experts_on_the_cpu_backend_equal_the_resident_model(tmp_path):
-    resident = _model()
+@pytest.mark.parametrize("kw", [{}, {"activation": "swiglu", "bias": True}], ids=str)
+def test_offloaded_experts_on_the_cpu_backend_equal_the_resident_model(tmp_path, kw):
+    resident = _model(**kw)
     for block in resident.blocks:  # the default backend: the tuned CPU kernels where present
         block.ffn.experts.backend = "auto"
     idx = torch.randint(0, 64, (3, 6))
