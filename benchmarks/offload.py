@@ -7,9 +7,10 @@ a fresh process: it builds the model from the same seed, offloads it (writing th
 the store's pages from the page cache (``os.posix_fadvise(..., POSIX_FADV_DONTNEED)``) so the
 first reads come from disk, resets the peak-RSS mark (``/proc/self/clear_refs``), then decodes.
 
-The offloaded experts compute with the plain "torch" expert loop (bit-identical to it), so a
-second resident row runs that loop too: "x resident loop" isolates what offloading costs, "x
-resident" adds what the tuned CPU backend gains over the loop.
+The offloaded experts run one expert at a time (the swapped product ``(W x^T)^T`` for this
+default-backend model); a second resident row runs the plain "torch" expert loop, also one expert
+at a time: "x resident loop" compares with that, "x resident" with the tuned CPU backend
+(threads over experts, oneDNN products).
 
 Columns: tok/s (new tokens per second over the decoding steps), x resident, peak RSS (VmHWM
 while decoding: the process, not just the experts), resident expert MiB (most weight bytes the
