@@ -7,6 +7,11 @@ a fresh process: it builds the model from the same seed, offloads it (writing th
 the store's pages from the page cache (``os.posix_fadvise(..., POSIX_FADV_DONTNEED)``) so the
 first reads come from disk, resets the peak-RSS mark (``/proc/self/clear_refs``), then decodes.
 
+The offloaded experts run one expert at a time (the swapped product ``(W x^T)^T`` for this
+default-backend model); a second resident row runs the plain "torch" expert loop, also one expert
+at a time: "x resident loop" compares with that, "x resident" with the tuned CPU backend
+(threads over experts, oneDNN products).
+
 Columns: tok/s (new tokens per second over the decoding steps), x resident, peak RSS (VmHWM
 while decoding: the process, not just the experts), resident expert MiB (most weight bytes the
 resident set held), reads (experts read from the store), hit rate (experts found resident or on
@@ -84,10 +89,15 @@ def decode(model: MoELM, batch: int, steps: int) -> float:
 
 
 def run_one(args: argparse.Namespace) -> dict:
-    """One run in this process: resident (``--fraction 0``) or offloaded to that budget."""
+    """One run in this process: resident (``--fraction 0``; ``-1``: resident with the plain
+    "torch" expert loop the offloaded experts compute with) or offloaded to that budget."""
     torch.manual_seed(0)
     cfg = model_config(args)
     model = MoELM(cfg).eval()
+    if args.fraction < 0:
+        for layer in (m for m in model.modules() if isinstance(m, ms.MoE)):
+            layer.experts.backend = "torch"
+        args.fraction = 0
     total = expert_bytes(cfg)
     cache = None
     if args.fraction:
@@ -136,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = tempfile.mkdtemp(prefix="moesaic-offload-", dir="/tmp")
     rows = {}
     try:
-        for fraction in (0.0, 1.0, 0.5, 0.25):
+        for fraction in (0.0, -1.0, 1.0, 0.5, 0.25):
             argv_child = [*(argv or sys.argv[1:]), "--fraction", str(fraction), "--store", store]
             out = subprocess.run(
                 [sys.executable, __file__, *argv_child], capture_output=True, text=True
@@ -156,21 +166,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "prompt\n"
     )
     print(
-        "| budget | tok/s | x resident | peak RSS MiB | resident expert MiB | reads | "
-        "hit rate | guess rate |"
+        "| budget | tok/s | x resident | x resident loop | peak RSS MiB | resident expert MiB | "
+        "reads | hit rate | guess rate |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    base = rows[0.0]["tok_s"]
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    base, loop = rows[0.0]["tok_s"], rows[-1.0]["tok_s"]
+    names = {0.0: "resident (tuned CPU backend)", -1.0: "resident (plain torch loop)"}
     for fraction, r in rows.items():
-        name = "resident" if fraction == 0 else f"{fraction:.0%}"
+        name = names.get(fraction, f"{fraction:.0%}")
         extra = (
             f"{r['resident_bytes'] / 2**20:,.0f} | {r['reads']:,} | {r['hit_rate']:.2f} | "
             f"{r['guess_rate']:.2f}"
-            if fraction
+            if fraction > 0
             else f"{total / 2**20:,.0f} | - | - | -"
         )
         print(
-            f"| {name} | {r['tok_s']:,.0f} | {r['tok_s'] / base:.2f} | "
+            f"| {name} | {r['tok_s']:,.0f} | {r['tok_s'] / base:.2f} | {r['tok_s'] / loop:.2f} | "
             f"{r['peak_rss'] / 2**20:,.0f} | {extra} |"
         )
     return 0

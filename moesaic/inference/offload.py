@@ -14,9 +14,12 @@ only a budget's worth of them in memory.
   InfMoE's overlap of loading with compute. ``OffloadStats`` counts how often that guess was
   right.
 
-Each expert runs as the plain "torch" backend computes it (``F.linear`` on the same weight
-matrices), so an offloaded model's outputs are bit-identical to the resident model running
-``expert_backend="torch"`` (and equal within float rounding to the tuned CPU backend).
+A layer whose experts use the plain ``"torch"`` backend keeps its arithmetic exactly
+(``F.linear`` on the same weight matrices): its offloaded outputs are bit-identical to the
+resident model's. With any other backend (the default picks the tuned CPU kernels) an expert
+with a few rows runs the swapped product ``(W x^T)^T``, as the CPU backend does for few rows,
+several times faster than ``F.linear`` there; the outputs then equal the resident model's within
+float rounding (docs/serving.md measures both).
 
 Shape legend (docs/shapes.md): A assignments grouped by expert, D model dim, F expert hidden.
 """
@@ -252,6 +255,8 @@ class OffloadedExperts(nn.Module):
         # the layer checks inputs against w1's device and dtype; no weights are kept here
         self.register_buffer("w1", torch.empty(0, dtype=experts.w1.dtype), persistent=False)
         self.cache, self.layer, self.next_layer = cache, layer, next_layer
+        # the layer's "torch" backend: its loop exactly; any other: few-row products swapped
+        self.exact = experts.backend == "torch"
 
     def forward_combined(self, x_TD: torch.Tensor, plan) -> None:
         return None  # the layer permutes, calls forward and combines
@@ -272,18 +277,37 @@ class OffloadedExperts(nn.Module):
         return torch.cat(y) if y else x_AD.new_empty(0, self.d_model)
 
     def _ffn(self, x: torch.Tensor, weights: Weights) -> torch.Tensor:
-        # The "torch" backend's arithmetic (moesaic/experts/loop.py) on the same matrices.
         w = dict(zip([n for n in NAMES if self._has(n)], weights))
+        if not self.exact and x.shape[0] <= SWAP_ROWS:
+            return self._ffn_swapped(x, w)
+        # The "torch" backend's arithmetic (moesaic/experts/loop.py) on the same matrices.
         h = self.act(F.linear(x, w["w1"], w.get("b1")))
         if self.gated:
             h = h * F.linear(x, w["w3"], w.get("b3"))
         return F.linear(h, w["w2"], w.get("b2"))
+
+    def _ffn_swapped(self, x_MD: torch.Tensor, w: dict) -> torch.Tensor:
+        """The same FFN transposed, ``(W x^T)^T``: for a few rows, a product that streams each
+        weight matrix once in its stored order is several times faster on CPU than
+        ``F.linear``'s (the CPU backend swaps its few-row products for the same reason)."""
+        x_DM = x_MD.t()
+        h_FM = self.act(_mm(w["w1"], x_DM, w.get("b1")))
+        if self.gated:
+            h_FM = h_FM * _mm(w["w3"], x_DM, w.get("b3"))
+        return _mm(w["w2"], h_FM, w.get("b2")).t()
 
     def _has(self, name: str) -> bool:
         return (name[0] == "w" or self.has_bias) and (name[1] != "3" or self.gated)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, layer={self.layer}, offloaded"
+
+
+SWAP_ROWS = 16  # rows per expert up to which the swapped product runs (non-"torch" backends)
+
+
+def _mm(w_NK: torch.Tensor, x_KM: torch.Tensor, b_N: torch.Tensor | None) -> torch.Tensor:
+    return torch.mm(w_NK, x_KM) if b_N is None else torch.addmm(b_N[:, None], w_NK, x_KM)
 
 
 def offload(model: nn.Module, *, budget_bytes: int, store: str | Path) -> ExpertCache:

@@ -344,9 +344,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         # Causal over the whole context: a query at position start+i sees keys 0..start+i.
-        mask = None if start == 0 else _causal_mask(S, start + S, x_BSD.device)
         if pad_B is not None:
             mask = _padding_mask(pad_B, S, start + S)
+        else:
+            mask = None if start == 0 else _causal_mask(S, start + S, x_BSD.device)
         y = F.scaled_dot_product_attention(
             q,
             k,

@@ -119,3 +119,22 @@ def test_a_bad_budget_fails_with_one_line_before_writing_anything(tmp_path, budg
         offload(_model(), budget_bytes=budget, store=tmp_path / "store")
     assert message in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("kw", [{}, {"activation": "swiglu", "bias": True}], ids=str)
+def test_offloaded_experts_on_the_cpu_backend_equal_the_resident_model(tmp_path, kw):
+    resident = _model(**kw)
+    for block in resident.blocks:  # the default backend: the tuned CPU kernels where present
+        block.ffn.experts.backend = "auto"
+    idx = torch.randint(0, 64, (3, 6))
+    want = _decode(resident, idx)
+    model = copy.deepcopy(resident)
+    cache = offload(
+        model, budget_bytes=2 * expert_nbytes(model.blocks[0].ffn.experts), store=tmp_path
+    )
+    try:
+        got = _decode(model, idx)
+    finally:
+        cache.close()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
