@@ -4,9 +4,8 @@ Kudugunta et al. 2021 ("Beyond Distillation"): routing by task lets each
 task's sub-network be extracted and served like a small dense model; their headline is 1.9x the
 token-MoE's peak decoding throughput at equal or better quality. Here ``lm-tokenmoe`` and
 ``lm-taskmoe`` (same data, batches, steps, experts and activated FLOPs; the domain label is the
-task) are trained with the same loop, which passes each batch's domains as
-``ms.routing_context(task=...)`` (``moesaic train`` does not pass them yet). One table per
-domain:
+task) are trained by the trainer, which passes each batch's domains to the task router as
+``ms.routing_context(task=...)``, as ``moesaic train`` does. One table per domain:
 
 - val loss: next-token cross-entropy on that domain's validation documents (fixed windows);
 - params: parameters the model holds (the extracted model: only that task's experts);
@@ -21,7 +20,6 @@ domain:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import tempfile
 import time
@@ -31,49 +29,28 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # python benchmarks/<name>.py
 
 import torch
-from tqdm import tqdm
 
 import moesaic as ms
 from benchmarks.harness import environment, time_interleaved
 from moesaic.data import TokenStream, eval_batches, load_corpus, split_documents
 from moesaic.models.lm import KVCache, MoELM
-from moesaic.train.config import RunConfig
+from moesaic.train.config import RunConfig, apply_overrides
 from moesaic.train.data import prepare_data
 from moesaic.train.recipes import get_recipe
-from moesaic.train.run import write_run
-from moesaic.train.trainer import lr_factor
+from moesaic.train.trainer import Trainer
 
 PROMPT, NEW = 16, 48  # decoding: prompt tokens, then new tokens per timed call
 
 
-def train(cfg: RunConfig, data, steps: int, label: str) -> MoELM:
-    """``cfg``'s model trained ``steps`` steps as the trainer would (AdamW, warm-up + cosine,
-    clipping, aux loss), with each batch's domains as its task ids."""
-    torch.manual_seed(cfg.train.seed)
-    model = MoELM(dataclasses.replace(cfg.model, vocab_size=data.tokenizer.vocab_size))
-    o = cfg.optim
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0}],
-        lr=o.lr,
-        betas=(o.beta1, o.beta2),
+def train(cfg: RunConfig, data, steps: int, out: Path, threads: int) -> MoELM:
+    """``cfg``'s model trained ``steps`` steps by the trainer (which passes each batch's
+    domains to the task router as its task ids) into ``out / cfg.recipe``."""
+    cfg = apply_overrides(
+        cfg, [f"train.steps={steps}", f"train.threads={threads}", "train.sample_tokens=0"]
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, o.warmup_steps, steps, o.min_lr_ratio)
-    )
-    sampler = data.sampler(cfg.data)
-    model.train()
-    for _ in tqdm(range(steps), desc=label, mininterval=30):
-        batch = sampler.next_batch()
-        with ms.routing_context(task=batch.domain):
-            loss = model.loss(batch.x, batch.y) + ms.aux_loss(model)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-        opt.step()
-        sched.step()
-    return model.eval()
+    trainer = Trainer(cfg, out / cfg.recipe, data=data)
+    trainer.fit()
+    return trainer.model.eval()
 
 
 @torch.no_grad()
@@ -132,13 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     task_cfg, token_cfg = get_recipe("lm-taskmoe"), get_recipe("lm-tokenmoe")
     data = prepare_data(task_cfg.data)
     names = data.train.domains
-    started = time.perf_counter()
-    token = train(token_cfg, data, args.steps, "lm-tokenmoe")
-    task = train(task_cfg, data, args.steps, "lm-taskmoe")
-    train_s = time.perf_counter() - started
     out = args.out or Path(tempfile.mkdtemp(prefix="taskmoe-"))
-    for cfg, model in ((token_cfg, token), (task_cfg, task)):
-        write_run(out / cfg.recipe, cfg, model, data.tokenizer, args.steps)
+    started = time.perf_counter()
+    token = train(token_cfg, data, args.steps, out, args.threads)
+    task = train(task_cfg, data, args.steps, out, args.threads)
+    train_s = time.perf_counter() - started
     _, val_docs = split_documents(
         load_corpus(task_cfg.data.corpus), task_cfg.data.val_fraction, task_cfg.data.seed
     )

@@ -38,8 +38,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = run.cfg.data
     if args.batches is not None:
         data = dataclasses.replace(data, eval_batches=args.batches)
-    _, val_docs = split_documents(load_corpus(data.corpus), data.val_fraction, data.seed)
-    val = TokenStream.from_documents(val_docs, run.tokenizer)
+    docs = load_corpus(data.corpus)
+    _, val_docs = split_documents(docs, data.val_fraction, data.seed)
+    # domain ids as training numbered them (over the whole corpus): a task-routed model reads
+    # each row's domain as its task
+    domains = sorted({d.domain for d in docs})
+    val = TokenStream.from_documents(val_docs, run.tokenizer, domains=domains)
     loss = evaluate(run.model, eval_batches(val, data.batch_size, data.seq_len, data.eval_batches))
     bits = f" ({loss / math.log(2):.3f} bits/byte)" if data.tokenizer == "byte" else ""
     print(
