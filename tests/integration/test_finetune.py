@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ import torch.nn.functional as F
 
 from moesaic.cli.distill import student_config
 from moesaic.cli.finetune import finetune_config
+from moesaic.cli.main import main
 from moesaic.data import ByteTokenizer, Document, TokenStream
 from moesaic.layer import MoE
 from moesaic.train.config import ConfigError, apply_overrides
@@ -103,9 +102,8 @@ def test_frozen_routers_stay_and_the_dropouts_reach_their_modules(pretrained, tm
     assert all(p.requires_grad for p in others)
 
 
-def test_distillation_loss_follows_its_formula_and_schedule(tmp_path):
-    teacher = tmp_path / "teacher"
-    Trainer(get_recipe("lm-moe-test"), teacher, progress=False).fit()
+def test_distillation_loss_follows_its_formula_and_schedule(pretrained, tmp_path):
+    teacher = pretrained
     cfg = apply_overrides(
         get_recipe("lm-moe-test"),
         [
@@ -143,35 +141,45 @@ def test_distillation_loss_follows_its_formula_and_schedule(tmp_path):
     assert [r["step"] for r in rows if "kd" not in r] == [9, 10]
 
 
-def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "moesaic", *args], capture_output=True, text=True, timeout=120
-    )
+@pytest.fixture
+def cli(capsys):
+    """``moesaic ARGS`` in this process: (exit status, stdout, stderr)."""
+
+    def run(*args):
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:  # argparse's own errors
+            code = exit_.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
 
 
-def test_cli_fine_tunes_and_bad_input_is_one_line(pretrained, tmp_path):
+def test_cli_fine_tunes_and_bad_input_is_one_line(pretrained, tmp_path, cli):
     out = tmp_path / "cli"
-    done = _cli(
+    code, stdout, stderr = cli(
         "finetune", "--run", str(pretrained), "--task", "fortune", "--out", str(out),
         "--no-progress", *[a for s in SMALL for a in ("--set", s)],
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert "test (" in done.stdout and "accuracy" in done.stdout
+    assert code == 0, stderr
+    assert "test (" in stdout and "accuracy" in stdout
     test = json.loads((out / "test.json").read_text())
     assert test["step"] == 12 and 0 <= test["val_acc"] <= 1
-    evaluated = _cli("eval", "--run", str(out))
-    assert evaluated.returncode == 0, evaluated.stderr
-    assert f"test loss {test['val_loss']:.4f}, accuracy {test['val_acc']:.4f}" in evaluated.stdout
-    missing = _cli("finetune", "--run", str(tmp_path / "nope"), "--task", "fortune")
-    assert missing.returncode == 2
-    assert missing.stderr.strip().count("\n") == 0 and "finetune.init=" in missing.stderr
-    bad = _cli("finetune", "--run", str(pretrained), "--task", "imdb")
-    assert bad.returncode == 2 and "invalid choice: 'imdb'" in bad.stderr
+    code, stdout, stderr = cli("eval", "--run", str(out))
+    assert code == 0, stderr
+    assert f"test loss {test['val_loss']:.4f}, accuracy {test['val_acc']:.4f}" in stdout
+    code, _, stderr = cli("finetune", "--run", str(tmp_path / "nope"), "--task", "fortune")
+    assert code == 2
+    assert stderr.strip().count("\n") == 0 and "finetune.init=" in stderr
+    code, _, stderr = cli("finetune", "--run", str(pretrained), "--task", "imdb")
+    assert code == 2 and "invalid choice: 'imdb'" in stderr
     with pytest.raises(ConfigError, match="must share the student's tokenizer"):
         load_teacher(pretrained, vocab_size=300)
 
 
-def test_a_student_starts_from_its_teachers_layers_and_staged_kd_stops(pretrained, tmp_path):
+def test_a_student_starts_from_its_teachers_layers_and_staged_kd_stops(pretrained, tmp_path, cli):
     cfg = student_config(pretrained, 1, ["train.steps=4", "train.log_every=1"], kd_fraction=0.5)
     assert cfg.distill.until == 2 and cfg.model.n_layers == 1
     trainer = Trainer(cfg, tmp_path / "student", progress=False)
@@ -185,8 +193,8 @@ def test_a_student_starts_from_its_teachers_layers_and_staged_kd_stops(pretraine
     trainer.fit()
     rows = [r for r in _rows(tmp_path / "student") if "loss" in r]
     assert ["kd" in r for r in rows] == [True, True, False, False]
-    bad = _cli("distill", "--teacher", str(pretrained), "--student-layers", "0")
-    assert bad.returncode == 2 and "--student-layers=0 must be an int >= 1" in bad.stderr
+    code, _, stderr = cli("distill", "--teacher", str(pretrained), "--student-layers", "0")
+    assert code == 2 and "--student-layers=0 must be an int >= 1" in stderr
 
 
 def test_the_trainer_passes_each_rows_domain_to_task_routers(tmp_path):
