@@ -49,6 +49,10 @@ def fit(
     dimension N); returns the mean loss of each epoch. Only parameters with ``requires_grad``
     train."""
     n = len(tensors[0])
+    if n == 0 or any(len(t) != n for t in tensors):
+        raise ValueError(
+            f"{desc}: needs tensors of equal length >= 1, got {[len(t) for t in tensors]}"
+        )
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     steps = math.ceil(n / batch_size)

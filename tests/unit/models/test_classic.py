@@ -14,7 +14,13 @@ from moesaic.models.classic import (
     mlp,
     specialist_objective,
 )
-from moesaic.train.classic import train_dense, train_hard_moe, train_mile, train_specialists
+from moesaic.train.classic import (
+    fit,
+    train_dense,
+    train_hard_moe,
+    train_mile,
+    train_specialists,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -308,3 +314,20 @@ def test_dustbin_shift_makes_the_specialist_calibrated_on_natural_data():
         spec.dustbin_shift.zero_()
         uncorrected = spec(x_test).softmax(-1)[:, -1].mean().item()
     assert abs(corrected - natural) < 0.05 and natural - uncorrected > 0.1  # 0.817, 0.620, 0.807
+
+
+def test_fit_is_deterministic_under_a_seed_and_rejects_empty_or_ragged_data():
+    x, y = _blobs(n_per=20)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = mlp(2, (8,), 3)
+        history = train_dense(model, x, y, epochs=2, batch_size=16, seed=5)
+        runs.append((history, model.state_dict()))
+    assert runs[0][0] == runs[1][0] and runs[0][0][1] < runs[0][0][0]
+    for k, v in runs[0][1].items():
+        assert torch.equal(v, runs[1][1][k])
+    with pytest.raises(ValueError, match="equal length >= 1"):
+        fit(mlp(2, (8,), 3), lambda m, a, b: a.sum(), (x[:0], y[:0]))
+    with pytest.raises(ValueError, match="equal length >= 1"):
+        fit(mlp(2, (8,), 3), lambda m, a, b: a.sum(), (x, y[:5]))
