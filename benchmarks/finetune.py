@@ -165,11 +165,12 @@ def tables(out: Path, tasks: list[str]) -> str:
         lines += ["|---|---|---|---|"]
         for name, r in runs.items():
             lines.append(
-                f"| {name} | {r['params_total']:,} | {r['params_activated']:,} | "
+                f"| {name} | {r['params_total']:,} | {int(r['params_activated']):,} | "
                 f"{r['final_val_loss']:.4f} |"
             )
         lines.append("")
-    lines += ["| fine-tuning | " + " | ".join(tasks) + " | trained parameters |"]
+    last = tasks[-1]
+    lines += ["| fine-tuning | " + " | ".join(tasks) + f" | trained / all parameters ({last}) |"]
     lines += ["|---|" + "---|" * len(tasks) + "---|"]
     for name in VARIANTS:
         cells, trained = [], ""

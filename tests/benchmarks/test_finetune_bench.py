@@ -26,10 +26,11 @@ def test_tables_cover_every_stage(tmp_path):
     _write(tmp_path / "inherit" / "inherited" / "done.json", {"evals": inherited})
     for name, loss in (("student", 1.7), ("alone", 1.9)):
         _write(tmp_path / "students" / name / "done.json", {"evals": [{"val_loss": loss}]})
-    text = tables(tmp_path, ["fortune", "supersense"])
+    text = tables(tmp_path, ["supersense", "fortune"])
     assert "| moe | 1,000 | 100 | 1.5000 |" in text
-    assert "| moe, expert dropout 0.4 | 50.0% | - | 10 of 99 |" in text
-    assert "| dense, prompt tuning | 54.0% | - | 14 of 99 |" in text
+    assert "| moe, expert dropout 0.4 | - | 50.0% | 10 of 99 |" in text
+    assert "| dense, prompt tuning | - | 54.0% | 14 of 99 |" in text
+    assert "trained / all parameters (fortune)" in text
     # the inheriting run reaches 1.6 halfway between its evals at steps 100 (1.8) and 200 (1.4)
     assert "| inheriting from the pre-trained 2-layer MoE | 1.4000 | 150 |" in text
     assert "| same student, random start, no teacher | 1.9000 |" in text
