@@ -119,7 +119,7 @@ def inherit(out: Path, steps: int, layers: int) -> None:
         "inherited": [
             f"distill.teacher={out / 'pretrain' / 'moe'}",
             "distill.weight=0.5",
-            f"distill.until={steps // 2}",
+            f"distill.until={steps}",
             "distill.schedule=linear",
         ],
     }
@@ -128,7 +128,8 @@ def inherit(out: Path, steps: int, layers: int) -> None:
         if (run_dir / "done.json").exists():
             continue
         cfg = apply_overrides(
-            base, [f"model.n_layers={layers}", f"recipe=lm-moe-{layers}l", *extra]
+            base,
+            [f"model.n_layers={layers}", f"recipe=lm-moe-{layers}l", "train.eval_every=50", *extra],
         )
         print(f"knowledge inheritance: {name}", file=sys.stderr, flush=True)
         result = Trainer(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir()).fit()
@@ -142,9 +143,15 @@ def students(out: Path, steps: int, layers: int) -> None:
 
     teacher = out / "inherit" / "scratch"
     runs = {
-        "student": student_config(teacher, layers, [f"train.steps={steps}", *THREADS]),
+        "student": student_config(
+            teacher, layers, [f"train.steps={steps}", "train.eval_every=50", *THREADS]
+        ),
         "alone": student_config(
-            teacher, layers, [f"train.steps={steps}", *THREADS, "distill.weight=0"], init=False
+            teacher,
+            layers,
+            [f"train.steps={steps}", "train.eval_every=50", *THREADS],
+            weight=0.0,
+            init=False,
         ),
     }
     for name, cfg in runs.items():

@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="moesaic train",
         description="Train a language model recipe (default: a small Switch-style MoE LM on the "
-        "Python standard library's source, about 10 minutes on 2 CPU cores).",
+        "Python standard library's source, 4-7 minutes on 2 CPU cores).",
     )
     add_config_arguments(parser)
     parser.add_argument(
