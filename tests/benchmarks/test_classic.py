@@ -2,12 +2,7 @@
 
 import json
 
-import pytest
 
-from moesaic.data.images import FASHION_ROOT
-
-
-@pytest.mark.skipif(not FASHION_ROOT.is_dir(), reason="needs apt-get install dataset-fashion-mnist")
 def test_quick_run_prints_every_table_and_parallel_experts_equal_serial(tmp_path, capsys):
     from benchmarks.classic import main
 

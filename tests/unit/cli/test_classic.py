@@ -3,7 +3,6 @@ import json
 import pytest
 
 from moesaic.cli.main import main as moesaic_main
-from moesaic.data.images import FASHION_ROOT
 
 TINY = ["--train", "240", "--test", "100", "--epochs", "1", "--hidden", "8", "--no-progress"]
 
@@ -30,7 +29,6 @@ def test_bad_input_is_one_line_naming_the_option_and_exits_2_before_any_work(
     assert err.count("\n") == 0 and err.startswith("moesaic classic: error: ") and message in err
 
 
-@pytest.mark.skipif(not FASHION_ROOT.is_dir(), reason="needs apt-get install dataset-fashion-mnist")
 def test_hard_and_specialists_run_end_to_end_on_fashion_mnist_and_write_json(tmp_path, capsys):
     out = tmp_path / "hard.json"
     assert moesaic_main(["classic", "hard", *TINY, "--experts", "2", "--json", str(out)]) == 0
