@@ -209,16 +209,7 @@ def lm_tokenmoe_tiny() -> LMConfig:
 def lm_moe_4l() -> LMConfig:
     """A standard Switch MoE LM (Fedus et al.; DeepSpeed-MoE's "standard MoE"): four layers,
     32 top-1 experts in every other one; ``lm-prmoe-tiny``'s baseline."""
-    return LMConfig(
-        vocab_size=256,
-        max_seq_len=256,
-        d_model=64,
-        n_layers=4,
-        n_heads=2,
-        d_ff=256,
-        moe=MoEConfig(num_experts=32, top_k=1, router="switch", capacity_factor=None),
-        moe_every=2,
-    )
+    return dataclasses.replace(lm_moe_tiny(), n_layers=4)
 
 
 @register_model("lm-prmoe-tiny", MoELM)

@@ -138,7 +138,7 @@ def finetune_defaults(task: str) -> RunConfig:
 def lm_taskmoe() -> RunConfig:
     """TaskMoE on the multi-domain corpus: the domain labels are the tasks, and every MoE layer
     routes by the task (``lm-taskmoe-tiny``), so each domain's sub-network can be extracted
-    (``moesaic extract``). The trainer must pass each batch's domains as
+    (``moesaic extract``). The trainer passes each batch's domains as
     ``ms.routing_context(task=batch.domain)``."""
     return RunConfig(
         recipe="lm-taskmoe",

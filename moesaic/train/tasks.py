@@ -91,10 +91,11 @@ def task_routed(model: nn.Module) -> bool:
     return any(isinstance(m, MoE) and m.router.reads_task_ids for m in model.modules())
 
 
-def domains_as_tasks(model: nn.Module, batch: Any):
-    """The context a forward on ``batch`` runs in: each row's domain as its task id when
-    ``model`` routes by task (TaskMoE, Kudugunta et al. 2021: the domain is the task)."""
-    if task_routed(model):
+def domains_as_tasks(routed: bool, batch: Any):
+    """The context a forward on ``batch`` runs in: each row's domain as its task id when the
+    model routes by task (``routed = task_routed(model)``; TaskMoE, Kudugunta et al. 2021: the
+    domain is the task)."""
+    if routed:
         return routing_context(task=batch.domain)
     return contextlib.nullcontext()
 
@@ -104,9 +105,9 @@ def evaluate(model: nn.Module, batches: list) -> float:
     """Mean next-token cross-entropy (nats per token) over fixed validation batches."""
     was_training = model.training
     model.eval()
-    total = 0.0
+    total, routed = 0.0, task_routed(model)
     for b in batches:
-        with domains_as_tasks(model, b):
+        with domains_as_tasks(routed, b):
             total += model.loss(b.x, b.y).item()
     model.train(was_training)
     return total / len(batches)
@@ -143,6 +144,7 @@ class LanguageModelling(Task):
 
     def __init__(self, cfg: RunConfig, data: PreparedData | None = None) -> None:
         self.cfg, self.data, self.teacher = cfg, data, None
+        self._task_routed: dict[nn.Module, bool] = {}
 
     def prepare(self, run_dir: Path, is_main: bool) -> None:
         cfg = self.cfg
@@ -189,19 +191,25 @@ class LanguageModelling(Task):
         d = self.cfg.distill
         w = 0.0 if d is None else kd_weight(step, d.weight, d.until, d.schedule)
         if w == 0.0:
-            with domains_as_tasks(model, batch):
+            with domains_as_tasks(self._routed(model), batch):
                 ce = model.loss(batch.x, batch.y)
             return ce, {"ce": ce}
-        with domains_as_tasks(model, batch):
+        with domains_as_tasks(self._routed(model), batch):
             logits = model(batch.x)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), batch.y.flatten())
-        with torch.no_grad(), domains_as_tasks(self.teacher, batch):
+        with torch.no_grad(), domains_as_tasks(self._routed(self.teacher), batch):
             teacher_logits = self.teacher(batch.x)
         kd = distill_loss(logits, teacher_logits, d.temperature)
         return (1 - w) * ce + w * kd, {"ce": ce, "kd": kd, "kd_weight": torch.tensor(w)}
 
     def evaluate(self, model: nn.Module, batches: list) -> dict[str, float]:
         return {"val_loss": evaluate(model, batches)}
+
+    def _routed(self, model: nn.Module) -> bool:
+        """``task_routed(model)``, looked up once per model rather than at every step."""
+        if model not in self._task_routed:
+            self._task_routed[model] = task_routed(model)
+        return self._task_routed[model]
 
 
 def task_for(cfg: RunConfig, data: PreparedData | None = None) -> Task:
