@@ -66,6 +66,8 @@ ROUTER_CASES = [
     RouterCase("base", 1),
     RouterCase("sinkhorn", 1),
     RouterCase("sinkhorn", 2),
+    RouterCase("vmoe", 1, stochastic_in_training=True),
+    RouterCase("vmoe", 2, stochastic_in_training=True),
 ]
 
 

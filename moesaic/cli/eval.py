@@ -32,6 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batches is not None and args.batches < 1:
         parser.error(f"--batches={args.batches} must be >= 1")
     cfg = config_from_dict(RunConfig, read_run_config(args.run))
+    if cfg.vision is not None:
+        return _eval_images(args.run, args.batches)
     if cfg.finetune is not None:
         return _eval_classifier(args.run, cfg, args.batches)
     run = load_run(args.run)
@@ -78,5 +80,21 @@ def _eval_classifier(run_dir: Path, cfg: RunConfig, batches: int | None) -> int:
             f"{run_dir} step {state['step']}: {split} loss {m['val_loss']:.4f}, accuracy "
             f"{m['val_acc']:.4f} over {sum(len(b.y) for b in task.batches(split, batches))} "
             f"examples"
+        )
+    return 0
+
+
+def _eval_images(run_dir: Path, batches: int | None) -> int:
+    """An image run: loss and accuracy on the validation and test splits."""
+    from moesaic.train.vision import load_vision_run
+
+    run = load_vision_run(run_dir)
+    what = "partner retrieval" if run.task.contrastive else "accuracy"
+    for split in ("val", "test"):
+        data = run.task.batches(split, batches)
+        m = run.task.evaluate(run.model, data)
+        print(
+            f"{run_dir} step {run.step}: {split} loss {m['val_loss']:.4f}, {what} "
+            f"{m['val_acc']:.4f} over {sum(len(b.y) for b in data)} images"
         )
     return 0

@@ -11,7 +11,7 @@ __all__ = ["main"]
 
 # sub-command -> (module with main(argv), one-line help)
 COMMANDS = {
-    "train": ("moesaic.cli.train", "train a language-model recipe (default: a small MoE LM)"),
+    "train": ("moesaic.cli.train", "train a recipe: language model (default) or vision"),
     "compare": ("moesaic.cli.compare", "train an MoE and its FLOPs-matched dense baseline"),
     "generate": ("moesaic.cli.generate", "sample text from a trained run"),
     "eval": ("moesaic.cli.eval", "validation loss of a trained run"),
@@ -23,6 +23,14 @@ COMMANDS = {
     "classic": (
         "moesaic.cli.classic",
         "classic mixtures on Fashion-MNIST: mile|mele|hard|specialists",
+    ),
+    "vision": (
+        "moesaic.cli.vision",
+        "a trained image run at inference: capacity-curve|probe",
+    ),
+    "retgen": (
+        "moesaic.cli.retgen",
+        "question answering grounded in the Python docs (RetGen): train|ask|eval",
     ),
     "extract": ("moesaic.cli.extract", "a task-routed run's sub-network for one task, as a run"),
     "data": ("moesaic.cli.data", "the Debian packages the corpora, datasets and tests read"),

@@ -30,8 +30,9 @@ __all__ = ["main"]
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="moesaic train",
-        description="Train a language model recipe (default: a small Switch-style MoE LM on the "
-        "Python standard library's source, 4-7 minutes on 2 CPU cores).",
+        description="Train a recipe (default: a small Switch-style MoE LM on the Python "
+        "standard library's source, 4-7 minutes on 2 CPU cores; image recipes: vmoe-fashion, "
+        "vit-fashion, sparse-mlp-fashion, mixer-fashion, vmoe-digits).",
     )
     add_config_arguments(parser)
     parser.add_argument(
@@ -101,6 +102,10 @@ def _shared_run_dir(run_dir: Path, groups) -> Path:
 
 def summary(result: TrainResult, trainer: Trainer) -> str:
     cfg = trainer.cfg
+    if cfg.vision is not None:  # an image run: accuracy, no text sample
+        from moesaic.cli.vision import summary as vision_summary
+
+        return vision_summary(result, trainer)
     if cfg.finetune is not None:  # a classifier: accuracy, no text sample
         from moesaic.cli.finetune import summary as finetune_summary
 

@@ -72,9 +72,18 @@ def summarize_run(run_dir: Path, name: str = "run", **energy_options: Any) -> Ru
     if not config_path.exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory: {config_path} is missing")
     cfg = config_from_dict(RunConfig, json.loads(config_path.read_text()))
-    vocab = tokenizer_from_json((run_dir / "tokenizer.json").read_text()).vocab_size
     with torch.random.fork_rng():  # weights do not matter for counting; leave the RNG alone
-        model = MoELM(dataclasses.replace(cfg.model, vocab_size=vocab))
+        if cfg.vision is not None:  # an image run: "tokens" are patches
+            from moesaic.train.vision import ImageTask
+
+            task = ImageTask(cfg)
+            task.prepare(run_dir, is_main=False)
+            model = task.build_model(None)
+            seq_len = getattr(model, "backbone", model).cfg.num_patches
+        else:
+            vocab = tokenizer_from_json((run_dir / "tokenizer.json").read_text()).vocab_size
+            model = MoELM(dataclasses.replace(cfg.model, vocab_size=vocab))
+            seq_len = cfg.data.seq_len
     metrics = _read_jsonl(run_dir / "metrics.jsonl")
     evals = [r for r in metrics if "val_loss" in r]
     steps = max((r["step"] for r in metrics), default=0)
@@ -85,10 +94,10 @@ def summarize_run(run_dir: Path, name: str = "run", **energy_options: Any) -> Ru
         run_dir=run_dir,
         recipe=cfg.recipe,
         steps=steps,
-        tokens=steps * cfg.data.batch_size * cfg.data.seq_len,
+        tokens=steps * cfg.data.batch_size * seq_len,
         final_val_loss=evals[-1]["val_loss"] if evals else None,
         train_s=train_s,
-        count=count(model, seq_len=cfg.data.seq_len),
+        count=count(model, seq_len=seq_len if cfg.vision is None else None),
         energy=None if train_s is None else estimate_emissions(train_s / 3600, **energy_options),
         metrics=metrics,
         routing=read_routing(run_dir / ROUTING_FILE),

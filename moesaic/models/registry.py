@@ -15,6 +15,15 @@ from torch import nn
 
 from moesaic.config import MoEConfig
 from moesaic.models.lm import LMConfig, MoELM
+from moesaic.models.mixer import MixerConfig, MixerModel
+from moesaic.models.vit import VisionTransformer, ViTConfig
+from moesaic.models.workspace import (
+    WorkspaceTransformer,
+    attention_tiny,
+    workspace_moe_tiny,
+    workspace_soft_tiny,
+    workspace_tiny,
+)
 
 __all__ = ["MODELS", "register_model", "create", "model_config"]
 
@@ -236,3 +245,80 @@ def lm_moe_test() -> LMConfig:
         moe=MoEConfig(num_experts=4, top_k=1, router="switch"),
         moe_every=2,
     )
+
+
+# Vision models (moesaic.models.vit, moesaic.models.mixer): 28x28 grey images, 10 classes by
+# default; a training run sets image_size, channels and num_classes from its dataset.
+
+
+@register_model("vmoe-tiny", VisionTransformer)
+def vmoe_tiny() -> ViTConfig:
+    """V-MoE (Riquelme et al. 2021) at CPU scale: a 4-block ViT (D=64, 4x4 patches) whose MLP
+    is, in every other block ("Every-2"), 8 experts with V-MoE's noisy top-2 router (importance
+    and load losses, 0.005 each), capacity ratio 1.05 in training and Batch Prioritized
+    Routing."""
+    moe = MoEConfig(
+        num_experts=8,
+        top_k=2,
+        router="vmoe",
+        capacity_factor=1.05,
+        drop_policy="priority",
+        aux_loss_weight=0.005,
+    )
+    return ViTConfig(d_model=64, n_layers=4, n_heads=4, d_ff=128, patch_size=4, moe=moe)
+
+
+@register_model("vit-tiny", VisionTransformer)
+def vit_tiny() -> ViTConfig:
+    """``vmoe-tiny``'s dense ViT of equal activated FLOPs per patch (MLP width 2 x 128 where
+    the MoE model has experts)."""
+    return vmoe_tiny().dense_equivalent()
+
+
+@register_model("sparse-mlp-tiny", MixerModel)
+def sparse_mlp_tiny() -> MixerConfig:
+    """Sparse-MLP (Lou et al. 2021) at CPU scale: a 4-block MLP-Mixer (D=64, 4x4 patches) whose
+    last two blocks are sparse: the token-mixing MoE (MoE_s, 4 experts, top-1, routed along the
+    patch dimension between re-represent layers that give it C/2 channel-rows of 2S patches)
+    and the channel-mixing MoE (MoE_c, 8 experts, top-2), both with V-MoE's router and
+    priority routing at capacity ratio 1.05."""
+    common = {
+        "router": "vmoe",
+        "capacity_factor": 1.05,
+        "drop_policy": "priority",
+        "aux_loss_weight": 0.005,
+    }
+    return MixerConfig(
+        d_model=64,
+        n_layers=4,
+        patch_size=4,
+        token_d_ff=64,
+        d_ff=128,
+        moe=MoEConfig(num_experts=8, top_k=2, **common),
+        token_moe=MoEConfig(num_experts=4, top_k=1, **common),
+        moe_every=1,
+        moe_last=2,
+        rerep_patches=98,
+        rerep_channels=32,
+    )
+
+
+@register_model("mixer-tiny", MixerModel)
+def mixer_tiny() -> MixerConfig:
+    """``sparse-mlp-tiny``'s dense MLP-Mixer of equal activated FLOPs per image: at the sparse
+    blocks its MLPs are as wide as the k activated experts, and its token-mixing MLPs there are
+    widened further by the re-represent layers' FLOPs (which a dense Mixer does not have)."""
+    sparse = sparse_mlp_tiny()
+    dense = sparse.dense_equivalent()
+    # a token-MLP hidden unit costs 2 multiply-adds per channel and patch, forward: 4*C*S FLOPs
+    per_unit = 4 * sparse.d_model * sparse.num_patches * sum(sparse.sparse_sites())
+    extra = round(sparse.stage_flops()["rerep"] / per_unit)
+    return dataclasses.replace(dense, matched_token_d_ff=dense.matched_token_d_ff + extra)
+
+
+# Shared global workspace (Goyal et al. 2022) and its pairwise-attention baseline of equal
+# parameters (moesaic.models.workspace).
+register_model("workspace-tiny", WorkspaceTransformer)(workspace_tiny)
+register_model("workspace-soft-tiny", WorkspaceTransformer)(workspace_soft_tiny)
+register_model("workspace-moe-tiny", WorkspaceTransformer)(workspace_moe_tiny)
+register_model("attention-tiny", WorkspaceTransformer)(attention_tiny)

@@ -12,6 +12,7 @@ from moesaic.routing import (  # noqa: F401  (importing registers each router in
     switch,
     task,
     topk,
+    vmoe,
 )
 from moesaic.routing.base import LearnedRouter, Router, Routing
 from moesaic.routing.registry import ROUTERS, build_router, register_router

@@ -96,8 +96,9 @@ class ExampleSampler:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.randperm(len(self.y), generator=gen)
 
-    def next_batch(self) -> LabelledBatch:
-        rows = []
+    def next_rows(self) -> list[int]:
+        """The next global batch's row indices (all ranks'), advancing the state."""
+        rows: list[int] = []
         while len(rows) < self.batch_size:
             if self.position == len(self._order):
                 self.epoch, self.position = self.epoch + 1, 0
@@ -105,6 +106,10 @@ class ExampleSampler:
             take = min(self.batch_size - len(rows), len(self._order) - self.position)
             rows += self._order[self.position : self.position + take].tolist()
             self.position += take
+        return rows
+
+    def next_batch(self) -> LabelledBatch:
+        rows = self.next_rows()
         per_rank = self.batch_size // self.world_size
         idx = torch.tensor(rows[self.rank * per_rank : (self.rank + 1) * per_rank])
         return LabelledBatch(self.ids[idx], self.mask[idx], self.y[idx])

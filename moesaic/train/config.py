@@ -30,6 +30,8 @@ from moesaic._validate import (
 from moesaic.config import MoEConfig
 from moesaic.data.corpora import CORPORA
 from moesaic.models.lm import LMConfig, migrate_lm_dict
+from moesaic.models.mixer import MixerConfig
+from moesaic.models.vit import ViTConfig
 from moesaic.routing import ROUTERS
 from moesaic.train.guard import GuardConfig
 
@@ -42,6 +44,8 @@ __all__ = [
     "GuardConfig",
     "FinetuneConfig",
     "DistillConfig",
+    "VisionConfig",
+    "RetGenConfig",
     "RunConfig",
     "apply_overrides",
     "config_to_dict",
@@ -240,6 +244,152 @@ class DistillConfig:
             )
 
 
+AUGMENTATIONS = ("crop+flip", "crop", "none")
+VISION_OBJECTIVES = ("classify", "contrastive")
+
+
+@dataclasses.dataclass(kw_only=True)
+class VisionConfig:
+    """An image run (``moesaic train --recipe vmoe-fashion``): the dataset, the model (exactly
+    one of ``vit``, a ViT / V-MoE, and ``mixer``, an MLP-Mixer / Sparse-MLP) and the objective.
+
+    A run with this section trains its model on images; its ``model`` section (the language
+    model) is unused. ``data.batch_size`` is images per step, ``data.eval_batches`` the
+    validation batches, ``data.val_fraction`` and ``data.seed`` the validation split. The
+    model's ``image_size``, ``channels`` and ``num_classes`` are set from the dataset.
+    ``augment``: random crops (pad 2, 1 for 8x8 images) and, with "crop+flip", horizontal flips.
+    ``objective="contrastive"`` pre-trains the representation without labels (SimCLR's NT-Xent
+    on two augmented views through a projection MLP, Chen et al. 2020, at ``temperature``);
+    ``moesaic vision probe`` then fits a linear probe on it. ``eval_capacity_factor`` is the
+    MoE layers' capacity ratio at evaluation (V-MoE's inference capacity, Riquelme et al. 2021,
+    §4; None: the training one).
+    """
+
+    dataset: str = "fashion-mnist"
+    train_examples: int = 0  # use the first N of the shuffled training split (0: all)
+    augment: str = "crop+flip"
+    objective: str = "classify"
+    temperature: float = 0.5
+    vit: ViTConfig | None = None
+    mixer: MixerConfig | None = None
+    eval_capacity_factor: float | None = None
+
+    def __post_init__(self) -> None:
+        from moesaic.data.images import IMAGE_DATASETS
+
+        check_choice("vision.dataset", self.dataset, IMAGE_DATASETS)
+        check_choice("vision.augment", self.augment, AUGMENTATIONS)
+        check_choice("vision.objective", self.objective, VISION_OBJECTIVES)
+        check_positive_float("vision.temperature", self.temperature)
+        n = self.train_examples
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"vision.train_examples={n!r} must be an int >= 0 (0: all)")
+        if (self.vit is None) == (self.mixer is None):
+            raise ValueError(
+                "vision: set exactly one of vision.vit (ViT / V-MoE) and vision.mixer "
+                "(MLP-Mixer / Sparse-MLP)"
+            )
+        if self.eval_capacity_factor is not None:
+            check_positive_float("vision.eval_capacity_factor", self.eval_capacity_factor)
+
+    @property
+    def model(self) -> ViTConfig | MixerConfig:
+        return self.vit if self.vit is not None else self.mixer
+
+
+RETGEN_MODES = ("mixture", "concat", "none")
+RETGEN_KINDS = ("what", "arguments")
+
+
+@dataclasses.dataclass(kw_only=True)
+class RetGenConfig:
+    """Retrieval-grounded question answering on the Python docs (``moesaic retgen``; RetGen,
+    Zhang et al. 2021): the generator (the ``model`` section) reads each of the ``k`` passages
+    the retriever finds for a question and the answer is their mixture, the passages weighted by
+    their posterior (``mode="mixture"``). ``mode="concat"`` puts the k passages into one prompt
+    and ``mode="none"`` gives the question alone: the baselines.
+
+    The retriever re-scores BM25's ``candidates`` best passages with a learned term
+    (moesaic/data/retrieval.py) starting from ``bm25_scale`` times BM25's score; with ``joint``
+    the generator's likelihood trains it too. Passages are cut from the reST files under
+    ``sources`` (comma-separated path prefixes, e.g. "library/" or "library/json,library/os")
+    into at most ``passage_bytes`` bytes; the questions of ``kinds`` ("what", "arguments") are
+    split by object into train, val and test, capped at ``train_questions``,
+    ``val_questions`` and ``test_questions`` (0: all); a question whose answer is longer than
+    ``answer_tokens`` bytes is not asked. In the prompt each passage is cut to ``doc_tokens``
+    tokens, the question to ``question_tokens`` and the answer to ``answer_tokens``. ``init``
+    is a language-model run to start the generator from ("": random weights).
+    ``data.batch_size`` is questions per step and ``data.eval_batches`` the validation batches.
+    """
+
+    mode: str = "mixture"
+    k: int = 4
+    candidates: int = 16
+    joint: bool = True
+    bm25_scale: float = 0.25
+    embed_dim: int = 32
+    sources: str = "library/"
+    kinds: str = "what,arguments"
+    passage_bytes: int = 384
+    doc_tokens: int = 384
+    question_tokens: int = 64
+    answer_tokens: int = 96
+    train_questions: int = 0
+    val_questions: int = 256
+    test_questions: int = 256
+    init: str = ""
+
+    def __post_init__(self) -> None:
+        check_choice("retgen.mode", self.mode, RETGEN_MODES)
+        for name in ("k", "candidates", "embed_dim", "doc_tokens", "question_tokens"):
+            check_positive_int(f"retgen.{name}", getattr(self, name))
+        check_positive_int("retgen.answer_tokens", self.answer_tokens)
+        if self.candidates < self.k:
+            raise ValueError(
+                f"retgen.candidates={self.candidates} must be >= retgen.k={self.k} (the k "
+                f"documents are the best of the candidates)"
+            )
+        if not isinstance(self.joint, bool):
+            raise TypeError(f"retgen.joint={self.joint!r} must be a bool")
+        check_positive_float("retgen.bm25_scale", self.bm25_scale)
+        check_positive_int("retgen.passage_bytes", self.passage_bytes)
+        if self.passage_bytes < 64:
+            raise ValueError(f"retgen.passage_bytes={self.passage_bytes} must be >= 64")
+        for name in ("train_questions", "val_questions", "test_questions"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"retgen.{name}={value!r} must be an int >= 0 (0: all)")
+        prefixes = self.source_prefixes
+        if not prefixes or any(".." in p or p.startswith("/") for p in prefixes):
+            raise ValueError(
+                f"retgen.sources={self.sources!r} must be comma-separated path prefixes under "
+                f"the docs' _sources folder, e.g. 'library/'"
+            )
+        kinds = self.question_kinds
+        if not kinds or any(k not in RETGEN_KINDS for k in kinds):
+            raise ValueError(
+                f"retgen.kinds={self.kinds!r} must be a comma-separated subset of "
+                f"{list(RETGEN_KINDS)}"
+            )
+        if not isinstance(self.init, str) or (self.init and not self.init.strip()):
+            raise ValueError(
+                f"retgen.init={self.init!r} must be a language-model run directory "
+                f"(or '' for random weights)"
+            )
+
+    @property
+    def source_prefixes(self) -> list[str]:
+        if not isinstance(self.sources, str):
+            return []
+        return [p.strip() for p in self.sources.split(",") if p.strip()]
+
+    @property
+    def question_kinds(self) -> list[str]:
+        if not isinstance(self.kinds, str):
+            return []
+        return list(dict.fromkeys(k.strip() for k in self.kinds.split(",") if k.strip()))
+
+
 @dataclasses.dataclass(kw_only=True)
 class RunConfig:
     recipe: str = "custom"
@@ -251,6 +401,8 @@ class RunConfig:
     guard: GuardConfig = dataclasses.field(default_factory=GuardConfig)
     finetune: FinetuneConfig | None = None
     distill: DistillConfig | None = None
+    vision: VisionConfig | None = None
+    retgen: RetGenConfig | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.recipe, str) or not self.recipe or "/" in self.recipe:
@@ -269,6 +421,14 @@ class RunConfig:
                 f"model.moe.num_experts={self.model.moe.num_experts} must be divisible by "
                 f"parallel.expert={self.parallel.expert}"
             )
+        if self.vision is not None:
+            if self.finetune is not None or self.distill is not None:
+                raise ValueError("vision: an image run takes no finetune or distill section")
+            if self.parallel.expert != 1:
+                raise ValueError(
+                    f"parallel.expert={self.parallel.expert}: image runs train on one process "
+                    f"or data-parallel (parallel.expert=1)"
+                )
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -338,7 +498,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             if depth < len(keys) - 1:
                 if section is None:
                     raise ConfigError(f"--set {path}: {'.'.join(keys[: depth + 1])} has no fields")
-                if node[key] is None:
+                if node.get(key) is None:  # a section that is None, or not yet in a new one
                     node[key] = {}
                 cls, node = section, node[key]
             elif section is not None and not (_optional(kind) and raw.lower() == "none"):

@@ -170,3 +170,7 @@ def lm_prmoe() -> RunConfig:
     return dataclasses.replace(
         lm_moe_tiny(), recipe="lm-prmoe", model=model_config("lm-prmoe-tiny")
     )
+
+
+# The image recipes live in their own module; importing it registers them here.
+from moesaic.train import vision_recipes  # noqa: E402, F401

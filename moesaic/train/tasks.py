@@ -6,7 +6,8 @@ exact resume, signals, metrics and the progress bar. A ``Task`` owns the rest: i
 sampler whose state is part of every checkpoint), its model, its loss and its evaluation.
 ``LanguageModelling`` is next-token prediction, optionally distilled from a teacher run;
 ``Classification`` (moesaic/train/classify.py) fine-tunes a pretrained language model on a
-labelled task. ``task_for(cfg)`` picks the one a run config describes.
+labelled task; ``ImageTask`` (moesaic/train/vision.py) trains vision models. ``task_for(cfg)``
+picks the one a run config describes.
 """
 
 from __future__ import annotations
@@ -213,8 +214,17 @@ class LanguageModelling(Task):
 
 
 def task_for(cfg: RunConfig, data: PreparedData | None = None) -> Task:
-    """The task ``cfg`` describes: ``Classification`` with a ``finetune`` section, else
-    ``LanguageModelling``."""
+    """The task ``cfg`` describes: ``ImageTask`` with a ``vision`` section,
+    ``Classification`` with a ``finetune`` section, else ``LanguageModelling``;
+    ``RetGenTask`` (moesaic/train/retgen.py) with a ``retgen`` section."""
+    if cfg.retgen is not None:
+        from moesaic.train.retgen import RetGenTask
+
+        return RetGenTask(cfg)
+    if cfg.vision is not None:
+        from moesaic.train.vision import ImageTask
+
+        return ImageTask(cfg)
     if cfg.finetune is not None:
         from moesaic.train.classify import Classification
 

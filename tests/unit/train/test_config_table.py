@@ -78,6 +78,22 @@ BAD = {
     "distill.until": ("-1", "distill.until=-1 must be an int >= 0"),
     "distill.schedule": ("cosine", "distill.schedule='cosine' is not one of"),
     "distill.init_from_teacher": ("maybe", "--set distill.init_from_teacher='maybe': expected"),
+    "retgen.mode": ("rag", "retgen.mode='rag' is not one of"),
+    "retgen.k": ("0", "retgen.k=0 must be >= 1"),
+    "retgen.candidates": ("2", "retgen.candidates=2 must be >= retgen.k=4"),
+    "retgen.joint": ("maybe", "--set retgen.joint='maybe': expected bool"),
+    "retgen.bm25_scale": ("0", "retgen.bm25_scale=0.0 must be > 0"),
+    "retgen.embed_dim": ("0", "retgen.embed_dim=0 must be >= 1"),
+    "retgen.sources": ("../etc", "retgen.sources='../etc' must be comma-separated path prefixes"),
+    "retgen.kinds": ("why", "retgen.kinds='why' must be a comma-separated subset"),
+    "retgen.passage_bytes": ("32", "retgen.passage_bytes=32 must be >= 64"),
+    "retgen.doc_tokens": ("0", "retgen.doc_tokens=0 must be >= 1"),
+    "retgen.question_tokens": ("0", "retgen.question_tokens=0 must be >= 1"),
+    "retgen.answer_tokens": ("0", "retgen.answer_tokens=0 must be >= 1"),
+    "retgen.train_questions": ("-1", "retgen.train_questions=-1 must be an int >= 0"),
+    "retgen.val_questions": ("-1", "retgen.val_questions=-1 must be an int >= 0"),
+    "retgen.test_questions": ("-1", "retgen.test_questions=-1 must be an int >= 0"),
+    "retgen.init": ("  ", "retgen.init='  ' must be a language-model run directory"),
     "data.corpus": ("wiki", "data.corpus='wiki' is not one of"),
     "data.tokenizer": ("word", "data.tokenizer='word' is not one of"),
     "data.bpe_vocab_size": ("0", "data.bpe_vocab_size=0 must be >= 1"),
@@ -110,6 +126,57 @@ BAD = {
     "guard.collapse_share": ("1.5", "guard.collapse_share=1.5 must be in (0, 1]"),
     "guard.collapse_evals": ("0", "guard.collapse_evals=0 must be >= 1"),
 }
+
+# The image sections: their own fields, then the MoE sections of each vision model, whose
+# messages are model.moe's with the section's path (the recipe below routes with "vmoe").
+VISION_RECIPES = {"vision.mixer": "sparse-mlp-fashion", "vision": "vmoe-fashion"}
+BAD |= {
+    "vision.dataset": ("cifar", "vision.dataset='cifar' is not one of"),
+    "vision.train_examples": ("-1", "vision.train_examples=-1 must be an int >= 0"),
+    "vision.augment": ("mixup", "vision.augment='mixup' is not one of"),
+    "vision.objective": ("mae", "vision.objective='mae' is not one of"),
+    "vision.temperature": ("0", "vision.temperature=0.0 must be > 0"),
+    "vision.eval_capacity_factor": ("0", "vision.eval_capacity_factor=0.0 must be > 0"),
+}
+for model in ("vision.vit", "vision.mixer"):
+    BAD |= {
+        f"{model}.image_size": ("0", f"{model}.image_size=0 must be >= 1"),
+        f"{model}.channels": ("0", f"{model}.channels=0 must be >= 1"),
+        f"{model}.patch_size": ("5", f"{model}.patch_size=5 must divide image_size=28"),
+        f"{model}.num_classes": ("0", f"{model}.num_classes=0 must be >= 1"),
+        f"{model}.d_model": ("0", f"{model}.d_model=0 must be >= 1"),
+        f"{model}.n_layers": ("0", f"{model}.n_layers=0 must be >= 1"),
+        f"{model}.d_ff": ("0", f"{model}.d_ff=0 must be >= 1"),
+        f"{model}.activation": ("tanh", f"{model}.activation='tanh' is not one of"),
+        f"{model}.dropout": ("1.5", f"{model}.dropout=1.5 must be < 1"),
+        f"{model}.moe_every": ("0", f"{model}.moe_every=0 must be >= 1"),
+        f"{model}.moe_last": ("-1", f"{model}.moe_last=-1 must be an int >= 0"),
+        f"{model}.matched_d_ff": ("64", f"{model}.matched_d_ff=64 is for dense models"),
+    }
+    sections = ["moe"] + (["token_moe"] if model == "vision.mixer" else [])
+    for section in sections:
+        for path, (raw, message) in list(BAD.items()):
+            if path.startswith("model.moe."):
+                field = path.removeprefix("model.moe.")
+                text = message.replace("model.moe.", f"{model}.{section}.")
+                BAD[f"{model}.{section}.{field}"] = (raw, text.replace("'switch'", "'vmoe'"))
+BAD |= {
+    "vision.vit.n_heads": ("0", "vision.vit.n_heads=0 must be >= 1"),
+    "vision.vit.pool": ("max", "vision.vit.pool='max' is not one of"),
+    "vision.mixer.token_d_ff": ("0", "vision.mixer.token_d_ff=0 must be >= 1"),
+    "vision.mixer.rerep_patches": ("0", "vision.mixer.rerep_patches=0 and rerep_channels=32"),
+    "vision.mixer.rerep_channels": ("-1", "vision.mixer.rerep_channels=-1 must be an int >= 0"),
+    "vision.mixer.matched_token_d_ff": ("64", "vision.mixer.matched_token_d_ff=64 is for dense"),
+}
+
+
+def _recipe(path: str) -> str:
+    """The recipe a bad value of ``path`` is set on: one that holds its section."""
+    for prefix, name in VISION_RECIPES.items():
+        if path.startswith(prefix + "."):
+            return name
+    return "lm-moe-test"
+
 
 # Combinations each field allows alone but not together (the message names both fields).
 INCOMPATIBLE = [
@@ -160,7 +227,7 @@ def _leaves(cls: type, prefix: str = "") -> list[tuple[str, typing.Any]]:
 
 def _fails(overrides: list[str]) -> str:
     with pytest.raises(ConfigError) as err:
-        apply_overrides(get_recipe("lm-moe-test"), overrides)
+        apply_overrides(get_recipe(_recipe(overrides[0])), overrides)
     text = str(err.value)
     assert "\n" not in text, text
     return text
