@@ -211,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--epochs", type=int, help="override the setup's epochs")
+    p.add_argument("--vocab", type=int, help="override V, the symbols (and classes)")
+    p.add_argument("--seq-len", type=int, help="override n, the sequence length")
     p.add_argument("--out", type=Path, help="write every result as JSON here")
     p.add_argument("--plot", type=Path, metavar="PNG", help="draw both sweeps here")
     args = p.parse_args(argv)
@@ -224,8 +226,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError as err:
             p.error(f"--plot {args.plot}: {err}")
     setup = QUICK if args.quick else FULL
-    if args.epochs is not None:
-        setup = dataclasses.replace(setup, epochs=args.epochs)
+    for field in ("epochs", "vocab", "seq_len"):
+        value = getattr(args, field)
+        if value is not None:
+            if value < 1:
+                p.error(f"--{field.replace('_', '-')} {value}: must be >= 1")
+            setup = dataclasses.replace(setup, **{field: value})
+    if setup.vocab > setup.seq_len:
+        p.error(f"--vocab {setup.vocab} must be <= the sequence length {setup.seq_len}")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

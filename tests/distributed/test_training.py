@@ -120,3 +120,37 @@ def test_torchrun_trains_with_expert_parallelism(tmp_path):
     assert "2 processes, expert-parallel size 2" in out.stdout
     assert out.stdout.count("validation loss:") == 1  # only rank 0 reports
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-000010"
+
+
+# An image run with deterministic routing, no aux loss and no capacity (both are per-rank
+# statistics): two data-parallel processes see the halves of each augmented global batch.
+IMAGE_OVERRIDES = [
+    "vision.vit.moe.router=topk",
+    "vision.vit.moe.aux_loss_weight=0",
+    "vision.vit.moe.capacity_factor=none",
+    "vision.augment=crop+flip",
+    "data.batch_size=16",
+    "data.eval_batches=2",
+    "train.steps=8",
+    "train.eval_every=4",
+    "train.checkpoint_every=4",
+    "train.threads=1",
+]
+
+
+def _image_body(rank, world, run_dir):
+    groups = ms.parallel.init(expert=1)
+    cfg = apply_overrides(get_recipe("vmoe-digits"), IMAGE_OVERRIDES)
+    Trainer(cfg, Path(run_dir), progress=False, groups=groups).fit()
+
+
+def test_two_data_parallel_processes_train_an_image_run_like_one(tmp_path):
+    cfg = apply_overrides(get_recipe("vmoe-digits"), IMAGE_OVERRIDES)
+    Trainer(cfg, tmp_path / "single", progress=False).fit()
+    run_distributed(_image_body, 2, str(tmp_path / "dist"))
+    a, b = _rows(tmp_path / "single"), _rows(tmp_path / "dist")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "val_loss", "val_acc"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra, rb)
