@@ -22,7 +22,14 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Needs", "estimate_needs", "available_memory", "check_resources", "ResourceError"]
+__all__ = [
+    "Needs",
+    "estimate_needs",
+    "available_memory",
+    "check_resources",
+    "ResourceError",
+    "busy_cores_warning",
+]
 
 GIB = 1024**3
 
@@ -135,3 +142,57 @@ def check_resources(cfg, available: int | None = None) -> Needs:
             f"GiB (data.eval_batches={cfg.data.eval_batches})"
         )
     return needs
+
+
+def busy_cores_warning(threads: int, window_s: float = 0.1) -> str | None:
+    """A one-line warning when other processes keep busy the cores a ``threads``-thread run
+    needs, else None.
+
+    Every parallel region of a multi-threaded step waits for its slowest thread, and a thread
+    that shares its core with another process is descheduled for whole time slices: on a busy
+    machine two threads can be many times slower than one (docs/reliability.md). The 1-minute
+    load average is the cheap first look; when it says the cores may be busy, the machine's idle
+    time is measured over ``window_s`` seconds while this process waits (Linux ``/proc/stat``),
+    so this process's own recent work is not mistaken for another's. The thread count is not
+    changed automatically: it also fixes the order of floating-point sums, so a resumed run must
+    keep it to stay bit-identical.
+    """
+    if threads < 2 or not hasattr(os, "getloadavg"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    load = os.getloadavg()[0]
+    if threads <= cores - load + 0.5:
+        return None
+    idle = _idle_cores(window_s)
+    if idle is not None and threads <= idle + 0.5:
+        return None
+    seen = f"{idle:.1f} idle" if idle is not None else f"load average {load:.1f}"
+    return (
+        f"{seen} on {cores} cores: other processes hold cores this run's {threads} threads "
+        f"need, which can make each step several times slower than with fewer threads "
+        f"(--set train.threads=1)"
+    )
+
+
+def _idle_cores(window_s: float) -> float | None:
+    """Cores idle over the next ``window_s`` seconds by ``/proc/stat`` (None where unreadable)."""
+    import time
+
+    def sample() -> tuple[int, int] | None:
+        try:
+            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        except OSError:
+            return None
+        ticks = [int(f) for f in fields[:8]]
+        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
+
+    first = sample()
+    if first is None:
+        return None
+    time.sleep(window_s)
+    second = sample()
+    if second is None or second[1] == first[1]:
+        return None
+    share = (second[0] - first[0]) / (second[1] - first[1])
+    return share * (os.cpu_count() or 1)

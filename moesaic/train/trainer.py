@@ -65,7 +65,7 @@ from moesaic.train.checkpoint import (
 from moesaic.train.config import RunConfig, config_to_dict
 from moesaic.train.data import PreparedData
 from moesaic.train.guard import CollapseWatch, TrainingGuard, TrainingHalted
-from moesaic.train.resources import check_resources
+from moesaic.train.resources import busy_cores_warning, check_resources
 from moesaic.train.runlock import RunDirError, RunLock
 from moesaic.train.signals import signal_handlers
 from moesaic.train.tasks import Task, build_model, evaluate, task_for
@@ -168,6 +168,9 @@ class Trainer:
                 )
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        busy = busy_cores_warning(torch.get_num_threads()) if groups.is_main else None
+        if busy:
+            print(f"moesaic: warning: {busy}", file=sys.stderr, flush=True)
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
