@@ -15,7 +15,8 @@ from pathlib import Path
 
 from moesaic.cli.common import friendly_errors
 from moesaic.cli.extract import task_names
-from moesaic.inference.generate import generate_batch
+from moesaic.inference.generate import generate_batch, generate_ids
+from moesaic.models.lm import MoELM
 from moesaic.train.run import load_run
 
 __all__ = ["main"]
@@ -57,7 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = load_run(args.run)
     prompts = [[int(i) for i in run.tokenizer.encode(p)] for p in args.prompt]
     longest = max(len(p) for p in prompts)
-    context = run.cfg.model.max_seq_len
+    # a Transformer has a context and a KV cache; a recurrent model (LSTMMoE) neither
+    cached = isinstance(run.model, MoELM)
+    context = run.cfg.model.max_seq_len if cached else longest + args.max_new_tokens
     room = context - longest
     if room < 1:
         parser.error(f"--prompt is {longest} tokens; the model's context is {context}")
@@ -82,17 +85,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     start = time.perf_counter()
     try:
-        outs = generate_batch(
-            run.model,
-            prompts,
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k or None,
-            top_p=args.top_p,
-            seed=args.seed,
-            stop=stop if args.stop is not None else None,
-            task=task,
-        )
+        if not cached:  # one prompt at a time, recomputing the prefix (seed + index per row)
+            outs = [
+                generate_ids(
+                    run.model,
+                    prompt,
+                    args.max_new_tokens,
+                    temperature=args.temperature,
+                    top_k=args.top_k or None,
+                    top_p=args.top_p,
+                    seed=args.seed + i,
+                    use_cache=False,
+                )
+                for i, prompt in enumerate(prompts)
+            ]
+        else:
+            outs = generate_batch(
+                run.model,
+                prompts,
+                args.max_new_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k or None,
+                top_p=args.top_p,
+                seed=args.seed,
+                stop=stop if args.stop is not None else None,
+                task=task,
+            )
     except ValueError as err:
         parser.error(str(err))
     seconds = time.perf_counter() - start

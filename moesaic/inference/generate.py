@@ -1,5 +1,7 @@
 """Autoregressive sampling with a KV cache (each new token costs one position, not a recompute),
 one prompt at a time (``generate_ids``) or a batch of them together (``generate_batch``).
+``generate_ids`` also samples from a language model without ``MoELM``'s cache (``LSTMMoE``) by
+recomputing the whole prefix at each step.
 
 Shape legend (docs/shapes.md): B batch, S sequence, V vocabulary.
 """
@@ -10,6 +12,7 @@ import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
 
 from moesaic.context import routing_context
 from moesaic.models.lm import KVCache, MoELM
@@ -19,7 +22,7 @@ __all__ = ["generate_ids", "generate_batch"]
 
 @torch.inference_mode()
 def generate_ids(
-    model: MoELM,
+    model: nn.Module,
     prompt_ids: list[int],
     max_new_tokens: int,
     *,
@@ -37,8 +40,11 @@ def generate_ids(
         top_p: nucleus sampling (Holtzman et al. 2020): only the most likely tokens whose
             probabilities sum to at least ``top_p``, in (0, 1] (None: all).
         use_cache: False recomputes the whole prefix each step (the reference for the cache).
+            Only ``MoELM`` has a cache: any other model whose ``model(idx_BS)`` gives logits
+            (B, S, V) always recomputes.
     """
     _check(model, prompt_ids, max_new_tokens, temperature, top_k, top_p)
+    use_cache = use_cache and isinstance(model, MoELM)
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
@@ -148,7 +154,8 @@ def _check(model, prompt_ids, max_new_tokens, temperature, top_k, top_p) -> None
     ):
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 0")
     total = len(prompt_ids) + max_new_tokens
-    if total > model.cfg.max_seq_len:
+    max_seq_len = getattr(model.cfg, "max_seq_len", None)  # None: no limit (a recurrent model)
+    if max_seq_len is not None and total > max_seq_len:
         raise ValueError(
             f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
             f"exceeds the model's max_seq_len={model.cfg.max_seq_len}"

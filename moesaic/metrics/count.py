@@ -1,11 +1,15 @@
 """``ms.metrics.count``: total and activated parameters and FLOPs per token of any model.
 
-Works on a bare ``ms.MoE``, on any ``nn.Module`` holding MoE layers, and on ``MoELM``.
+Works on a bare ``ms.MoE``, on any ``nn.Module`` holding MoE layers, on ``MoELM`` and on
+``LSTMMoE``.
 
 FLOPs are matmul FLOPs (2 per multiply-add) per token; norms, activations and softmaxes are
 negligible at these widths. The rule, per part of the model:
 
 - every ``nn.Linear`` outside an MoE layer runs once per token: ``2 * in * out``;
+- so does every weight matrix of an ``nn.LSTM`` (any ``nn.RNNBase``): ``weight_ih`` and
+  ``weight_hh`` of each layer and direction, ``2 * 4H * (I + H)`` per LSTM layer of input I and
+  hidden H (``LSTMMoE``); the gates' element-wise products are negligible like activations;
 - an MoE layer runs k experts per token, ``2 * k * (expert parameters / E)``, plus its shared
   expert ``2 * shared parameters`` (and ``2 * D`` for its ``shared_gate``) and its gate
   ``2 * D * E`` per gate matrix (``noisy_topk`` has two, its noise gate running in training only;
@@ -136,6 +140,9 @@ def _count_one(model: nn.Module, task: int | None, seq_len: int | None) -> Model
     for m in model.modules():
         if isinstance(m, nn.Linear) and id(m) not in inside_moe:
             forward += 2 * m.in_features * m.out_features
+        if isinstance(m, nn.RNNBase):  # every step multiplies its input and its state
+            weights = [p for name, p in m.named_parameters() if name.startswith("weight_")]
+            forward += 2 * sum(w.numel() for w in weights)
     for m in moe_layers:
         k = _experts_per_token(m, task)
         local = sum(p.numel() for p in m.experts.parameters())

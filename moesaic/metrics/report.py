@@ -64,8 +64,8 @@ def summarize_run(run_dir: Path, name: str = "run", **energy_options: Any) -> Ru
     import torch
 
     from moesaic.data import tokenizer_from_json
-    from moesaic.models.lm import MoELM
     from moesaic.train.config import RunConfig, config_from_dict
+    from moesaic.train.tasks import build_model
 
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
@@ -82,7 +82,7 @@ def summarize_run(run_dir: Path, name: str = "run", **energy_options: Any) -> Ru
             seq_len = getattr(model, "backbone", model).cfg.num_patches
         else:
             vocab = tokenizer_from_json((run_dir / "tokenizer.json").read_text()).vocab_size
-            model = MoELM(dataclasses.replace(cfg.model, vocab_size=vocab))
+            model = build_model(cfg, vocab)  # MoELM, or LSTMMoE for an lstm run
             seq_len = cfg.data.seq_len
     metrics = _read_jsonl(run_dir / "metrics.jsonl")
     evals = [r for r in metrics if "val_loss" in r]
@@ -97,7 +97,8 @@ def summarize_run(run_dir: Path, name: str = "run", **energy_options: Any) -> Ru
         tokens=steps * cfg.data.batch_size * seq_len,
         final_val_loss=evals[-1]["val_loss"] if evals else None,
         train_s=train_s,
-        count=count(model, seq_len=seq_len if cfg.vision is None else None),
+        # attention FLOPs depend on the window; image and LSTM models have none
+        count=count(model, seq_len=seq_len if cfg.vision is None and cfg.lstm is None else None),
         energy=None if train_s is None else estimate_emissions(train_s / 3600, **energy_options),
         metrics=metrics,
         routing=read_routing(run_dir / ROUTING_FILE),

@@ -15,6 +15,7 @@ from torch import nn
 
 from moesaic.config import MoEConfig
 from moesaic.models.lm import LMConfig, MoELM
+from moesaic.models.lstm import LSTMConfig, LSTMMoE
 from moesaic.models.mixer import MixerConfig, MixerModel
 from moesaic.models.vit import VisionTransformer, ViTConfig
 from moesaic.models.workspace import (
@@ -322,3 +323,20 @@ register_model("workspace-tiny", WorkspaceTransformer)(workspace_tiny)
 register_model("workspace-soft-tiny", WorkspaceTransformer)(workspace_soft_tiny)
 register_model("workspace-moe-tiny", WorkspaceTransformer)(workspace_moe_tiny)
 register_model("attention-tiny", WorkspaceTransformer)(attention_tiny)
+
+
+# The LSTM-MoE of Shazeer et al. 2017 (moesaic.models.lstm) and its dense twin.
+@register_model("lstm-moe-tiny", LSTMMoE)
+def lstm_moe_tiny() -> LSTMConfig:
+    """The LSTM-MoE (Shazeer et al. 2017, §2-3) at CPU scale: a byte-level LM of two 64-wide LSTM
+    layers with 16 ReLU experts of width 384 between them, noisy top-2 gating. Sized to the
+    activated FLOPs per token of ``lm-moe-tiny`` at its 256-token windows (``ms.metrics.count``
+    gives both the same forward FLOPs, routers included)."""
+    return LSTMConfig(vocab_size=256, d_model=64, n_layers=2, d_ff=384)
+
+
+@register_model("lstm-dense-tiny", LSTMMoE)
+def lstm_dense_tiny() -> LSTMConfig:
+    """``lstm-moe-tiny``'s dense twin of equal activated FLOPs per token: one FFN of width
+    2 x 384 between the LSTM layers (the paper's "MoE-1-Wide" baseline)."""
+    return lstm_moe_tiny().dense_equivalent()

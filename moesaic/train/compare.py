@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from moesaic.metrics.flops import lm_flops_per_token
 from moesaic.train.config import RunConfig, config_to_dict
 from moesaic.train.data import prepare_data
@@ -62,13 +64,23 @@ def run_compare(cfg: RunConfig, out_dir: Path, progress: bool = True) -> Compare
     return CompareResult(out_dir=out_dir, summary=summary)
 
 
+def _train_flops(cfg: RunConfig, vocab: int) -> float:
+    """Training FLOPs per token of ``cfg``'s model: the Transformer's formula, or for an LSTM
+    run (``cfg.lstm``) the count of the model it builds."""
+    if cfg.lstm is None:
+        model = dataclasses.replace(cfg.model, vocab_size=vocab)
+        return lm_flops_per_token(model, cfg.data.seq_len).train
+    from moesaic.metrics import count
+    from moesaic.train.tasks import build_model
+
+    with torch.random.fork_rng():
+        return count(build_model(cfg, vocab)).train_flops
+
+
 def _summarize(configs: dict[str, RunConfig], results: dict[str, TrainResult], vocab: int):
     moe, dense = results["moe"], results["dense"]
     target = dense.val_loss
-    flops = {
-        name: lm_flops_per_token(dataclasses.replace(c.model, vocab_size=vocab), c.data.seq_len)
-        for name, c in configs.items()
-    }
+    flops = {name: _train_flops(c, vocab) for name, c in configs.items()}
     tokens_per_step = configs["moe"].data.batch_size * configs["moe"].data.seq_len
     runs = {}
     for name, r in results.items():
@@ -78,7 +90,7 @@ def _summarize(configs: dict[str, RunConfig], results: dict[str, TrainResult], v
             "final_val_loss": r.val_loss,
             "params_total": r.params.total,
             "params_activated": r.params.activated,
-            "train_flops_per_token": flops[name].train,
+            "train_flops_per_token": flops[name],
             "train_s": r.evals[-1]["train_s"],
             "step_s": r.evals[-1]["train_s"] / r.steps,
             "tokens_per_step": tokens_per_step,
@@ -93,7 +105,7 @@ def _summarize(configs: dict[str, RunConfig], results: dict[str, TrainResult], v
         "steps_ratio": None if moe_steps is None else moe_steps / dense.steps,
         "wallclock_ratio": None if moe_secs is None else moe_secs / runs["dense"]["train_s"],
         "step_cost_ratio": runs["moe"]["step_s"] / runs["dense"]["step_s"],
-        "flops_per_token_ratio": flops["moe"].train / flops["dense"].train,
+        "flops_per_token_ratio": flops["moe"] / flops["dense"],
         "runs": runs,
     }
 

@@ -1,7 +1,8 @@
 """Typed run configuration, nested like the modules, and ``--set a.b=value`` overrides.
 
 A run is a ``RunConfig`` with sections ``model``, ``data``, ``optim``, ``train``, ``parallel`` and
-``guard`` (moesaic/train/guard.py).
+``guard`` (moesaic/train/guard.py); optional sections select other tasks or models (``lstm``: the
+LSTM-MoE language model instead of ``model``).
 Recipes (moesaic/train/recipes.py) are Python functions returning one; the command line changes
 single fields with ``--set train.steps=200 model.moe.num_experts=32``. Every override is parsed by
 the field's declared type and the whole config is validated again, so a bad value fails with one
@@ -30,6 +31,7 @@ from moesaic._validate import (
 from moesaic.config import MoEConfig
 from moesaic.data.corpora import CORPORA
 from moesaic.models.lm import LMConfig, migrate_lm_dict
+from moesaic.models.lstm import LSTMConfig
 from moesaic.models.mixer import MixerConfig
 from moesaic.models.vit import ViTConfig
 from moesaic.routing import ROUTERS
@@ -403,6 +405,8 @@ class RunConfig:
     distill: DistillConfig | None = None
     vision: VisionConfig | None = None
     retgen: RetGenConfig | None = None
+    # The LSTM-MoE language model (Shazeer et al. 2017) on ``data``; ``model`` is then unused.
+    lstm: LSTMConfig | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.recipe, str) or not self.recipe or "/" in self.recipe:
@@ -410,7 +414,9 @@ class RunConfig:
         prompt = (
             self.finetune.prompt_tokens if self.finetune and self.finetune.method == "prompt" else 0
         )
-        if self.model.max_seq_len < self.data.seq_len + prompt:
+        if self.lstm is not None:
+            self._check_lstm()
+        elif self.model.max_seq_len < self.data.seq_len + prompt:
             what = f" + finetune.prompt_tokens={prompt}" if prompt else ""
             raise ValueError(
                 f"data.seq_len={self.data.seq_len}{what} must be <= model.max_seq_len="
@@ -429,6 +435,19 @@ class RunConfig:
                     f"parallel.expert={self.parallel.expert}: image runs train on one process "
                     f"or data-parallel (parallel.expert=1)"
                 )
+
+    def _check_lstm(self) -> None:
+        """An LSTM run is language modelling with its own model: no other task, no sharding."""
+        others = [n for n in ("vision", "finetune", "retgen") if getattr(self, n) is not None]
+        if others:
+            raise ValueError(
+                f"lstm: an LSTM language-model run takes no {' or '.join(others)} section"
+            )
+        if self.parallel.expert != 1:
+            raise ValueError(
+                f"parallel.expert={self.parallel.expert}: LSTM runs train on one process or "
+                f"data-parallel (parallel.expert=1)"
+            )
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

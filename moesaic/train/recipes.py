@@ -45,7 +45,12 @@ def get_recipe(name: str) -> RunConfig:
 
 
 def dense_baseline(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with its model replaced by the dense model of equal activated FLOPs per token."""
+    """``cfg`` with its model replaced by the dense model of equal activated FLOPs per token
+    (the ``lstm`` section's model for an LSTM run)."""
+    if cfg.lstm is not None:
+        return dataclasses.replace(
+            cfg, recipe=f"{cfg.recipe}-dense", lstm=cfg.lstm.dense_equivalent()
+        )
     return dataclasses.replace(
         cfg, recipe=f"{cfg.recipe}-dense", model=cfg.model.dense_equivalent()
     )
@@ -172,5 +177,6 @@ def lm_prmoe() -> RunConfig:
     )
 
 
-# The image recipes live in their own module; importing it registers them here.
-from moesaic.train import vision_recipes  # noqa: E402, F401
+# The image recipes and the LSTM-MoE recipes (Shazeer et al. 2017) live in their own modules;
+# importing them registers them here.
+from moesaic.train import lstm_recipes, vision_recipes  # noqa: E402, F401

@@ -9,9 +9,11 @@ from pathlib import Path
 
 from moesaic.data import tokenizer_from_json
 from moesaic.models.lm import MoELM
+from moesaic.models.lstm import LSTMMoE
 from moesaic.train.checkpoint import check_fits, resumable_checkpoint, save_checkpoint, write_atomic
 from moesaic.train.config import RunConfig, config_from_dict, config_to_dict
 from moesaic.train.data import TOKENIZER_FILE
+from moesaic.train.tasks import build_model
 
 __all__ = ["LoadedRun", "load_run", "read_run_config", "write_run"]
 
@@ -19,7 +21,7 @@ __all__ = ["LoadedRun", "load_run", "read_run_config", "write_run"]
 @dataclasses.dataclass
 class LoadedRun:
     cfg: RunConfig
-    model: MoELM
+    model: MoELM | LSTMMoE  # LSTMMoE for a run with an ``lstm`` section
     tokenizer: object
     step: int
 
@@ -30,7 +32,7 @@ def load_run(run_dir: Path) -> LoadedRun:
     run_dir = Path(run_dir)
     cfg = config_from_dict(RunConfig, read_run_config(run_dir))
     tokenizer = tokenizer_from_json((run_dir / TOKENIZER_FILE).read_text())
-    model = MoELM(dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
+    model = build_model(cfg, tokenizer.vocab_size)
     expected = model.state_dict()
     found = resumable_checkpoint(
         run_dir / "checkpoints",

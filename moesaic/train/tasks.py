@@ -25,6 +25,7 @@ from torch import nn
 from moesaic.context import routing_context
 from moesaic.layer import MoE
 from moesaic.models.lm import MoELM
+from moesaic.models.lstm import LSTMMoE
 from moesaic.train.checkpoint import write_atomic
 from moesaic.train.config import ConfigError, RunConfig
 from moesaic.train.data import TOKENIZER_FILE, PreparedData, prepare_data
@@ -81,9 +82,15 @@ class Task(abc.ABC):
         """Validation metrics; ``val_loss`` is always one of them."""
 
 
-def build_model(cfg: RunConfig, vocab_size: int, expert_group: object | None = None) -> MoELM:
+def build_model(
+    cfg: RunConfig, vocab_size: int, expert_group: object | None = None
+) -> MoELM | LSTMMoE:
     """The run's language model with the tokenizer's vocabulary size (experts sharded over
-    ``expert_group`` when given)."""
+    ``expert_group`` when given): ``LSTMMoE`` for a run with an ``lstm`` section, else
+    ``MoELM``."""
+    if cfg.lstm is not None:
+        assert expert_group is None, "RunConfig refuses parallel.expert > 1 for LSTM runs"
+        return LSTMMoE(dataclasses.replace(cfg.lstm, vocab_size=vocab_size))
     return MoELM(dataclasses.replace(cfg.model, vocab_size=vocab_size), expert_group)
 
 
@@ -135,8 +142,9 @@ def load_teacher(run_dir: str | Path, vocab_size: int) -> MoELM:
 
 
 class LanguageModelling(Task):
-    """Next-token prediction on ``cfg.data``'s corpus; with ``cfg.distill`` the loss also
-    matches a teacher run's softened predictions (moesaic/train/distill.py).
+    """Next-token prediction on ``cfg.data``'s corpus (by ``MoELM``, or ``LSTMMoE`` for a run
+    with an ``lstm`` section); with ``cfg.distill`` the loss also matches a teacher run's
+    softened predictions (moesaic/train/distill.py).
 
     ``data`` may be passed already prepared (``moesaic compare`` shares it between two runs).
     """
@@ -158,10 +166,11 @@ class LanguageModelling(Task):
             self.teacher = load_teacher(cfg.distill.teacher, self.data.tokenizer.vocab_size)
         self.labels = list(self.data.train.domains)
         self.units_per_step = cfg.data.batch_size * cfg.data.seq_len
-        num_tasks = (cfg.model.moe.router_options or {}).get("num_tasks") if cfg.model.moe else None
+        section, lm = ("model", cfg.model) if cfg.lstm is None else ("lstm", cfg.lstm)
+        num_tasks = (lm.moe.router_options or {}).get("num_tasks") if lm.moe else None
         if num_tasks is not None and num_tasks < len(self.labels):
             raise ConfigError(
-                f"model.moe.router_options.num_tasks={num_tasks} must be >= the corpus's "
+                f"{section}.moe.router_options.num_tasks={num_tasks} must be >= the corpus's "
                 f"{len(self.labels)} domains {self.labels} (each domain is a task)"
             )
 

@@ -16,6 +16,7 @@ import platform
 
 import torch
 from torch.nn import functional as F
+from torch.utils import _python_dispatch
 
 __all__ = ["CpuCapability", "cpu_capability"]
 
@@ -95,12 +96,16 @@ def cpu_capability() -> CpuCapability:
     except (AttributeError, RuntimeError):
         isa = "unknown"
     flags = tuple(sorted(k for k, v in caps.items() if v is True))
-    fp32 = _probe(torch.float32)
+    # The probe's products are not the caller's work: when the first MoE forward of a process
+    # runs under a dispatch mode (FlopCounterMode in ms.metrics.measure_flops), keep them out.
+    with _python_dispatch._disable_current_modes():
+        fp32 = _probe(torch.float32)
+        bf16 = fp32 and _probe(torch.bfloat16)
     return CpuCapability(
         name=name,
         arch=platform.machine(),
         isa=isa,
         flags=flags,
         onednn_fp32=fp32,
-        onednn_bf16=fp32 and _probe(torch.bfloat16),
+        onednn_bf16=bf16,
     )

@@ -169,10 +169,28 @@ BAD |= {
     "vision.mixer.matched_token_d_ff": ("64", "vision.mixer.matched_token_d_ff=64 is for dense"),
 }
 
+# The LSTM-MoE section: its own fields, then its MoE section, whose messages are model.moe's
+# with the section's path (the recipe below routes with "noisy_topk").
+LSTM_RECIPES = {"lstm": "lstm-moe-test"}
+BAD |= {
+    "lstm.vocab_size": ("0", "lstm.vocab_size=0 must be >= 1"),
+    "lstm.d_model": ("0", "lstm.d_model=0 must be >= 1"),
+    "lstm.n_layers": ("1", "lstm.n_layers=1 must be >= 2"),
+    "lstm.d_ff": ("0", "lstm.d_ff=0 must be >= 1"),
+    "lstm.activation": ("tanh", "lstm.activation='tanh' is not one of"),
+    "lstm.dropout": ("1.5", "lstm.dropout=1.5 must be < 1"),
+    "lstm.tie_embeddings": ("maybe", "--set lstm.tie_embeddings='maybe': expected bool"),
+    "lstm.matched_d_ff": ("64", "lstm.matched_d_ff=64 is for dense models"),
+}
+for path, (raw, message) in list(BAD.items()):
+    if path.startswith("model.moe."):
+        text = message.replace("model.moe.", "lstm.moe.").replace("'switch'", "'noisy_topk'")
+        BAD[path.replace("model.moe.", "lstm.moe.")] = (raw, text)
+
 
 def _recipe(path: str) -> str:
     """The recipe a bad value of ``path`` is set on: one that holds its section."""
-    for prefix, name in VISION_RECIPES.items():
+    for prefix, name in {**VISION_RECIPES, **LSTM_RECIPES}.items():
         if path.startswith(prefix + "."):
             return name
     return "lm-moe-test"
@@ -209,6 +227,9 @@ INCOMPATIBLE = [
     (["model.moe.activation=relu"], "model.moe.activation='relu' conflicts with model.activation"),
     (["model.top_k=2"], "--set model.top_k: moved to model.moe.top_k: use --set model.moe.top_k=2"),
     (["model.num_experts=0"], "use --set model.moe.num_experts=0 (model.moe=none removes"),
+    (["lstm.dropout=0", "finetune.task=fortune"], "lstm: an LSTM language-model run takes no"),
+    (["lstm.dropout=0", "parallel.expert=2"], "parallel.expert=2: LSTM runs train on one"),
+    (["lstm.moe.d_ff=128"], "lstm.moe.d_ff=128 conflicts with d_ff=64"),
 ]
 
 
