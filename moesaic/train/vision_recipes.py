@@ -61,8 +61,9 @@ def sparse_mlp_fashion() -> RunConfig:
 
 @recipe("mixer-fashion")
 def mixer_fashion() -> RunConfig:
-    """``sparse-mlp-fashion``'s dense MLP-Mixer of equal activated FLOPs."""
-    return dense_vision_baseline(sparse_mlp_fashion(), "mixer-fashion")
+    """``sparse-mlp-fashion``'s dense MLP-Mixer of equal activated FLOPs per image
+    (``mixer-tiny``: the re-represent layers' FLOPs go into wider token MLPs)."""
+    return vision_run("mixer-fashion", "mixer-tiny")
 
 
 @recipe("vmoe-digits")

@@ -118,3 +118,13 @@ def test_image_recipes_round_trip_and_name_bad_fields():
         apply_overrides(get_recipe("vmoe-fashion"), ["vision.mixer.n_layers=2"])
     with pytest.raises(ConfigError, match="vision.dataset='cifar'"):
         apply_overrides(get_recipe("vmoe-fashion"), ["vision.dataset=cifar"])
+
+
+def test_each_dense_recipe_costs_its_moe_recipes_flops():
+    sparse = get_recipe("sparse-mlp-fashion").vision.mixer
+    dense = get_recipe("mixer-fashion").vision.mixer
+    assert sum(sparse.stage_flops().values()) == sum(dense.stage_flops().values())
+    assert (
+        get_recipe("vit-fashion").vision.vit
+        == get_recipe("vmoe-fashion").vision.vit.dense_equivalent()
+    )
