@@ -10,7 +10,7 @@ from pathlib import Path
 
 from moesaic.cli.common import friendly_errors
 from moesaic.data import TokenStream, eval_batches, load_corpus, split_documents
-from moesaic.train.checkpoint import check_fits, resumable_checkpoint
+from moesaic.train.checkpoint import load_newest_fitting
 from moesaic.train.config import RunConfig, config_from_dict
 from moesaic.train.run import load_run, read_run_config
 from moesaic.train.trainer import evaluate
@@ -64,16 +64,11 @@ def _eval_classifier(run_dir: Path, cfg: RunConfig, batches: int | None) -> int:
     if not task.started:
         raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint yet")
     model = task.build_model(None)
-    expected = model.state_dict()
-    found = resumable_checkpoint(
-        run_dir / "checkpoints",
-        lambda message: print(f"moesaic: {message}"),
-        check=lambda w, s: check_fits(expected, w, Path("model.safetensors")),
+    state = load_newest_fitting(
+        model, run_dir / "checkpoints", lambda message: print(f"moesaic: {message}")
     )
-    if found is None:
+    if state is None:
         raise FileNotFoundError(f"{run_dir}/checkpoints holds no usable checkpoint")
-    _, weights, state = found
-    model.load_state_dict(weights)
     for split in ("val", "test"):
         m = task.evaluate(model, task.batches(split, batches))
         print(

@@ -43,6 +43,7 @@ __all__ = [
     "check_fits",
     "latest_checkpoint",
     "resumable_checkpoint",
+    "load_newest_fitting",
     "CheckpointError",
     "CheckpointWriteError",
     "NonFiniteWeightsError",
@@ -206,6 +207,24 @@ def resumable_checkpoint(
             f"no checkpoint in {checkpoint_dir} is usable: " + "; ".join(failures)
         )
     return None
+
+
+def load_newest_fitting(
+    model: nn.Module, checkpoint_dir: Path, log: Callable[[str], None] = print
+) -> dict[str, Any] | None:
+    """Load into ``model`` the newest checkpoint of ``checkpoint_dir`` that verifies and whose
+    weights fit it (``resumable_checkpoint`` with ``check_fits``); its state, or None when no
+    checkpoint does. Skipped checkpoints are reported through ``log``."""
+    expected = model.state_dict()
+    found = resumable_checkpoint(
+        checkpoint_dir,
+        log,
+        check=lambda weights, state: check_fits(expected, weights, Path(WEIGHTS)),
+    )
+    if found is None:
+        return None
+    model.load_state_dict(found[1])
+    return found[2]
 
 
 def _named_by_latest(checkpoint_dir: Path) -> Path | None:

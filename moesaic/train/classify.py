@@ -26,9 +26,8 @@ from moesaic.layer import MoE
 from moesaic.models.classifier import SequenceClassifier
 from moesaic.models.lm import MoELM
 from moesaic.train.checkpoint import (
-    check_fits,
     list_checkpoints,
-    resumable_checkpoint,
+    load_newest_fitting,
     write_atomic,
 )
 from moesaic.train.config import ConfigError, RunConfig, config_from_dict
@@ -220,15 +219,10 @@ class Classification(Task):
         return model
 
     def _load_pretrained(self, lm: MoELM) -> None:
-        expected = lm.state_dict()
-        found = resumable_checkpoint(
-            Path(self.ft.init) / "checkpoints",
-            lambda message: print(f"moesaic: {message}", flush=True),
-            check=lambda weights, state: check_fits(expected, weights, Path("model.safetensors")),
-        )
-        if found is None:
+        checkpoints = Path(self.ft.init) / "checkpoints"
+        say = lambda message: print(f"moesaic: {message}", flush=True)  # noqa: E731
+        if load_newest_fitting(lm, checkpoints, say) is None:
             raise ConfigError(f"finetune.init={self.ft.init!r} holds no checkpoint yet")
-        lm.load_state_dict(found[1])
 
     def sampler(self, rank: int, world_size: int) -> ExampleSampler:
         d = self.cfg.data

@@ -34,9 +34,8 @@ from moesaic.models.lm import LMConfig, MoELM
 from moesaic.models.registry import model_config
 from moesaic.models.retgen import MODES, DocumentMixture, sequence_length
 from moesaic.train.checkpoint import (
-    check_fits,
     list_checkpoints,
-    resumable_checkpoint,
+    load_newest_fitting,
     write_atomic,
 )
 from moesaic.train.classify import ExampleSampler
@@ -303,15 +302,8 @@ class RetGenTask(Task):
         )
 
     def _load_init(self, lm: MoELM) -> None:
-        expected = lm.state_dict()
-        found = resumable_checkpoint(
-            Path(self.r.init) / "checkpoints",
-            _say,
-            check=lambda weights, state: check_fits(expected, weights, Path("model.safetensors")),
-        )
-        if found is None:
+        if load_newest_fitting(lm, Path(self.r.init) / "checkpoints", _say) is None:
             raise ConfigError(f"retgen.init={self.r.init!r} holds no checkpoint yet")
-        lm.load_state_dict(found[1])
 
     def sampler(self, rank: int, world_size: int) -> QASampler:
         d = self.cfg.data
@@ -439,15 +431,8 @@ def load_retgen(run_dir: str | Path) -> LoadedRetGen:
     task = RetGenTask(cfg)
     task.prepare(run_dir, is_main=False)  # reads the run's own index, questions and tokenizer
     model = task.build_model(None)
-    expected = model.state_dict()
-    found = resumable_checkpoint(
-        run_dir / "checkpoints",
-        _say,
-        check=lambda weights, state: check_fits(expected, weights, Path("model.safetensors")),
-    )
-    if found is None:
+    state = load_newest_fitting(model, run_dir / "checkpoints", _say)
+    if state is None:
         raise FileNotFoundError(f"{run_dir}/checkpoints holds no usable checkpoint")
-    _, weights, state = found
-    model.load_state_dict(weights)
     model.eval()
     return LoadedRetGen(cfg, model, task.splits, int(state["step"]))

@@ -10,7 +10,12 @@ from pathlib import Path
 from moesaic.data import tokenizer_from_json
 from moesaic.models.lm import MoELM
 from moesaic.models.lstm import LSTMMoE
-from moesaic.train.checkpoint import check_fits, resumable_checkpoint, save_checkpoint, write_atomic
+from moesaic.train.checkpoint import (
+    load_newest_fitting,
+    resumable_checkpoint,
+    save_checkpoint,
+    write_atomic,
+)
 from moesaic.train.config import RunConfig, config_from_dict, config_to_dict
 from moesaic.train.data import TOKENIZER_FILE
 from moesaic.train.tasks import build_model
@@ -33,16 +38,9 @@ def load_run(run_dir: Path) -> LoadedRun:
     cfg = config_from_dict(RunConfig, read_run_config(run_dir))
     tokenizer = tokenizer_from_json((run_dir / TOKENIZER_FILE).read_text())
     model = build_model(cfg, tokenizer.vocab_size)
-    expected = model.state_dict()
-    found = resumable_checkpoint(
-        run_dir / "checkpoints",
-        _say,
-        check=lambda weights, state: check_fits(expected, weights, Path("model.safetensors")),
-    )
-    if found is None:
+    state = load_newest_fitting(model, run_dir / "checkpoints", _say)
+    if state is None:
         raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint yet")
-    path, weights, state = found
-    model.load_state_dict(weights)
     model.eval()
     return LoadedRun(cfg=cfg, model=model, tokenizer=tokenizer, step=int(state["step"]))
 

@@ -256,7 +256,7 @@ class LoadedVisionRun:
 def load_vision_run(run_dir: Path) -> LoadedVisionRun:
     """An image run's config, data and model with its newest checkpoint that verifies, in eval
     mode."""
-    from moesaic.train.checkpoint import check_fits, resumable_checkpoint
+    from moesaic.train.checkpoint import load_newest_fitting
     from moesaic.train.config import config_from_dict
     from moesaic.train.run import read_run_config
 
@@ -268,15 +268,10 @@ def load_vision_run(run_dir: Path) -> LoadedVisionRun:
     task.prepare(run_dir, is_main=False)
     with torch.random.fork_rng():
         model = task.build_model(None)
-    expected = model.state_dict()
-    found = resumable_checkpoint(
-        run_dir / "checkpoints",
-        lambda message: print(f"moesaic: {message}", flush=True),
-        check=lambda weights, state: check_fits(expected, weights, Path("model.safetensors")),
+    state = load_newest_fitting(
+        model, run_dir / "checkpoints", lambda message: print(f"moesaic: {message}", flush=True)
     )
-    if found is None:
+    if state is None:
         raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint yet")
-    _, weights, state = found
-    model.load_state_dict(weights)
     model.eval()
     return LoadedVisionRun(cfg, task, model, int(state["step"]))
