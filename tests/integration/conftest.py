@@ -60,3 +60,24 @@ def skillnet_pretrained(skillnet_smoke):
     finally:
         torch.set_num_threads(threads)
     return copy.deepcopy(model.state_dict()), history, before
+
+
+@pytest.fixture
+def cli(capsys):
+    """``moesaic ARGS`` in this process: (exit status, stdout, stderr); argparse's own errors
+    give their exit status, and the torch thread count the command set is restored."""
+    from moesaic.cli.main import main
+
+    def run(*args):
+        capsys.readouterr()
+        threads = torch.get_num_threads()
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code
+        finally:
+            torch.set_num_threads(threads)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from moesaic.cli.distill import student_config
 from moesaic.cli.finetune import finetune_config
-from moesaic.cli.main import main
 from moesaic.data import ByteTokenizer, Document, TokenStream
 from moesaic.layer import MoE
 from moesaic.train.config import ConfigError, apply_overrides
@@ -139,22 +138,6 @@ def test_distillation_loss_follows_its_formula_and_schedule(pretrained, tmp_path
         else:  # after the schedule ends the teacher is not even run
             assert "kd" not in r and math.isclose(r["loss"] - r["aux"], r["ce"], rel_tol=1e-5)
     assert [r["step"] for r in rows if "kd" not in r] == [9, 10]
-
-
-@pytest.fixture
-def cli(capsys):
-    """``moesaic ARGS`` in this process: (exit status, stdout, stderr)."""
-
-    def run(*args):
-        capsys.readouterr()
-        try:
-            code = main(list(args))
-        except SystemExit as exit_:  # argparse's own errors
-            code = exit_.code
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return run
 
 
 def test_cli_fine_tunes_and_bad_input_is_one_line(pretrained, tmp_path, cli):

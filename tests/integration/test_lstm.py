@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 
-from moesaic.cli.main import main
 from moesaic.metrics import count
 from moesaic.models.lstm import LSTMMoE
 from moesaic.train.config import ConfigError, apply_overrides
@@ -18,22 +17,6 @@ from moesaic.train.run import load_run
 from moesaic.train.trainer import Trainer
 
 ONE_THREAD = "train.threads=1"  # these widths gain nothing from a second thread
-
-
-@pytest.fixture
-def cli(capsys):
-    def run(*argv):
-        threads = torch.get_num_threads()
-        try:
-            code = main(list(argv))
-        except SystemExit as stop:  # argparse's usage errors
-            code = stop.code
-        finally:
-            torch.set_num_threads(threads)
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return run
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 
-from moesaic.cli.main import main
 from moesaic.cli.retgen import train_config
 from moesaic.train.recipes import get_recipe
 from moesaic.train.retgen import load_retgen
@@ -41,22 +40,6 @@ SMALL = [  # three doc files, two passages of 160 bytes per question: seconds pe
 @pytest.fixture(autouse=True)
 def _docs_installed():
     require_debian("python3.11-doc")
-
-
-@pytest.fixture
-def cli(capsys):
-    """``moesaic ARGS`` in this process: (exit status, stdout, stderr)."""
-
-    def run(*args):
-        capsys.readouterr()
-        try:
-            code = main(list(args))
-        except SystemExit as exit_:  # argparse's own errors
-            code = exit_.code
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return run
 
 
 def _sets(overrides):

@@ -20,19 +20,6 @@ from moesaic.train.vision import load_vision_run
 ONE_THREAD = ["--set", "train.threads=1"]
 
 
-@pytest.fixture
-def cli(capsys):
-    def run(*argv):
-        try:
-            code = main(list(argv))
-        except SystemExit as stop:  # argparse's usage errors
-            code = stop.code
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return run
-
-
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("digits") / "run"
