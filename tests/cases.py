@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from typing import Any
 
 import pytest
@@ -100,3 +101,17 @@ def expert_backend(impl: str = "auto", gemm: str = "auto"):
     from moesaic.kernels.cpu import CpuBackend, CpuTuning
 
     return CpuBackend(CpuTuning(gemm=gemm, workers=impl))
+
+
+def metric_rows(run_dir) -> list[dict]:
+    """Every row of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timings(run_dir) -> list[dict]:
+    """A run's metric rows without the wall-clock fields (speeds, ``train_s``): what an
+    interrupted and resumed run must repeat bit for bit."""
+    return [
+        {k: v for k, v in r.items() if not k.endswith("_per_s") and k != "train_s"}
+        for r in metric_rows(run_dir)
+    ]

@@ -22,6 +22,7 @@ from moesaic.train.recipes import get_recipe
 from moesaic.train.run import load_run
 from moesaic.train.tasks import load_teacher
 from moesaic.train.trainer import Trainer
+from tests.cases import metric_rows, without_timings
 
 SMALL = [  # three classes, 60 texts each: the data loads and encodes in a moment
     "finetune.num_classes=3",
@@ -47,17 +48,6 @@ def _cfg(pretrained, *overrides, task="fortune"):
     return finetune_config(pretrained, task, [*SMALL, *overrides])
 
 
-def _rows(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _without_timings(run_dir):
-    return [
-        {k: v for k, v in r.items() if not k.endswith("_per_s") and k != "train_s"}
-        for r in _rows(run_dir)
-    ]
-
-
 def test_prompt_tuning_trains_only_the_prompt_and_the_classifier(pretrained, tmp_path):
     trainer = Trainer(_cfg(pretrained, "finetune.method=prompt"), tmp_path / "p", progress=False)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -81,7 +71,7 @@ def test_a_fine_tuning_run_resumes_bit_identically(pretrained, tmp_path):
     resumed = Trainer(cfg, tmp_path / "part", progress=False, resume=True)
     assert resumed.step == 6
     resumed.fit()
-    assert _without_timings(tmp_path / "part") == _without_timings(tmp_path / "full")
+    assert without_timings(tmp_path / "part") == without_timings(tmp_path / "full")
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert "val_acc" in full.evals[-1] and 0 <= full.evals[-1]["val_acc"] <= 1
@@ -128,7 +118,7 @@ def test_distillation_loss_follows_its_formula_and_schedule(pretrained, tmp_path
     assert objective.item() == pytest.approx((0.2 * ce + 0.8 * kd).item(), rel=1e-5)
     assert logs["kd"].item() == pytest.approx(kd.item(), rel=1e-5)
     trainer.fit()
-    rows = [r for r in _rows(tmp_path / "student") if "loss" in r]
+    rows = [r for r in metric_rows(tmp_path / "student") if "loss" in r]
     for r in rows:
         w = kd_weight(r["step"], 0.8, 8, "linear")
         if w:
@@ -174,7 +164,7 @@ def test_a_student_starts_from_its_teachers_layers_and_staged_kd_stops(pretraine
     for name in trainer.task.inherited:
         assert torch.equal(student[name], teacher[name]), name
     trainer.fit()
-    rows = [r for r in _rows(tmp_path / "student") if "loss" in r]
+    rows = [r for r in metric_rows(tmp_path / "student") if "loss" in r]
     assert ["kd" in r for r in rows] == [True, True, False, False]
     code, _, stderr = cli("distill", "--teacher", str(pretrained), "--student-layers", "0")
     assert code == 2 and "--student-layers=0 must be an int >= 1" in stderr

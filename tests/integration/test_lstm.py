@@ -4,8 +4,6 @@ its model."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -15,6 +13,7 @@ from moesaic.train.config import ConfigError, apply_overrides
 from moesaic.train.recipes import get_recipe
 from moesaic.train.run import load_run
 from moesaic.train.trainer import Trainer
+from tests.cases import metric_rows, without_timings
 
 ONE_THREAD = "train.threads=1"  # these widths gain nothing from a second thread
 
@@ -30,20 +29,9 @@ def trained(tmp_path, cli):
     return run, stdout
 
 
-def _rows(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _without_timings(run_dir):
-    return [
-        {k: v for k, v in r.items() if not k.endswith("_per_s") and k != "train_s"}
-        for r in _rows(run_dir)
-    ]
-
-
 def test_the_test_recipe_trains_the_lstm_moe_and_samples_text(trained):
     run, stdout = trained
-    evals = [r for r in _rows(run) if "val_loss" in r]
+    evals = [r for r in metric_rows(run) if "val_loss" in r]
     assert [r["step"] for r in evals] == [10, 20, 30]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
     assert "sample:\ndef " in stdout
@@ -54,7 +42,7 @@ def test_the_test_recipe_trains_the_lstm_moe_and_samples_text(trained):
 
 def test_eval_and_report_rebuild_the_lstm_run(trained, cli):
     run, _ = trained
-    final = [r for r in _rows(run) if "val_loss" in r][-1]["val_loss"]
+    final = [r for r in metric_rows(run) if "val_loss" in r][-1]["val_loss"]
     code, stdout, stderr = cli("eval", "--run", str(run))
     assert code == 0, stderr
     assert f"step 30: validation loss {final:.4f} nats/token" in stdout
@@ -97,7 +85,7 @@ def test_an_lstm_run_resumes_bit_identically(tmp_path):
         resumed.fit()
     finally:
         torch.set_num_threads(threads)
-    assert _without_timings(tmp_path / "part") == _without_timings(tmp_path / "full")
+    assert without_timings(tmp_path / "part") == without_timings(tmp_path / "full")
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
 
