@@ -23,7 +23,7 @@ from moesaic.dispatch import DROP_POLICIES
 from moesaic.experts import ACTIVATIONS, ExpertBackend, backend_names
 from moesaic.routing import Router, build_router
 
-__all__ = ["MoEConfig"]
+__all__ = ["MoEConfig", "check_model_moe"]
 
 DEFAULT_ACTIVATION = "gelu"
 
@@ -158,6 +158,20 @@ class MoEConfig:
             )
             raise ValueError(f"{both} (leave {', '.join(clash)} None to take the model's)")
         return dataclasses.replace(self, **values)
+
+
+def check_model_moe(name: str, moe: object) -> None:
+    """A model config's MoE section ``name``: None (a dense model) or an ``MoEConfig`` whose
+    router is given by name, as a run's config is saved as JSON; errors name ``name``."""
+    if moe is None:
+        return
+    if not isinstance(moe, MoEConfig):
+        raise TypeError(f"{name}={moe!r} must be an ms.MoEConfig or None (dense)")
+    if not isinstance(moe.router, str):
+        raise TypeError(
+            f"{name}.router: a {type(moe.router).__name__} instance; it must be a name in "
+            "ms.ROUTERS (a run's config is saved as JSON)"
+        )
 
 
 def _dtype(value: object) -> object:

@@ -29,7 +29,7 @@ from moesaic._validate import (
     check_positive_int,
     prefixed_errors,
 )
-from moesaic.config import MoEConfig
+from moesaic.config import MoEConfig, check_model_moe
 from moesaic.context import routing_context
 from moesaic.experts import ACTIVATIONS
 from moesaic.layer import MoE
@@ -168,13 +168,7 @@ class LMConfig:
                 )
 
     def _check_moe(self) -> None:
-        if not isinstance(self.moe, MoEConfig):
-            raise TypeError(f"model.moe={self.moe!r} must be an ms.MoEConfig or None (dense)")
-        if not isinstance(self.moe.router, str):
-            raise TypeError(
-                f"model.moe.router: a {type(self.moe.router).__name__} instance; it must be a "
-                "name in ms.ROUTERS (a run's config is saved as JSON)"
-            )
+        check_model_moe("model.moe", self.moe)
         self.moe_config()  # d_model, d_ff, activation agree, and the router takes d_model
 
     @property

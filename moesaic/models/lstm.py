@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from moesaic._validate import check_choice, check_dropout, check_positive_int, prefixed_errors
-from moesaic.config import MoEConfig
+from moesaic.config import MoEConfig, check_model_moe
 from moesaic.context import routing_context
 from moesaic.experts import ACTIVATIONS
 from moesaic.layer import MoE
@@ -87,13 +87,7 @@ class LSTMConfig:
             if self.moe is not None:
                 raise ValueError(f"matched_d_ff={self.matched_d_ff} is for dense models (moe=None)")
         if self.moe is not None:
-            if not isinstance(self.moe, MoEConfig):
-                raise TypeError(f"moe={self.moe!r} must be an ms.MoEConfig or None (dense)")
-            if not isinstance(self.moe.router, str):
-                raise TypeError(
-                    f"moe.router: a {type(self.moe.router).__name__} instance; it must be a "
-                    "name in ms.ROUTERS (a run's config is saved as JSON)"
-                )
+            check_model_moe("moe", self.moe)
             self.moe_config()  # d_model, d_ff and activation agree
 
     @property

@@ -31,7 +31,7 @@ from moesaic._validate import (
     check_positive_int,
     prefixed_errors,
 )
-from moesaic.config import MoEConfig
+from moesaic.config import MoEConfig, check_model_moe
 from moesaic.experts import ACTIVATIONS
 from moesaic.layer import MoE
 from moesaic.models.lm import DenseFFN
@@ -115,16 +115,7 @@ class MixerConfig:
             self.token_moe_config()
 
     def _check_moe_field(self, name: str) -> None:
-        moe = getattr(self, name)
-        if moe is None:
-            return
-        if not isinstance(moe, MoEConfig):
-            raise TypeError(f"{name}={moe!r} must be an ms.MoEConfig or None (dense)")
-        if not isinstance(moe.router, str):
-            raise TypeError(
-                f"{name}.router: a {type(moe.router).__name__} instance; it must be a "
-                "name in ms.ROUTERS (a run's config is saved as JSON)"
-            )
+        check_model_moe(name, getattr(self, name))
 
     def _check_rerep(self) -> None:
         S2, C2 = self.rerep_patches, self.rerep_channels

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from moesaic._validate import check_choice, check_dropout, check_positive_int
-from moesaic.config import MoEConfig
+from moesaic.config import MoEConfig, check_model_moe
 from moesaic.experts import ACTIVATIONS
 from moesaic.layer import MoE
 from moesaic.models.lm import DenseFFN
@@ -75,10 +75,7 @@ class ViTConfig:
             if self.moe is not None:
                 raise ValueError(f"matched_d_ff={self.matched_d_ff} is for dense models (moe=None)")
         if self.moe is not None:
-            if not isinstance(self.moe, MoEConfig):
-                raise TypeError(f"moe={self.moe!r} must be an ms.MoEConfig or None (dense)")
-            if not isinstance(self.moe.router, str):
-                raise TypeError("moe.router must be a name in ms.ROUTERS (configs are saved)")
+            check_model_moe("moe", self.moe)
             if not any(self.sites()):
                 raise ValueError(
                     f"moe_every={self.moe_every} places no MoE block in n_layers={self.n_layers}"
