@@ -9,9 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from moesaic.cli.common import friendly_errors
-from moesaic.data import TokenStream, eval_batches, load_corpus, split_documents
+from moesaic.data import TokenStream, eval_batches
 from moesaic.train.checkpoint import load_newest_fitting
 from moesaic.train.config import RunConfig, config_from_dict
+from moesaic.train.data import split_corpus
 from moesaic.train.run import load_run, read_run_config
 from moesaic.train.trainer import evaluate
 
@@ -40,11 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = run.cfg.data
     if args.batches is not None:
         data = dataclasses.replace(data, eval_batches=args.batches)
-    docs = load_corpus(data.corpus)
-    _, val_docs = split_documents(docs, data.val_fraction, data.seed)
+    _, val_docs, held_docs, domains = split_corpus(data)
     # domain ids as training numbered them (over the whole corpus): a task-routed model reads
     # each row's domain as its task
-    domains = sorted({d.domain for d in docs})
     val = TokenStream.from_documents(val_docs, run.tokenizer, domains=domains)
     loss = evaluate(run.model, eval_batches(val, data.batch_size, data.seq_len, data.eval_batches))
     bits = f" ({loss / math.log(2):.3f} bits/byte)" if data.tokenizer == "byte" else ""
@@ -52,6 +51,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.run} step {run.step}: validation loss {loss:.4f} nats/token{bits} "
         f"over {data.eval_batches} batches"
     )
+    if held_docs:
+        held = TokenStream.from_documents(held_docs, run.tokenizer, domains=domains)
+        batches = eval_batches(held, data.batch_size, data.seq_len, data.eval_batches)
+        print(
+            f"held-out domain {data.holdout_domain!r} (never trained on): "
+            f"loss {evaluate(run.model, batches):.4f} nats/token"
+        )
     return 0
 
 

@@ -13,6 +13,10 @@ __all__ = ["main"]
 COMMANDS = {
     "train": ("moesaic.cli.train", "train a recipe: language model (default) or vision"),
     "compare": ("moesaic.cli.compare", "train an MoE and its FLOPs-matched dense baseline"),
+    "sweep": (
+        "moesaic.cli.sweep",
+        "MoE vs dense at several sizes and budgets: the compute speed-up curve",
+    ),
     "generate": ("moesaic.cli.generate", "sample text from a trained run"),
     "eval": ("moesaic.cli.eval", "validation loss of a trained run"),
     "bench": ("moesaic.cli.bench", "time the MoE layer against a naive loop and a dense FFN"),

@@ -7,22 +7,27 @@ Both runs draw identical batches (the sampler is a pure function of seed and bat
 evaluate on identical validation windows.
 
 Wall-clock here is training time: the seconds spent in training steps, excluding evaluations and
-checkpoint saves, which are measurement overhead that differ between the two runs.
+checkpoint saves, which are measurement overhead that differ between the two runs. Energy is
+``ms.metrics.estimate_emissions`` of that time with its defaults (one 65 W CPU, PUE 1.58).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from moesaic.metrics.energy import estimate_emissions
 from moesaic.metrics.flops import lm_flops_per_token
+from moesaic.train.checkpoint import list_checkpoints, write_atomic
 from moesaic.train.config import RunConfig, config_to_dict
-from moesaic.train.data import prepare_data
+from moesaic.train.data import PreparedData, prepare_data
 from moesaic.train.recipes import dense_baseline
+from moesaic.train.tasks import evaluate
 from moesaic.train.trainer import Trainer, TrainResult
 
 __all__ = ["CompareResult", "run_compare", "crossing", "plot_compare"]
@@ -48,18 +53,43 @@ def crossing(evals: list[dict[str, Any]], target: float, key: str) -> float | No
     return None
 
 
-def run_compare(cfg: RunConfig, out_dir: Path, progress: bool = True) -> CompareResult:
-    """Train ``cfg`` and its dense baseline into ``out_dir/{moe,dense}``; write compare.json."""
+def run_compare(
+    cfg: RunConfig,
+    out_dir: Path,
+    progress: bool = True,
+    *,
+    data: PreparedData | None = None,
+    resume: bool = False,
+    on_run_done: Callable[[str, TrainResult], None] | None = None,
+) -> CompareResult:
+    """Train ``cfg`` and its dense baseline into ``out_dir/{moe,dense}``; write compare.json.
+
+    ``resume`` continues a run that has checkpoints from its newest one (a finished run is not
+    trained again); ``data`` is ``prepare_data(cfg.data)`` when the caller already holds it.
+    With ``data.holdout_domain`` set, each model's final loss on the held-out domain is in the
+    summary beside its (in-domain) validation loss. ``on_run_done(name, result)`` is called
+    after each of the two runs (a sweep's progress bar)."""
     _require_matplotlib()
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = prepare_data(cfg.data)
+    data = prepare_data(cfg.data) if data is None else data
     results: dict[str, TrainResult] = {}
+    heldout: dict[str, float | None] = {}
     configs = {"moe": cfg, "dense": dense_baseline(cfg)}
     for name, run_cfg in configs.items():
-        print(f"training {name}: {run_cfg.recipe}")
-        results[name] = Trainer(run_cfg, out_dir / name, progress=progress, data=data).fit()
-    summary = _summarize(configs, results, data.tokenizer.vocab_size)
-    (out_dir / "compare.json").write_text(json.dumps(summary, indent=1))
+        run_dir = out_dir / name
+        again = resume and bool(list_checkpoints(run_dir / "checkpoints"))
+        print(f"{'resuming' if again else 'training'} {name}: {run_cfg.recipe}")
+        trainer = Trainer(run_cfg, run_dir, resume=again, progress=progress, data=data)
+        results[name] = trainer.fit()
+        heldout[name] = (
+            None
+            if data.heldout is None
+            else evaluate(trainer.model, data.heldout_batches(run_cfg.data))
+        )
+        if on_run_done is not None:
+            on_run_done(name, results[name])
+    summary = _summarize(configs, results, heldout, data.tokenizer.vocab_size)
+    write_atomic(out_dir / "compare.json", json.dumps(summary, indent=1))
     plot_compare(summary, out_dir / "compare.png")
     return CompareResult(out_dir=out_dir, summary=summary)
 
@@ -77,26 +107,36 @@ def _train_flops(cfg: RunConfig, vocab: int) -> float:
         return count(build_model(cfg, vocab)).train_flops
 
 
-def _summarize(configs: dict[str, RunConfig], results: dict[str, TrainResult], vocab: int):
+def _summarize(
+    configs: dict[str, RunConfig],
+    results: dict[str, TrainResult],
+    heldout: dict[str, float | None],
+    vocab: int,
+):
     moe, dense = results["moe"], results["dense"]
     target = dense.val_loss
     flops = {name: _train_flops(c, vocab) for name, c in configs.items()}
     tokens_per_step = configs["moe"].data.batch_size * configs["moe"].data.seq_len
     runs = {}
     for name, r in results.items():
+        train_s = r.evals[-1]["train_s"]
         runs[name] = {
             "config": config_to_dict(configs[name]),
             "evals": r.evals,
             "final_val_loss": r.val_loss,
+            "heldout_loss": heldout[name],
             "params_total": r.params.total,
             "params_activated": r.params.activated,
             "train_flops_per_token": flops[name],
-            "train_s": r.evals[-1]["train_s"],
-            "step_s": r.evals[-1]["train_s"] / r.steps,
+            "train_flops": r.steps * tokens_per_step * flops[name],
+            "train_s": train_s,
+            "energy_kwh": estimate_emissions(train_s / 3600).energy_kwh,
+            "step_s": train_s / r.steps,
             "tokens_per_step": tokens_per_step,
         }
     moe_steps = crossing(moe.evals, target, "step")
     moe_secs = crossing(moe.evals, target, "train_s")
+    moe_flops = None if moe_steps is None else moe_steps * tokens_per_step * flops["moe"]
     return {
         "dense_final_val_loss": target,
         "moe_final_val_loss": moe.val_loss,
@@ -104,6 +144,8 @@ def _summarize(configs: dict[str, RunConfig], results: dict[str, TrainResult], v
         "moe_train_s_to_dense_loss": moe_secs,
         "steps_ratio": None if moe_steps is None else moe_steps / dense.steps,
         "wallclock_ratio": None if moe_secs is None else moe_secs / runs["dense"]["train_s"],
+        # dense compute spent / MoE compute needed for the same validation loss
+        "flops_speedup": None if not moe_flops else runs["dense"]["train_flops"] / moe_flops,
         "step_cost_ratio": runs["moe"]["step_s"] / runs["dense"]["step_s"],
         "flops_per_token_ratio": flops["moe"] / flops["dense"],
         "runs": runs,

@@ -29,7 +29,7 @@ from moesaic._validate import (
     prefixed_errors,
 )
 from moesaic.config import MoEConfig
-from moesaic.data.corpora import CORPORA
+from moesaic.data.corpora import CORPORA, MIXTURE_DOMAINS
 from moesaic.models.lm import LMConfig, migrate_lm_dict
 from moesaic.models.lstm import LSTMConfig
 from moesaic.models.mixer import MixerConfig
@@ -73,6 +73,9 @@ class DataConfig:
     val_fraction: float = 0.05
     eval_batches: int = 16
     seed: int = 0
+    # One domain left out of training and of the validation loss, evaluated on its own as
+    # out-of-domain data (Artetxe et al. 2022's in- vs out-of-domain comparison); None: none.
+    holdout_domain: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("bpe_vocab_size", "seq_len", "batch_size", "eval_batches"):
@@ -90,6 +93,18 @@ class DataConfig:
             raise ValueError(f"data.corpus={self.corpus!r} is not one of {sorted(CORPORA)}")
         if self.tokenizer not in ("byte", "bpe"):
             raise ValueError(f"data.tokenizer={self.tokenizer!r} is not one of ['bpe', 'byte']")
+        if self.holdout_domain is not None:
+            if not self.holdout_domain.strip():
+                raise ValueError(
+                    f"data.holdout_domain={self.holdout_domain!r} must name a domain of "
+                    f"data.corpus (or be none)"
+                )
+            # the mixture's domains are known here; another corpus's when it is loaded
+            if self.corpus == "mixture" and self.holdout_domain not in MIXTURE_DOMAINS:
+                raise ValueError(
+                    f"data.holdout_domain={self.holdout_domain!r} is not one of the mixture's "
+                    f"domains {sorted(MIXTURE_DOMAINS)}"
+                )
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -162,6 +162,26 @@ def lm_tokenmoe() -> RunConfig:
     )
 
 
+@recipe("lm-sweep")
+def lm_sweep() -> RunConfig:
+    """``moesaic sweep``'s base: a top-1 MoE (16 experts every other layer) on the multi-domain
+    corpus with the jargon domain held out as out-of-domain data; the sweep sets the width,
+    depth and steps of each point."""
+    return RunConfig(
+        recipe="lm-sweep",
+        model=dataclasses.replace(
+            model_config("lm-moe-tiny"),
+            max_seq_len=128,
+            moe=dataclasses.replace(model_config("lm-moe-tiny").moe, num_experts=16),
+        ),
+        data=DataConfig(
+            corpus="mixture", seq_len=128, batch_size=16, eval_batches=8, holdout_domain="jargon"
+        ),
+        optim=OptimConfig(lr=3e-3, warmup_steps=50),
+        train=TrainConfig(steps=900, eval_every=90, checkpoint_every=225, sample_tokens=0),
+    )
+
+
 @recipe("lm-moe-4l")
 def lm_moe_4l() -> RunConfig:
     """A four-layer standard MoE LM (32 top-1 experts every other layer): PR-MoE's baseline."""

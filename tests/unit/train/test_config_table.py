@@ -102,6 +102,7 @@ BAD = {
     "data.val_fraction": ("1.0", "data.val_fraction=1.0 must be in (0, 1)"),
     "data.eval_batches": ("0", "data.eval_batches=0 must be >= 1"),
     "data.seed": ("-1", "data.seed=-1 must be an int >= 0"),
+    "data.holdout_domain": ("  ", "data.holdout_domain='  ' must name a domain of data.corpus"),
     "optim.lr": ("0", "optim.lr=0.0 must be in (0, 1.0]"),
     "optim.min_lr_ratio": ("2", "optim.min_lr_ratio=2.0 must be <= 1"),
     "optim.warmup_steps": ("-1", "optim.warmup_steps=-1 must be >= 0"),
@@ -221,6 +222,10 @@ INCOMPATIBLE = [
         "use --set model.moe.router_options.score_func=sigmoid",
     ),
     (["data.tokenizer=bpe", "data.bpe_vocab_size=200"], "data.bpe_vocab_size=200 must be > 256"),
+    (
+        ["data.holdout_domain=wiki", "data.corpus=mixture"],
+        "data.holdout_domain='wiki' is not one of the mixture's domains",
+    ),
     (["model.moe.router=task"], "missing 1 required keyword-only argument: 'num_tasks'"),
     (["model.moe.router=gshard", "model.moe.top_k=1"], "model.moe.top_k=1 must be 2 for router"),
     (["model.moe.d_ff=128"], "model.moe.d_ff=128 conflicts with model.d_ff=64"),
