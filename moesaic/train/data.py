@@ -85,8 +85,7 @@ def split_corpus(cfg: DataConfig, docs: list | None = None):
         return train_docs, val_docs, [], domains
     if held not in domains:
         raise ConfigError(
-            f"data.holdout_domain={held!r} is not a domain of data.corpus={cfg.corpus!r}: "
-            f"{domains}"
+            f"data.holdout_domain={held!r} is not a domain of data.corpus={cfg.corpus!r}: {domains}"
         )
     held_out = [d for d in docs if d.domain == held]
     return (

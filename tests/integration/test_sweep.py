@@ -10,7 +10,7 @@ import pytest
 
 import moesaic.train.compare as compare_module
 from moesaic.train.compare import run_compare
-from moesaic.train.config import ConfigError, apply_overrides
+from moesaic.train.config import apply_overrides
 from moesaic.train.recipes import get_recipe
 from moesaic.train.sweep import parse_size, point_config, run_sweep
 
@@ -104,7 +104,8 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_points(
 
     def interrupted(self, max_steps=None):
         calls.append((self.run_dir.relative_to(out).as_posix(), self.step))
-        if len(calls) == 3 and not stopped:  # the third run (16x2-8's MoE) stops, checkpointed, after 3 steps
+        # the third run (16x2-8's MoE) stops, checkpointed, after 3 of its 8 steps
+        if len(calls) == 3 and not stopped:
             fit(self, max_steps=3)
             stopped.append(self.step)
             raise Interrupted
