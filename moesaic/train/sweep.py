@@ -2,9 +2,10 @@
 
 Each point of the sweep is one ``moesaic compare`` (moesaic/train/compare.py) of the base recipe
 at one model size and one budget of training steps, in its own directory ``OUT/SIZE-STEPS``.
-From each point's two loss curves comes the compute speed-up factor of Artetxe et al. 2022
-(§3.1): the dense model's training FLOPs divided by the FLOPs the MoE needed to reach the dense
-model's final validation loss, interpolated between evaluations. Fedus et al. 2022 (Switch, §3)
+From each point's two loss curves comes the compute speed-up factor of Artetxe et al. 2021
+(their comparison at equal training FLOPs): the dense model's training FLOPs divided by the
+FLOPs the MoE needed to reach the dense model's final validation loss, interpolated between
+evaluations. Fedus et al. 2022 (Switch, §3)
 and Du et al. 2022 (GLaM) report the same comparison as steps and time to a quality threshold.
 
 A sweep resumes where it stopped: a point whose ``compare.json`` holds the same configurations
