@@ -6,7 +6,7 @@ layer = ms.MoE(d_model=512, d_ff=2048, num_experts=8, router="switch")
 
 from moesaic import convert, inference, metrics, models, parallel
 from moesaic.config import MoEConfig
-from moesaic.context import RoutingContext, current_context, routing_context
+from moesaic.context import RoutingContext, current_context, is_recomputing, routing_context
 from moesaic.dispatch import DROP_POLICIES, expert_capacity
 from moesaic.experts import Experts, backend_names
 from moesaic.layer import MoE, aux_loss
@@ -43,6 +43,7 @@ __all__ = [
     "backend_names",
     "build_router",
     "current_context",
+    "is_recomputing",
     "expert_capacity",
     "register_router",
     "routing_context",

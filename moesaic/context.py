@@ -19,7 +19,13 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["RoutingContext", "routing_context", "current_context"]
+__all__ = [
+    "RoutingContext",
+    "routing_context",
+    "current_context",
+    "is_recomputing",
+    "recomputation",
+]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -46,6 +52,31 @@ _CURRENT: contextvars.ContextVar[RoutingContext] = contextvars.ContextVar(
 def current_context() -> RoutingContext:
     """The innermost active ``RoutingContext`` (an empty one outside any ``with`` block)."""
     return _CURRENT.get()
+
+
+_RECOMPUTING: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "moesaic_recomputing", default=False
+)
+
+
+def is_recomputing() -> bool:
+    """True while activation checkpointing recomputes a forward during backward: MoE layers
+    then leave their aux-loss sum, routing statistics and balance counts alone, so the step
+    counts each of them once."""
+    return _RECOMPUTING.get()
+
+
+@contextlib.contextmanager
+def recomputation(ctx: RoutingContext) -> Iterator[None]:
+    """Recompute a checkpointed forward as it first ran: under the routing context ``ctx`` it
+    had (the backward pass runs outside the caller's ``with`` blocks), flagged as a
+    recomputation (``is_recomputing``)."""
+    token, flag = _CURRENT.set(ctx), _RECOMPUTING.set(True)
+    try:
+        yield
+    finally:
+        _RECOMPUTING.reset(flag)
+        _CURRENT.reset(token)
 
 
 def _check_ids(name: str, value: object) -> None:

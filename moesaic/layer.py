@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moesaic.config import MoEConfig
-from moesaic.context import current_context
+from moesaic.context import current_context, is_recomputing
 from moesaic.dispatch import DROP_POLICIES, combine, expert_capacity, make_plan, permute
 from moesaic.experts import Experts
 from moesaic.parallel.expert_parallel import run_experts_parallel
@@ -193,6 +193,8 @@ class MoE(nn.Module):
             y_TD = combine(self._run_experts(permute(x_TD, plan), plan.counts), plan)
         if self.shared is not None:
             y_TD = self._add_shared(x_TD, y_TD)
+        if is_recomputing():  # activation checkpointing: the first forward counted them
+            return y_TD.reshape(x.shape)
         aux = self.aux_loss_weight * routing.aux_loss + self.z_loss_weight * routing.z_loss
         self._last.add_aux_loss(aux, y_TD, joins=self.training and y_TD.requires_grad)
         self._last.stats = RoutingStats(

@@ -33,6 +33,7 @@ from moesaic.config import MoEConfig, check_model_moe
 from moesaic.context import routing_context
 from moesaic.experts import ACTIVATIONS
 from moesaic.layer import MoE
+from moesaic.models.checkpointing import checkpointed
 
 __all__ = ["LMConfig", "MoELM", "KVCache", "migrate_lm_dict"]
 
@@ -441,6 +442,9 @@ class MoELM(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        # per-block activation checkpointing in training (``train.checkpoint_activations``):
+        # each block keeps its input and recomputes the rest in backward
+        self.checkpoint_activations = False
         self.ln_f = make_norm(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.drop = nn.Dropout(cfg.dropout)
@@ -521,8 +525,17 @@ class MoELM(nn.Module):
         return self.ln_f(x)
 
     def _blocks(self, x, rope, cache: KVCache | None, start: int, pad_B=None) -> torch.Tensor:
+        recompute = (
+            self.checkpoint_activations
+            and self.training
+            and torch.is_grad_enabled()
+            and cache is None
+        )
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, cache, i, start, pad_B)
+            if recompute:
+                x = checkpointed(block, x, rope, None, i, start, pad_B)
+            else:
+                x = block(x, rope, cache, i, start, pad_B)
         return x
 
     def loss(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:

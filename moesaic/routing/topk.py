@@ -33,7 +33,7 @@ from moesaic._validate import (
     check_positive_float,
     check_positive_int,
 )
-from moesaic.context import RoutingContext
+from moesaic.context import RoutingContext, is_recomputing
 from moesaic.routing.base import LearnedRouter, Routing
 from moesaic.routing.losses import balance_loss, z_loss
 from moesaic.routing.registry import register_router
@@ -161,7 +161,7 @@ class TopKRouter(LearnedRouter):
 
     def forward(self, x_TD: torch.Tensor, context: RoutingContext) -> Routing:
         routing = self.route(x_TD, context)
-        if self.balance_counts is not None and self.training:
+        if self.balance_counts is not None and self.training and not is_recomputing():
             with torch.no_grad():
                 ones = torch.ones_like(routing.expert)
                 self.balance_counts.index_add_(0, routing.expert, ones)

@@ -147,6 +147,8 @@ class TrainConfig:
     threads: int = 0  # 0: torch's default
     sample_tokens: int = 200  # length of the sample printed at the end (0: none)
     sample_prompt: str = "def "
+    # recompute each Transformer block's activations in backward instead of storing them
+    checkpoint_activations: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "log_every"):
@@ -441,6 +443,12 @@ class RunConfig:
             raise ValueError(
                 f"model.moe.num_experts={self.model.moe.num_experts} must be divisible by "
                 f"parallel.expert={self.parallel.expert}"
+            )
+        if self.train.checkpoint_activations and (self.lstm or self.vision) is not None:
+            raise ValueError(
+                "train.checkpoint_activations=True checkpoints the blocks of the Transformer "
+                f"language model; this run's model is its {'lstm' if self.lstm else 'vision'} "
+                "section's"
             )
         if self.vision is not None:
             if self.finetune is not None or self.distill is not None:

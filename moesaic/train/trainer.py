@@ -62,7 +62,7 @@ from moesaic.train.checkpoint import (
     save_checkpoint,
     write_atomic,
 )
-from moesaic.train.config import RunConfig, config_to_dict
+from moesaic.train.config import ConfigError, RunConfig, config_to_dict
 from moesaic.train.data import PreparedData
 from moesaic.train.guard import CollapseWatch, TrainingGuard, TrainingHalted
 from moesaic.train.resources import busy_cores_warning, check_resources
@@ -178,6 +178,8 @@ class Trainer:
         self.task.prepare(self.run_dir, groups.is_main)
         self.data = getattr(self.task, "data", None)  # a language-modelling run's corpus
         self.model = self.task.build_model(groups.expert_group)
+        if cfg.train.checkpoint_activations:
+            _checkpoint_activations(self.model)
         # auxiliary-loss-free balancing: the routers' biases move after every optimizer step
         self._balances = bool(balance_routers(self.model))
         self._new_optimizer()
@@ -572,6 +574,20 @@ class Trainer:
             f"({', '.join(names[:3])}); rolled back to {where} (step {self.step}), replaying "
             f"without that update"
         )
+
+
+def _checkpoint_activations(model: nn.Module) -> None:
+    """Switch on per-block activation checkpointing in every Transformer LM of ``model``."""
+    from moesaic.models.lm import MoELM
+
+    lms = [m for m in model.modules() if isinstance(m, MoELM)]
+    if not lms:
+        raise ConfigError(
+            f"train.checkpoint_activations=True: this run's model ({type(model).__name__}) "
+            "holds no Transformer language model whose blocks it could checkpoint"
+        )
+    for lm in lms:
+        lm.checkpoint_activations = True
 
 
 def _adamw(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:

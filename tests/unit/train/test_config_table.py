@@ -102,6 +102,10 @@ BAD = {
     "data.val_fraction": ("1.0", "data.val_fraction=1.0 must be in (0, 1)"),
     "data.eval_batches": ("0", "data.eval_batches=0 must be >= 1"),
     "data.seed": ("-1", "data.seed=-1 must be an int >= 0"),
+    "train.checkpoint_activations": (
+        "maybe",
+        "--set train.checkpoint_activations='maybe': expected bool",
+    ),
     "data.holdout_domain": ("  ", "data.holdout_domain='  ' must name a domain of data.corpus"),
     "optim.lr": ("0", "optim.lr=0.0 must be in (0, 1.0]"),
     "optim.min_lr_ratio": ("2", "optim.min_lr_ratio=2.0 must be <= 1"),
@@ -235,6 +239,10 @@ INCOMPATIBLE = [
     (["lstm.dropout=0", "finetune.task=fortune"], "lstm: an LSTM language-model run takes no"),
     (["lstm.dropout=0", "parallel.expert=2"], "parallel.expert=2: LSTM runs train on one"),
     (["lstm.moe.d_ff=128"], "lstm.moe.d_ff=128 conflicts with d_ff=64"),
+    (
+        ["lstm.dropout=0", "train.checkpoint_activations=true"],
+        "train.checkpoint_activations=True checkpoints the blocks of the Transformer",
+    ),
 ]
 
 
