@@ -7,6 +7,7 @@ loss.backward()
 ms.parallel.sync_gradients(model, groups)    # average over data-parallel replicas
 """
 
+from moesaic.parallel import comm_model
 from moesaic.parallel.alltoall import all_to_all
 from moesaic.parallel.expert_parallel import run_experts_parallel
 from moesaic.parallel.grads import clip_grad_norm, expert_parameters, sync_gradients
@@ -19,6 +20,7 @@ from moesaic.parallel.shard import (
 )
 
 __all__ = [
+    "comm_model",
     "ParallelGroups",
     "init",
     "single_process",

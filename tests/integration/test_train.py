@@ -84,7 +84,10 @@ def _cli(*args, cwd=None):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("train.stepz=3", "unknown key 'stepz' in train; valid keys: checkpoint_activations, checkpoint_every"),
+        (
+            "train.stepz=3",
+            "unknown key 'stepz' in train; valid keys: checkpoint_activations, checkpoint_every",
+        ),
         ("train.steps=many", "--set train.steps='many': expected int"),
         (
             "modle.d_model=3",
