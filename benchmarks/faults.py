@@ -51,6 +51,7 @@ __all__ = [
     "EVERY",
     "train_command",
     "torchrun_command",
+    "two_node_commands",
     "start",
     "stop",
     "wait_for_step",
@@ -115,6 +116,41 @@ def torchrun_command(run_dir: Path, *, restarts: int = 1) -> list[str]:
         "--rdzv-endpoint",
         f"127.0.0.1:{free_port()}",
         *cmd[1:],
+    ]
+
+
+def two_node_commands(
+    run_dir: Path, *, restarts: int = 0, settings: Sequence[str] = ()
+) -> list[list[str]]:
+    """The drill as two local "nodes" of 2 ranks each (world 4, expert-parallel 2 x data-parallel
+    2): one ``torchrun --nnodes 2`` agent per node, meeting at a c10d rendezvous on this machine,
+    as the same job on two machines would with the endpoint set to the first one's address."""
+    cmd = train_command(run_dir, "--auto-resume", settings=[*settings, "parallel.expert=2"])
+    endpoint = f"127.0.0.1:{free_port()}"
+    return [
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--nproc_per_node",
+            "2",
+            "--node_rank",
+            str(node),
+            "--max-restarts",
+            str(restarts),
+            "--monitor-interval",
+            "0.1",
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            endpoint,
+            "--rdzv-id",
+            "moesaic-drill",
+            *cmd[1:],
+        ]
+        for node in (0, 1)
     ]
 
 
