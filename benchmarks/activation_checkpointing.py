@@ -1,9 +1,10 @@
 """Per-block activation checkpointing of the MoE LM: activation memory kept for backward and
 the training step's time, with and without, side by side in one process.
 
-Memory is the bytes of the tensors autograd saves for backward during the forward (what
-checkpointing removes; parameters excluded); time is forward + backward, interleaved rounds,
-median. The model is a registry LM (default ``lm-moe-tiny``) in training mode.
+Memory is the bytes of the storages autograd saves for backward during the forward (what
+checkpointing removes; parameters excluded; ``harness.saved_for_backward_bytes``); time is
+forward + backward, interleaved rounds, median. The model is a registry LM (default
+``lm-moe-tiny``) in training mode.
 
     python benchmarks/activation_checkpointing.py                       # lm-moe-tiny, 32 x 256
     python benchmarks/activation_checkpointing.py --model lm-moe-4l --batch 16
@@ -21,21 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # python benchmark
 import torch
 
 import moesaic as ms
-from benchmarks.harness import environment, time_interleaved
-
-
-def saved_bytes(model, ids: torch.Tensor) -> int:
-    params = {p.data_ptr() for p in model.parameters()}
-    total = [0]
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.data_ptr() not in params:
-            total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.loss(ids[:, :-1], ids[:, 1:])
-    return total[0]
+from benchmarks.harness import environment, saved_for_backward_bytes, time_interleaved
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,7 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     memory = {}
     for on in (False, True):
         model.checkpoint_activations = on
-        memory[on] = saved_bytes(model, ids)
+        memory[on] = saved_for_backward_bytes(
+            lambda: model.loss(ids[:, :-1], ids[:, 1:]), list(model.parameters())
+        )
     seconds = time_interleaved({"stored": lambda: step(False), "recomputed": lambda: step(True)},
                                args.rounds)  # fmt: skip
     print(f"# Activation checkpointing: {args.model}, batch {args.batch} x {args.seq_len}")

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # python benchmark
 import torch
 import torch.distributed as dist
 
+from benchmarks.harness import AllToAllMeter
 from moesaic.parallel.comm_model import Links, MoEStep, alltoall_bytes, step_time
 from moesaic.parallel.launch import run_local
 
@@ -38,23 +39,16 @@ def _measured(rank: int, world: int) -> list[float]:
     import moesaic as ms
 
     groups = ms.parallel.init(expert=world)
-    original, sent = dist.all_to_all_single, [0]
-
-    def counting(output, input, *args, **kwargs):
-        sent[0] += input.numel() * input.element_size()
-        return original(output, input, *args, **kwargs)
-
-    dist.all_to_all_single = counting
     torch.manual_seed(0)
     c = CHECK
     layer = ms.MoE(c.d_model, c.d_ff, c.num_experts, router="topk", top_k=c.top_k,
                    expert_group=groups.expert_group)  # fmt: skip
     x = torch.randn(c.tokens, c.d_model, generator=torch.Generator().manual_seed(rank))
-    y = layer(x.requires_grad_())
-    forward = sent[0]
-    y.square().sum().backward()
-    dist.all_to_all_single = original
-    mean = torch.tensor([forward, sent[0] - forward], dtype=torch.float64)
+    with AllToAllMeter() as meter:
+        y = layer(x.requires_grad_())
+        forward = meter.bytes
+        y.square().sum().backward()
+    mean = torch.tensor([forward, meter.bytes - forward], dtype=torch.float64)
     dist.all_reduce(mean)
     return (mean / world).tolist()
 

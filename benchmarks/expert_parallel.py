@@ -24,26 +24,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # python benchmarks/<name>.py
 
-from benchmarks.harness import environment
+from benchmarks.harness import AllToAllMeter, environment
 from moesaic.parallel.launch import run_local
 
 __all__ = ["main"]
-
-
-class _Meter:
-    """Wraps dist.all_to_all_single to count bytes sent and time spent."""
-
-    def __init__(self) -> None:
-        self.original = dist.all_to_all_single
-        self.bytes = 0
-        self.seconds = 0.0
-
-    def __call__(self, output, input, *args, **kwargs):
-        start = time.perf_counter()
-        work = self.original(output, input, *args, **kwargs)
-        self.seconds += time.perf_counter() - start
-        self.bytes += input.numel() * input.element_size()
-        return work
 
 
 def _worker(rank, world, args):
@@ -61,25 +45,23 @@ def _worker(rank, world, args):
         expert_group=groups.expert_group,
     ).to(device)
     x = torch.randn(args.tokens, args.d_model, device=device, generator=None)
-    meter = _Meter()
-    dist.all_to_all_single = meter
     fwd_bytes, steps, a2a = [], [], []
-    for i in range(args.warmup + args.repeats):
-        meter.bytes, meter.seconds = 0, 0.0
-        for p in layer.parameters():
-            p.grad = None
-        start = time.perf_counter()
-        y = layer(x)
-        forward_bytes = meter.bytes
-        y.pow(2).mean().backward()
-        if world > 1:
-            dist.barrier()
-        elapsed = time.perf_counter() - start
-        if i >= args.warmup:
-            fwd_bytes.append(forward_bytes)
-            steps.append(elapsed)
-            a2a.append(meter.seconds)
-    dist.all_to_all_single = meter.original
+    with AllToAllMeter() as meter:
+        for i in range(args.warmup + args.repeats):
+            meter.bytes, meter.seconds = 0, 0.0
+            for p in layer.parameters():
+                p.grad = None
+            start = time.perf_counter()
+            y = layer(x)
+            forward_bytes = meter.bytes
+            y.pow(2).mean().backward()
+            if world > 1:
+                dist.barrier()
+            elapsed = time.perf_counter() - start
+            if i >= args.warmup:
+                fwd_bytes.append(forward_bytes)
+                steps.append(elapsed)
+                a2a.append(meter.seconds)
     # A rank sends its own k*T rows and returns the rows it received, so ranks that host busier
     # experts send more; the mean over ranks is what the floor describes.
     sent = torch.tensor([statistics.median(fwd_bytes)], dtype=torch.float64)

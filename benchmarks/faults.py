@@ -101,22 +101,7 @@ def torchrun_command(run_dir: Path, *, restarts: int = 1) -> list[str]:
     """The drill under ``torchrun`` with 2 ranks (expert-parallel 2) that restarts ``restarts``
     times; every start runs ``--auto-resume``."""
     cmd = train_command(run_dir, "--auto-resume", settings=["parallel.expert=2"])
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--max-restarts",
-        str(restarts),
-        "--monitor-interval",
-        "0.1",
-        "--rdzv-backend",
-        "c10d",
-        "--rdzv-endpoint",
-        f"127.0.0.1:{free_port()}",
-        *cmd[1:],
-    ]
+    return _torchrun(cmd, restarts, f"127.0.0.1:{free_port()}")
 
 
 def two_node_commands(
@@ -128,29 +113,41 @@ def two_node_commands(
     cmd = train_command(run_dir, "--auto-resume", settings=[*settings, "parallel.expert=2"])
     endpoint = f"127.0.0.1:{free_port()}"
     return [
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
+        _torchrun(
+            cmd,
+            restarts,
+            endpoint,
             "--nnodes",
-            "2",
-            "--nproc_per_node",
             "2",
             "--node_rank",
             str(node),
-            "--max-restarts",
-            str(restarts),
-            "--monitor-interval",
-            "0.1",
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            endpoint,
             "--rdzv-id",
             "moesaic-drill",
-            *cmd[1:],
-        ]
+        )  # fmt: skip
         for node in (0, 1)
+    ]
+
+
+def _torchrun(cmd: list[str], restarts: int, endpoint: str, *launch: str) -> list[str]:
+    """``cmd`` (a ``python -m ...`` line) under a torchrun agent of 2 ranks with a c10d
+    rendezvous at ``endpoint``, restarting its workers ``restarts`` times; ``launch`` adds
+    options of the agent."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *launch,
+        "--nproc_per_node",
+        "2",
+        "--max-restarts",
+        str(restarts),
+        "--monitor-interval",
+        "0.1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        endpoint,
+        *cmd[1:],
     ]
 
 

@@ -7,9 +7,11 @@ Run as scripts (``python benchmarks/gemm.py``), the benchmarks put the repositor
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
 from moesaic.cli.bench import DenseFFN
 from moesaic.cli.timing import (
@@ -22,6 +24,7 @@ from moesaic.cli.timing import (
 )
 
 __all__ = [
+    "AllToAllMeter",
     "DTYPES",
     "BLOCK",
     "BlockedDense",
@@ -45,6 +48,30 @@ class BlockedDense(DenseFFN):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([super(BlockedDense, self).forward(c) for c in x.split(self.block)])
+
+
+class AllToAllMeter:
+    """Inside ``with AllToAllMeter() as meter:``, every ``dist.all_to_all_single`` call adds the
+    bytes it is handed (its input) to ``meter.bytes`` and its seconds to ``meter.seconds``."""
+
+    def __init__(self) -> None:
+        self.bytes, self.seconds = 0, 0.0
+        self._original = None
+
+    def __enter__(self) -> AllToAllMeter:
+        self._original = dist.all_to_all_single
+        dist.all_to_all_single = self._call
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        dist.all_to_all_single = self._original
+
+    def _call(self, output, input, *args, **kwargs):
+        start = time.perf_counter()
+        work = self._original(output, input, *args, **kwargs)
+        self.seconds += time.perf_counter() - start
+        self.bytes += input.numel() * input.element_size()
+        return work
 
 
 def saved_for_backward_bytes(fn: Callable[[], object], exclude: Sequence[torch.Tensor]) -> int:

@@ -36,6 +36,8 @@ import torch
 
 from benchmarks.harness import environment
 from moesaic.metrics.flops import lm_flops_per_token
+from moesaic.metrics.routing_log import read_routing
+from moesaic.train.checkpoint import list_checkpoints
 from moesaic.train.config import RunConfig, apply_overrides
 from moesaic.train.data import prepare_data
 from moesaic.train.recipes import get_recipe
@@ -74,10 +76,10 @@ def slug(label: str) -> str:
 
 def train(cfg: RunConfig, run_dir: Path, data) -> dict:
     """Train (or resume, or reuse when finished) one row's run; its measured numbers."""
-    resume = (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir())
+    resume = bool(list_checkpoints(run_dir / "checkpoints"))
     trainer = Trainer(cfg, run_dir, resume=resume, data=data)
     result = trainer.fit()
-    rows = [json.loads(line) for line in (run_dir / "routing.jsonl").read_text().splitlines()]
+    rows = read_routing(run_dir / "routing.jsonl")
     layers = sorted({r["layer"] for r in rows})
     mean_cv = sum(r["load_cv"] for r in rows) / len(rows)
     final = [r for r in rows if r["step"] == rows[-1]["step"]]

@@ -42,21 +42,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batches is not None:
         data = dataclasses.replace(data, eval_batches=args.batches)
     _, val_docs, held_docs, domains = split_corpus(data)
-    # domain ids as training numbered them (over the whole corpus): a task-routed model reads
-    # each row's domain as its task
-    val = TokenStream.from_documents(val_docs, run.tokenizer, domains=domains)
-    loss = evaluate(run.model, eval_batches(val, data.batch_size, data.seq_len, data.eval_batches))
+
+    def loss_on(docs: list) -> float:
+        # domain ids as training numbered them (over the whole corpus): a task-routed model
+        # reads each row's domain as its task
+        stream = TokenStream.from_documents(docs, run.tokenizer, domains=domains)
+        return evaluate(
+            run.model, eval_batches(stream, data.batch_size, data.seq_len, data.eval_batches)
+        )
+
+    loss = loss_on(val_docs)
     bits = f" ({loss / math.log(2):.3f} bits/byte)" if data.tokenizer == "byte" else ""
     print(
         f"{args.run} step {run.step}: validation loss {loss:.4f} nats/token{bits} "
         f"over {data.eval_batches} batches"
     )
     if held_docs:
-        held = TokenStream.from_documents(held_docs, run.tokenizer, domains=domains)
-        batches = eval_batches(held, data.batch_size, data.seq_len, data.eval_batches)
         print(
             f"held-out domain {data.holdout_domain!r} (never trained on): "
-            f"loss {evaluate(run.model, batches):.4f} nats/token"
+            f"loss {loss_on(held_docs):.4f} nats/token"
         )
     return 0
 

@@ -128,10 +128,10 @@ def step_time(step: MoEStep, world: int, links: Links = Links(), shard: int = 1)
     same_node = (min(world, links.gpus_per_node) - 1) / world
     off_node = 1 - local - same_node
     gbs = 1e9
+    calls_s = (5 if world > 1 else 0) * links.latency_s  # counts, 2 forward, 2 backward calls
+    intra_s = per_layer * same_node / (links.intra_node_gbs * gbs)
     a2a_s = step.moe_layers * (
-        per_layer * same_node / (links.intra_node_gbs * gbs)
-        + per_layer * off_node / (links.inter_node_gbs * gbs)
-        + (5 if world > 1 else 0) * links.latency_s  # counts, 2 forward, 2 backward calls
+        intra_s + per_layer * off_node / (links.inter_node_gbs * gbs) + calls_s
     )
     fsdp = fsdp_bytes(step.dense_params, shard, step.dtype_bytes)
     fsdp_bw = links.intra_node_gbs if shard <= links.gpus_per_node else links.inter_node_gbs
@@ -139,8 +139,7 @@ def step_time(step: MoEStep, world: int, links: Links = Links(), shard: int = 1)
     compute_s = step.train_flops() / (links.device_tflops * 1e12)
     total = compute_s + a2a_s + fsdp_s
     # the inter-node bandwidth below which all-to-all takes longer than compute
-    budget = compute_s / step.moe_layers - per_layer * same_node / (links.intra_node_gbs * gbs)
-    budget -= (5 if world > 1 else 0) * links.latency_s
+    budget = compute_s / step.moe_layers - intra_s - calls_s
     off_bytes = per_layer * off_node
     if off_bytes == 0:
         break_even = 0.0  # nothing leaves the node

@@ -132,8 +132,9 @@ def run_sweep(
     """Run (or reuse, or resume) every point; write ``sweep.json``, ``sweep.md`` and
     ``sweep.png`` to ``out`` and return the summary."""
     points = sweep_points(base, sizes, budgets, out)
-    for point in points:  # before any training: a directory of another sweep is refused
-        _check_same_configs(point)
+    expected = [_expected(point) for point in points]
+    for point, configs in zip(points, expected):  # before any training: refuse another sweep's
+        _check_same_configs(point, configs)
     out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(base.data)
     bar = tqdm(
@@ -146,8 +147,8 @@ def run_sweep(
     )
     rows = []
     try:
-        for i, point in enumerate(points, 1):
-            summary = _finished(point)
+        for i, (point, configs) in enumerate(zip(points, expected), 1):
+            summary = _finished(point, configs)
             label = f"point {i}/{len(points)}: size {point.size}, {point.steps} steps"
             if summary is not None:
                 bar.write(f"{label}: reused {point.out_dir / 'compare.json'}")
@@ -193,24 +194,24 @@ def _expected(point: SweepPoint) -> dict[str, Any]:
     return {name: json.loads(json.dumps(config_to_dict(c))) for name, c in configs.items()}
 
 
-def _check_same_configs(point: SweepPoint) -> None:
+def _check_same_configs(point: SweepPoint, expected: dict[str, Any]) -> None:
     """A point directory that holds runs of other configurations is another sweep's."""
-    for name, expected in _expected(point).items():
+    for name, config in expected.items():
         path = point.out_dir / name / "config.json"
-        if path.exists() and json.loads(path.read_text()) != expected:
+        if path.exists() and json.loads(path.read_text()) != config:
             raise ConfigError(
                 f"{path.parent} holds a run of another configuration than this sweep's "
                 f"{point.size}-{point.steps} point; pass another --out (or remove it)"
             )
 
 
-def _finished(point: SweepPoint) -> dict[str, Any] | None:
-    """The point's compare.json summary when it exists for exactly these configurations."""
+def _finished(point: SweepPoint, expected: dict[str, Any]) -> dict[str, Any] | None:
+    """The point's compare.json summary when it exists for exactly ``expected``'s
+    configurations."""
     path = point.out_dir / "compare.json"
     if not path.exists():
         return None
     summary = json.loads(path.read_text())
-    expected = _expected(point)
     if any(summary["runs"][name]["config"] != expected[name] for name in expected):
         return None
     return summary

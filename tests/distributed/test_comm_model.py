@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from benchmarks.harness import AllToAllMeter
 from moesaic.parallel.comm_model import MoEStep, alltoall_bytes, step_time
 from tests.distributed._launch import run_distributed
 
@@ -19,13 +20,6 @@ def _measure(rank, world):
     import moesaic as ms
 
     groups = ms.parallel.init(expert=world)
-    original, sent = dist.all_to_all_single, [0]
-
-    def counting(output, input, *args, **kwargs):
-        sent[0] += input.numel() * input.element_size()
-        return original(output, input, *args, **kwargs)
-
-    dist.all_to_all_single = counting
     out = []
     for k, cf in CASES:
         torch.manual_seed(0)
@@ -33,14 +27,13 @@ def _measure(rank, world):
                        expert_group=groups.expert_group)  # fmt: skip
         # an activation inside a model: its gradient is exchanged back in backward too
         x = torch.randn(T, D, generator=torch.Generator().manual_seed(rank)).requires_grad_()
-        sent[0] = 0
-        y = layer(x)
-        forward = sent[0]
-        y.square().sum().backward()
+        with AllToAllMeter() as meter:
+            y = layer(x)
+            forward = meter.bytes
+            y.square().sum().backward()
         # assignments this rank kept (the rows it sends out): all of them when nothing drops
         kept = int(layer.last_stats.tokens_per_expert.sum())
-        out.append((forward, sent[0] - forward, kept))
-    dist.all_to_all_single = original
+        out.append((forward, meter.bytes - forward, kept))
     mean = torch.tensor(out, dtype=torch.float64)
     dist.all_reduce(mean)
     return (mean / world).tolist()

@@ -3,11 +3,10 @@ parallel 2 x data-parallel 2) train the same run as one process: the same losses
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from benchmarks.faults import STEPS, start, stop, train_command, two_node_commands
+from tests.cases import metric_rows
 
 # Deterministic routing and no aux loss, as in tests/distributed/test_training.py: router noise
 # is drawn per rank and the balance loss is a per-rank statistic, so only without them are one
@@ -16,7 +15,7 @@ SAME_FUNCTION = ["model.moe.router=topk", "model.moe.top_k=2", "model.moe.aux_lo
 
 
 def _losses(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(run_dir)
     return {(r["step"], key): r[key] for r in rows for key in ("loss", "val_loss") if key in r}
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import moesaic as ms
+from benchmarks.harness import saved_for_backward_bytes
 from moesaic.models.lm import LMConfig, MoELM
 
 ROUTERS = {
@@ -82,15 +83,9 @@ def test_a_checkpointed_step_equals_the_stored_one(name):
 
 
 def _saved_bytes(model: MoELM, ids: torch.Tensor) -> int:
-    saved = []
-
-    def pack(t):
-        saved.append(t.numel() * t.element_size())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.loss(ids[:, :-1], ids[:, 1:])
-    return sum(saved)
+    return saved_for_backward_bytes(
+        lambda: model.loss(ids[:, :-1], ids[:, 1:]), list(model.parameters())
+    )
 
 
 def test_checkpointing_keeps_far_fewer_activations():
