@@ -51,7 +51,6 @@ __all__ = [
     "EVERY",
     "train_command",
     "torchrun_command",
-    "two_node_commands",
     "start",
     "stop",
     "wait_for_step",
@@ -101,42 +100,10 @@ def torchrun_command(run_dir: Path, *, restarts: int = 1) -> list[str]:
     """The drill under ``torchrun`` with 2 ranks (expert-parallel 2) that restarts ``restarts``
     times; every start runs ``--auto-resume``."""
     cmd = train_command(run_dir, "--auto-resume", settings=["parallel.expert=2"])
-    return _torchrun(cmd, restarts, f"127.0.0.1:{free_port()}")
-
-
-def two_node_commands(
-    run_dir: Path, *, restarts: int = 0, settings: Sequence[str] = ()
-) -> list[list[str]]:
-    """The drill as two local "nodes" of 2 ranks each (world 4, expert-parallel 2 x data-parallel
-    2): one ``torchrun --nnodes 2`` agent per node, meeting at a c10d rendezvous on this machine,
-    as the same job on two machines would with the endpoint set to the first one's address."""
-    cmd = train_command(run_dir, "--auto-resume", settings=[*settings, "parallel.expert=2"])
-    endpoint = f"127.0.0.1:{free_port()}"
-    return [
-        _torchrun(
-            cmd,
-            restarts,
-            endpoint,
-            "--nnodes",
-            "2",
-            "--node_rank",
-            str(node),
-            "--rdzv-id",
-            "moesaic-drill",
-        )  # fmt: skip
-        for node in (0, 1)
-    ]
-
-
-def _torchrun(cmd: list[str], restarts: int, endpoint: str, *launch: str) -> list[str]:
-    """``cmd`` (a ``python -m ...`` line) under a torchrun agent of 2 ranks with a c10d
-    rendezvous at ``endpoint``, restarting its workers ``restarts`` times; ``launch`` adds
-    options of the agent."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        *launch,
         "--nproc_per_node",
         "2",
         "--max-restarts",
@@ -146,7 +113,7 @@ def _torchrun(cmd: list[str], restarts: int, endpoint: str, *launch: str) -> lis
         "--rdzv-backend",
         "c10d",
         "--rdzv-endpoint",
-        endpoint,
+        f"127.0.0.1:{free_port()}",
         *cmd[1:],
     ]
 
