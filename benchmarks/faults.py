@@ -96,10 +96,12 @@ def train_command(run_dir: Path, *flags: str, settings: Sequence[str] = ()) -> l
     ]
 
 
-def torchrun_command(run_dir: Path, *, restarts: int = 1) -> list[str]:
-    """The drill under ``torchrun`` with 2 ranks (expert-parallel 2) that restarts ``restarts``
-    times; every start runs ``--auto-resume``."""
-    cmd = train_command(run_dir, "--auto-resume", settings=["parallel.expert=2"])
+def torchrun_command(
+    run_dir: Path, *, restarts: int = 1, settings: tuple[str, ...] = ("parallel.expert=2",)
+) -> list[str]:
+    """The drill under ``torchrun`` with 2 ranks (by default expert-parallel 2) that restarts
+    ``restarts`` times; every start runs ``--auto-resume``."""
+    cmd = train_command(run_dir, "--auto-resume", settings=list(settings))
     return [
         sys.executable,
         "-m",

@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.run is None or args.task is None:
             raise ConfigError("--run DIR and --task NAME are needed (or --resume --out DIR)")
         cfg = finetune_config(args.run, args.task, overrides, from_scratch=args.from_scratch)
-    groups = init_parallel(expert=cfg.parallel.expert)
+    groups = init_parallel(expert=cfg.parallel.expert, shard=cfg.parallel.shard)
     out = args.out or Path("runs") / f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
     if groups.is_main:
         print(f"run directory: {out}")

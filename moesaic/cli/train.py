@@ -63,19 +63,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.resume = _has_checkpoint(args.run_dir)
     use_saved = args.resume or (args.auto_resume and started)
     cfg = saved_config(args.run_dir, args.overrides) if use_saved else config_from_args(args)
-    groups = init_parallel(expert=cfg.parallel.expert)  # torchrun's environment, if any
+    # torchrun's environment, if any
+    groups = init_parallel(expert=cfg.parallel.expert, shard=cfg.parallel.shard)
     run_dir = _shared_run_dir(
         args.run_dir or Path("runs") / f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}", groups
     )
     if groups.is_main:
-        print(
-            f"run directory: {run_dir}"
-            + (
-                f" ({groups.world_size} processes, expert-parallel size {groups.expert_size})"
-                if groups.distributed
-                else ""
-            )
-        )
+        layout = f"{groups.world_size} processes, expert-parallel size {groups.expert_size}"
+        if groups.sharded:
+            layout += f", FSDP shard size {groups.shard_size}"
+        print(f"run directory: {run_dir}" + (f" ({layout})" if groups.distributed else ""))
     trainer = Trainer(
         cfg, run_dir, resume=args.resume, progress=not args.no_progress, groups=groups
     )

@@ -5,11 +5,19 @@ layer = ms.MoE(512, 2048, 8, expert_group=groups.expert_group)
 ...
 loss.backward()
 ms.parallel.sync_gradients(model, groups)    # average over data-parallel replicas
+
+FSDP2 on a device mesh instead (dense parameters sharded, gradients reduced by FSDP):
+
+groups = ms.parallel.init(expert=2, shard=2)
+model = ...                                  # MoE layers built with groups.expert_group
+ms.parallel.shard_model(model, groups)
 """
 
 from moesaic.parallel import comm_model
 from moesaic.parallel.alltoall import all_to_all
+from moesaic.parallel.dcp import global_shapes
 from moesaic.parallel.expert_parallel import run_experts_parallel
+from moesaic.parallel.fsdp import clip_grad_norm_sharded, local_tensor, shard_model
 from moesaic.parallel.grads import clip_grad_norm, expert_parameters, sync_gradients
 from moesaic.parallel.groups import ParallelGroups, init, single_process
 from moesaic.parallel.shard import (
@@ -27,6 +35,10 @@ __all__ = [
     "all_to_all",
     "run_experts_parallel",
     "sync_gradients",
+    "shard_model",
+    "clip_grad_norm_sharded",
+    "local_tensor",
+    "global_shapes",
     "clip_grad_norm",
     "expert_parameters",
     "full_state_dict",

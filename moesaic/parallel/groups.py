@@ -5,6 +5,12 @@ With W processes and expert-parallel size N (N divides W), ranks are cut into W/
 experts i*E/N .. (i+1)*E/N - 1). Ranks at the same position in different expert groups hold the
 same experts: they form a *replica group*, over which those experts' gradients are averaged.
 Every other parameter is replicated on all W ranks and averaged over all of them.
+
+With ``shard=M`` (FSDP2, ``moesaic.parallel.fsdp``) the same ranks are also laid out on two
+``DeviceMesh`` es: ``mesh`` (``replicate`` x ``shard``, W/M x M) over which dense parameters are
+sharded (HSDP when W/M > 1), and ``expert_mesh`` (``expert_replicate`` x ``expert``, W/N x N),
+whose ``expert`` dimension is the expert group and whose ``expert_replicate`` dimension is the
+replica group, over which FSDP shards each rank's experts.
 """
 
 from __future__ import annotations
@@ -26,6 +32,14 @@ class ParallelGroups:
     expert_group: object | None  # None: every expert on this process
     replica_group: object | None  # None: no other rank holds this rank's experts
     backend: str | None
+    shard_size: int = 0  # 0: plain data parallelism (sync_gradients); M: FSDP2 over M ranks
+    mesh: object | None = None  # DeviceMesh ("replicate", "shard") for dense parameters
+    expert_mesh: object | None = None  # DeviceMesh ("expert_replicate", "expert")
+
+    @property
+    def sharded(self) -> bool:
+        """Dense parameters are FSDP2-sharded (``parallel.shard`` > 0 on several processes)."""
+        return self.mesh is not None
 
     @property
     def distributed(self) -> bool:
@@ -52,13 +66,17 @@ def _init_default_group(backend: str) -> None:
     dist.init_process_group(backend, store=store, rank=rank, world_size=world)
 
 
-def init(expert: int = 1, backend: str | None = None) -> ParallelGroups:
+def init(expert: int = 1, backend: str | None = None, shard: int = 0) -> ParallelGroups:
     """Initialise torch.distributed from torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR...)
     and build the groups; a plain single process (no WORLD_SIZE) gets ``single_process()``.
 
     Args:
         expert: expert-parallel size N (``--set parallel.expert=N``); must divide WORLD_SIZE.
         backend: "nccl" or "gloo"; default nccl when CUDA is available, else gloo.
+        shard: 0 keeps plain data parallelism; M > 0 (dividing WORLD_SIZE) builds the device
+            meshes for FSDP2 (``ms.parallel.shard_model``): dense parameters sharded over M
+            ranks and replicated over WORLD_SIZE / M, experts sharded over the expert group
+            and FSDP-sharded over their replicas.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if isinstance(expert, bool) or not isinstance(expert, int) or expert < 1:
@@ -66,6 +84,12 @@ def init(expert: int = 1, backend: str | None = None) -> ParallelGroups:
     if world % expert:
         raise ValueError(
             f"parallel.expert={expert} must divide the number of processes WORLD_SIZE={world}"
+        )
+    if isinstance(shard, bool) or not isinstance(shard, int) or shard < 0:
+        raise ValueError(f"parallel.shard={shard!r} must be an int >= 0 (0: no FSDP sharding)")
+    if shard and world % shard:
+        raise ValueError(
+            f"parallel.shard={shard} must divide the number of processes WORLD_SIZE={world}"
         )
     if world == 1:
         return single_process()
@@ -75,6 +99,8 @@ def init(expert: int = 1, backend: str | None = None) -> ParallelGroups:
     rank = dist.get_rank()
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if shard:
+        return _mesh_groups(rank, world, expert, shard, backend)
     expert_group = replica_group = None
     for start in range(0, world, expert):  # every rank must create every group, in order
         g = dist.new_group(list(range(start, start + expert)))
@@ -92,4 +118,25 @@ def init(expert: int = 1, backend: str | None = None) -> ParallelGroups:
         expert_group=expert_group if expert > 1 else None,
         replica_group=replica_group if world // expert > 1 else None,
         backend=backend,
+    )
+
+
+def _mesh_groups(rank: int, world: int, expert: int, shard: int, backend: str) -> ParallelGroups:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device = "cuda" if backend == "nccl" else "cpu"
+    mesh = init_device_mesh(device, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
+    expert_mesh = init_device_mesh(
+        device, (world // expert, expert), mesh_dim_names=("expert_replicate", "expert")
+    )
+    return ParallelGroups(
+        rank=rank,
+        world_size=world,
+        expert_size=expert,
+        expert_group=expert_mesh.get_group("expert") if expert > 1 else None,
+        replica_group=expert_mesh.get_group("expert_replicate") if world // expert > 1 else None,
+        backend=backend,
+        shard_size=shard,
+        mesh=mesh,
+        expert_mesh=expert_mesh,
     )

@@ -16,6 +16,13 @@ checkpoint cannot execute code. ``manifest.json`` holds each file's SHA-256, che
 ``resumable_checkpoint`` walks back from ``latest`` to the newest checkpoint that verifies, saying
 which ones it skipped and why, so a corrupted newest checkpoint costs ``checkpoint_every`` steps,
 not the run.
+
+An FSDP run (``parallel.shard`` > 0) writes its tensors instead as ``dcp/``, a
+``torch.distributed.checkpoint`` directory in which each rank wrote its own shard
+(``moesaic.parallel.dcp``); ``state.pt`` and ``manifest.json`` (format ``dcp``, every file's
+SHA-256) are as above and the same atomic rename publishes the whole directory. Reading such a
+checkpoint gives ``ShardedWeights``: the saved shapes at once, the full tensors on first access
+(one process), or each rank's slices through ``moesaic.parallel.dcp.load_state``.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import pickle
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +58,12 @@ __all__ = [
     "list_checkpoints",
     "remove_stale_files",
     "write_atomic",
+    "save_sharded_checkpoint",
+    "ShardedWeights",
 ]
 
 WEIGHTS, STATE, MANIFEST, LATEST = "model.safetensors", "state.pt", "manifest.json", "latest"
+SHARDS = "dcp"  # the torch.distributed.checkpoint directory of a sharded checkpoint
 _STEP_NAME = re.compile(r"step-(\d+)")
 
 
@@ -237,6 +247,139 @@ def _named_by_latest(checkpoint_dir: Path) -> Path | None:
     return checkpoint_dir / name if valid else None
 
 
+def save_sharded_checkpoint(
+    checkpoint_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict[str, Any],
+    groups,
+    keep: int = 2,
+) -> Path | None:
+    """``save_checkpoint`` for a sharded model (collective over every rank of ``groups``): each
+    rank writes its shard of the weights and optimizer moments through DCP into the temporary
+    directory; rank 0 then writes ``state``, the manifest, renames and updates ``latest``.
+
+    The guarantees are ``save_checkpoint``'s: non-finite weights on any rank are refused before
+    anything is written, and a failure on any rank removes the whole temporary directory and
+    raises ``CheckpointWriteError`` on every rank, leaving earlier checkpoints untouched.
+    Returns the checkpoint's path on rank 0, None elsewhere."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    from moesaic.parallel.dcp import save_state
+    from moesaic.parallel.fsdp import local_tensor
+
+    bad = [
+        name
+        for name, t in model.state_dict().items()
+        if t.is_floating_point() and not local_tensor(t).isfinite().all()
+    ]
+    bad_anywhere = _first_error(", ".join(bad[:3]) or None, groups)
+    if bad_anywhere is not None:
+        raise NonFiniteWeightsError(
+            f"step {step}: refusing to checkpoint non-finite weights ({bad_anywhere})"
+        )
+    final = checkpoint_dir / f"step-{step:06d}"
+    tmp = checkpoint_dir / f".tmp-{final.name}-sharded"  # one name every rank knows
+    error = None
+    if groups.is_main:
+        try:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as err:
+            error = _os_reason(err)
+    error = _first_error(error, groups)
+    if error is None:
+        try:
+            save_state(tmp / SHARDS, model, optimizer, groups)
+        except CheckpointException as err:  # DCP raises any rank's failure on every rank
+            error = "; ".join(f"rank {r}: {_os_reason(e)}" for r, (e, _) in err.failures.items())
+        except Exception as err:
+            error = _os_reason(err)
+        error = _first_error(error, groups)
+    if error is None and groups.is_main:
+        try:
+            _publish(tmp, final, step, state)
+        except Exception as err:
+            error = _os_reason(err)
+    error = _first_error(error, groups)
+    if error is not None:
+        if groups.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = _named_by_latest(checkpoint_dir)
+        kept = (
+            f"{previous.name} is intact"
+            if previous is not None and previous.is_dir() and previous != final
+            else "no earlier checkpoint exists"
+        )
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {final} ({error}); nothing of it was kept and {kept}"
+        )
+    if not groups.is_main:
+        return None
+    _prune(checkpoint_dir, keep)
+    return final
+
+
+def _publish(tmp: Path, final: Path, step: int, state: dict[str, Any]) -> None:
+    """Rank 0's part of a sharded save: state, manifest, fsync, rename, ``latest``."""
+    torch.save(state, tmp / STATE)
+    names = [STATE] + sorted(f"{SHARDS}/{p.name}" for p in (tmp / SHARDS).iterdir())
+    manifest = {name: _sha256(tmp / name) for name in names}
+    text = json.dumps({"step": step, "format": SHARDS, "sha256": manifest}, indent=1)
+    (tmp / MANIFEST).write_text(text)
+    for name in (*names, MANIFEST, SHARDS):
+        _fsync(tmp / name)
+    _fsync(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(final.parent)
+    write_atomic(final.parent / LATEST, final.name)
+
+
+def _first_error(error: str | None, groups) -> str | None:
+    """Any rank's error (the lowest rank's), on every rank: all ranks fail a save together."""
+    if groups is None or not groups.distributed:
+        return error
+    import torch.distributed as dist
+
+    errors: list[str | None] = [None] * groups.world_size
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
+
+
+class ShardedWeights(Mapping):
+    """The weights of a sharded (DCP) checkpoint: ``shapes`` from its metadata; the full
+    single-process tensors are read on first access to a tensor."""
+
+    def __init__(self, directory: Path) -> None:
+        from moesaic.parallel.dcp import saved_shapes
+
+        self.directory = Path(directory)
+        try:
+            self.shapes = saved_shapes(self.directory)
+        except Exception as err:
+            raise CheckpointError(
+                f"{self.directory}/.metadata is not valid DCP metadata: {err}"
+            ) from None
+        self._full: dict[str, torch.Tensor] | None = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if self._full is None:
+            from moesaic.parallel.dcp import load_full_weights
+
+            self._full = load_full_weights(self.directory)
+        return self._full[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Verify every file of ``path`` against its manifest; return (weights, state).
 
@@ -247,6 +390,14 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         file = path / name
         if not file.is_file() or _sha256(file) != digest:
             raise CheckpointError(f"{file} is missing or corrupted (SHA-256 does not match)")
+    if WEIGHTS not in manifest:  # sharded: state.pt and the DCP directory
+        state = _load_state(path / STATE)
+        if str(state["step"]) != str(manifest_step):
+            raise CheckpointError(
+                f"{path} mixes files of different steps (state step {state['step']}, "
+                f"manifest step {manifest_step})"
+            )
+        return ShardedWeights(path / SHARDS), state
     try:
         with safe_open(path / WEIGHTS, framework="pt") as f:
             weights_step = (f.metadata() or {}).get("step")
@@ -276,11 +427,21 @@ def _read_manifest(manifest_path: Path) -> tuple[object, dict[str, str]]:
         manifest = data["sha256"]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{manifest_path} is unreadable: {err!r}") from None
-    if (
-        not isinstance(manifest, dict)
-        or set(manifest) != {WEIGHTS, STATE}
-        or not all(isinstance(d, str) for d in manifest.values())
-    ):
+    if not isinstance(manifest, dict) or not all(isinstance(d, str) for d in manifest.values()):
+        raise CheckpointError(f"{manifest_path} is malformed: it must map file names to digests")
+    if data.get("format") == SHARDS:
+        shards = [n for n in manifest if n != STATE]
+        if (
+            STATE not in manifest
+            or f"{SHARDS}/.metadata" not in manifest
+            or not all(re.fullmatch(rf"{SHARDS}/\.?[\w.]+", n) and ".." not in n for n in shards)
+        ):
+            raise CheckpointError(
+                f"{manifest_path} is malformed: a sharded checkpoint lists {STATE}, "
+                f"{SHARDS}/.metadata and its shard files"
+            )
+        return data.get("step"), manifest
+    if set(manifest) != {WEIGHTS, STATE}:
         raise CheckpointError(
             f"{manifest_path} is malformed: it must map exactly {WEIGHTS} and {STATE} to digests"
         )
@@ -328,12 +489,14 @@ def check_fits(
     expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], file: Path
 ) -> None:
     """Raise one CheckpointError listing every missing, unexpected or mis-shaped tensor."""
-    problems = [f"missing {k}" for k in expected if k not in weights]
-    problems += [f"unexpected {k}" for k in weights if k not in expected]
+    shapes = weights.shapes if isinstance(weights, ShardedWeights) else None
+    shapes = shapes or {k: v.shape for k, v in weights.items()}
+    problems = [f"missing {k}" for k in expected if k not in shapes]
+    problems += [f"unexpected {k}" for k in shapes if k not in expected]
     problems += [
-        f"{k}: saved {tuple(v.shape)}, model has {tuple(expected[k].shape)}"
-        for k, v in weights.items()
-        if k in expected and v.shape != expected[k].shape
+        f"{k}: saved {tuple(shape)}, model has {tuple(expected[k].shape)}"
+        for k, shape in shapes.items()
+        if k in expected and shape != expected[k].shape
     ]
     if problems:
         raise CheckpointError(f"{file} does not fit the model: " + "; ".join(problems))

@@ -171,9 +171,16 @@ class TrainConfig:
 @dataclasses.dataclass(kw_only=True)
 class ParallelConfig:
     expert: int = 1  # expert-parallel group size (torchrun)
+    # FSDP2: dense parameters sharded over this many ranks (0: plain data parallelism);
+    # checkpoints are then torch.distributed.checkpoint shards, loadable on any layout
+    shard: int = 0
 
     def __post_init__(self) -> None:
         check_positive_int("parallel.expert", self.expert)
+        if isinstance(self.shard, bool) or not isinstance(self.shard, int) or self.shard < 0:
+            raise ValueError(
+                f"parallel.shard={self.shard!r} must be an int >= 0 (0: no FSDP sharding)"
+            )
 
 
 FINETUNE_METHODS = ("full", "prompt")
@@ -449,6 +456,14 @@ class RunConfig:
                 "train.checkpoint_activations=True checkpoints the blocks of the Transformer "
                 f"language model; this run's model is its {'lstm' if self.lstm else 'vision'} "
                 "section's"
+            )
+        sharded_with = [
+            n for n in ("vision", "finetune", "distill", "retgen") if getattr(self, n) is not None
+        ]
+        if self.parallel.shard and (sharded_with or self.lstm is not None):
+            raise ValueError(
+                f"parallel.shard={self.parallel.shard}: FSDP sharding is for Transformer "
+                f"language-model runs; this run has a {(sharded_with or ['lstm'])[0]} section"
             )
         if self.vision is not None:
             if self.finetune is not None or self.distill is not None:

@@ -45,21 +45,28 @@ from moesaic.metrics.routing_log import RoutingLog
 from moesaic.parallel import (
     ParallelGroups,
     clip_grad_norm,
+    clip_grad_norm_sharded,
     full_optimizer_state,
     full_state_dict,
+    global_shapes,
     load_sharded,
+    local_tensor,
+    shard_model,
     shard_optimizer_state,
     single_process,
     sync_gradients,
 )
+from moesaic.parallel.dcp import load_state as load_dcp_state
 from moesaic.routing.topk import balance_routers, reset_balance_counts, update_balance_biases
 from moesaic.train.checkpoint import (
     CheckpointError,
+    ShardedWeights,
     check_fits,
     list_checkpoints,
     remove_stale_files,
     resumable_checkpoint,
     save_checkpoint,
+    save_sharded_checkpoint,
     write_atomic,
 )
 from moesaic.train.config import ConfigError, RunConfig, config_to_dict
@@ -153,6 +160,11 @@ class Trainer:
                 f"parallel.expert={cfg.parallel.expert} but the process groups were built with "
                 f"expert size {groups.expert_size}"
             )
+        if groups.distributed and groups.shard_size != cfg.parallel.shard:
+            raise ValueError(
+                f"parallel.shard={cfg.parallel.shard} but the process groups were built with "
+                f"shard size {groups.shard_size}"
+            )
         check_resources(cfg)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._lock = RunLock(self.run_dir)
@@ -180,6 +192,8 @@ class Trainer:
         self.model = self.task.build_model(groups.expert_group)
         if cfg.train.checkpoint_activations:
             _checkpoint_activations(self.model)
+        if groups.sharded:  # FSDP2: dense parameters sharded, gradients reduced by FSDP
+            shard_model(self.model, groups)
         # auxiliary-loss-free balancing: the routers' biases move after every optimizer step
         self._balances = bool(balance_routers(self.model))
         self._new_optimizer()
@@ -358,9 +372,13 @@ class Trainer:
         loss = objective + aux
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        sync_gradients(self.model, self.groups)
         # The global norm (every rank gets the same), clipping only when grad_clip > 0.
-        grad_norm = clip_grad_norm(self.model, self.cfg.optim.grad_clip or math.inf, self.groups)
+        max_norm = self.cfg.optim.grad_clip or math.inf
+        if self.groups.sharded:  # FSDP has reduced the gradients during backward
+            grad_norm = clip_grad_norm_sharded(self.model, max_norm, self.groups)
+        else:
+            sync_gradients(self.model, self.groups)
+            grad_norm = clip_grad_norm(self.model, max_norm, self.groups)
         # The stop flag rides along, so every rank stops after the same step.
         flag = torch.tensor(float(self._stop_signal is not None))
         names = list(logs)
@@ -414,10 +432,11 @@ class Trainer:
         overflows is cleared by the exact check that follows); docs/performance.md has its cost
         next to a training step's."""
         params = list(self.model.named_parameters())
-        sums = torch.stack([p.detach().sum(dtype=torch.float32) for _, p in params])
+        local = [(n, local_tensor(p.detach())) for n, p in params]  # FSDP: this rank's shard
+        sums = torch.stack([p.sum(dtype=torch.float32) for _, p in local])
         names = []
         if not bool(torch.isfinite(sums).all()):
-            names = [n for n, p in params if not bool(p.detach().isfinite().all())]
+            names = [n for n, p in local if not bool(p.isfinite().all())]
         if self.groups.distributed:
             flag = torch.tensor([float(bool(names))])
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -476,7 +495,21 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Checkpoint (collective under expert parallelism; rank 0 writes). The files have the
-        single-process layout whatever the expert-parallel size."""
+        single-process layout whatever the expert-parallel size. An FSDP run writes a sharded
+        DCP checkpoint instead (every rank its shard), loadable on any layout."""
+        if self.groups.sharded:
+            self._saved_step, self._saved_path = self.step, None
+            self._saved_path = save_sharded_checkpoint(
+                self.run_dir / "checkpoints",
+                self.step,
+                self.model,
+                self.optimizer,
+                self._state(optimizer={"param_groups": _hyperparameters(self.optimizer)}),
+                self.groups,
+                keep=self.cfg.train.keep_checkpoints,
+            )
+            self._initial = None
+            return self._saved_path
         weights = full_state_dict(self.model, self.groups)
         optimizer = full_optimizer_state(self.optimizer, self.model, self.groups)
         self._saved_step, self._saved_path = self.step, None
@@ -501,7 +534,11 @@ class Trainer:
         }
 
     def _resume(self) -> None:
-        expected = full_state_dict(self.model, self.groups)
+        expected = (
+            global_shapes(self.model, self.groups)
+            if self.groups.sharded
+            else full_state_dict(self.model, self.groups)
+        )
 
         def fits(weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
             check_fits(expected, weights, Path("model.safetensors"))
@@ -521,16 +558,31 @@ class Trainer:
     def _restore(self, weights: dict[str, torch.Tensor], state: dict[str, Any], sharded: bool):
         """Load weights and training state (full single-process layout, or this rank's own
         tensors when ``sharded``)."""
-        if sharded:
-            self.model.load_state_dict(weights)
+        if isinstance(weights, ShardedWeights):  # a DCP checkpoint: on any layout
+            self._new_optimizer()
+            load_dcp_state(weights.directory, self.model, self.optimizer, self.groups)
+            saved_groups = state["optimizer"]["param_groups"]
+            for group, saved in zip(self.optimizer.param_groups, saved_groups, strict=True):
+                # the update's implementation (foreach, fused) is this layout's own choice
+                group.update({k: v for k, v in saved.items() if k not in _IMPLEMENTATION})
+        elif self.groups.sharded and not sharded:
+            raise CheckpointError(
+                "this checkpoint was written without parallel.shard (model.safetensors): "
+                "resume it with parallel.shard=0, or start the sharded run afresh"
+            )
         else:
-            load_sharded(self.model, weights, self.groups)
+            if sharded:
+                self.model.load_state_dict(weights)
+            else:
+                load_sharded(self.model, weights, self.groups)
+            self._new_optimizer()
+            optimizer = state["optimizer"]
+            if not sharded:
+                optimizer = shard_optimizer_state(
+                    optimizer, self.optimizer, self.model, self.groups
+                )
+            self.optimizer.load_state_dict(optimizer)
         reset_balance_counts(self.model)  # not saved: zero at every step boundary
-        self._new_optimizer()
-        optimizer = state["optimizer"]
-        if not sharded:
-            optimizer = shard_optimizer_state(optimizer, self.optimizer, self.model, self.groups)
-        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
@@ -597,12 +649,24 @@ def _adamw(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     decay = [p for p in params if p.dim() >= 2]
     rest = [p for p in params if p.dim() < 2]
     o = cfg.optim
+    # One multi-tensor update per group, unless a group would mix FSDP's DTensors with plain
+    # tensors (experts left out of FSDP when they have no replicas), which foreach refuses.
+    sharded = {local_tensor(p) is not p for p in params}
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}],
         lr=o.lr,
         betas=(o.beta1, o.beta2),
-        foreach=True,
+        foreach=len(sharded) < 2,
     )
+
+
+_IMPLEMENTATION = {"foreach", "fused", "capturable", "differentiable"}
+
+
+def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each parameter group's settings (lr, betas, ...) without its parameters: what a sharded
+    checkpoint's ``state.pt`` keeps of the optimizer (the moments are in DCP)."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
 
 
 def _mean_over_ranks(values: list[torch.Tensor], groups: ParallelGroups) -> list[float]:

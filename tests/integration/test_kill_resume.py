@@ -110,10 +110,15 @@ def test_sigint_or_sigterm_checkpoints_at_the_step_boundary_and_resumes_bit_iden
     _assert_like_reference(run, reference)
 
 
-def test_torchrun_restarts_after_a_rank_is_killed_and_ends_bit_identical(tmp_path):
+@pytest.mark.parametrize(
+    "settings",
+    [("parallel.expert=2",), ("parallel.expert=2", "parallel.shard=2")],
+    ids=["expert-parallel", "fsdp2-expert-parallel-dcp"],
+)
+def test_torchrun_restarts_after_a_rank_is_killed_and_ends_bit_identical(tmp_path, settings):
     ref, run = tmp_path / "ref", tmp_path / "run"
-    ref_proc = start(torchrun_command(ref, restarts=0))
-    proc = start(torchrun_command(run, restarts=1))
+    ref_proc = start(torchrun_command(ref, restarts=0, settings=settings))
+    proc = start(torchrun_command(run, restarts=1, settings=settings))
     try:
         rank = random.randint(0, 1)
         seen = kill_at_step(
@@ -127,4 +132,6 @@ def test_torchrun_restarts_after_a_rank_is_killed_and_ends_bit_identical(tmp_pat
     assert proc.returncode == 0, err[-3000:]
     assert out.count("run directory:") == 2, "rank 0 starts twice: torchrun restarted the job"
     assert out.count("validation loss:") == 1, f"rank {rank} killed at step {seen}"
+    sharded = (latest_checkpoint(run / "checkpoints") / "dcp").is_dir()
+    assert sharded == ("parallel.shard=2" in settings)  # FSDP resumed from DCP shards
     _assert_identical(run, ref)

@@ -45,7 +45,10 @@ def test_compiled_language_model_trains_like_eager():
     model = MoELM(cfg)
     ids = torch.randint(0, cfg.vocab_size, (2, 16))
     losses, grads = [], []
-    for fn in (torch.compile(model), model):
+    # Dynamo and AOT autograd around the layers (where graph breaks and the routing context
+    # matter); inductor's code generation is exercised by the layer tests above, and compiling
+    # a whole model with it costs CI minutes on 2 cores.
+    for fn in (torch.compile(model, backend="aot_eager"), model):
         loss = fn(ids).float().square().mean()
         loss.backward()
         losses.append(loss.detach())

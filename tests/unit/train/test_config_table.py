@@ -124,6 +124,7 @@ BAD = {
     "train.sample_tokens": ("-1", "train.sample_tokens=-1 must be an int >= 0"),
     "train.sample_prompt": ("", "train.sample_prompt='' must be a non-empty str"),
     "parallel.expert": ("0", "parallel.expert=0 must be >= 1"),
+    "parallel.shard": ("-1", "parallel.shard=-1 must be an int >= 0"),
     "guard.nonfinite": ("ignore", "guard.nonfinite='ignore' is not one of ['skip', 'stop']"),
     "guard.max_skipped": ("-1", "guard.max_skipped=-1 must be >= 0"),
     "guard.spike_window": ("1", "guard.spike_window=1 must be >= 2"),
@@ -239,6 +240,7 @@ INCOMPATIBLE = [
     (["lstm.dropout=0", "finetune.task=fortune"], "lstm: an LSTM language-model run takes no"),
     (["lstm.dropout=0", "parallel.expert=2"], "parallel.expert=2: LSTM runs train on one"),
     (["lstm.moe.d_ff=128"], "lstm.moe.d_ff=128 conflicts with d_ff=64"),
+    (["lstm.dropout=0", "parallel.shard=2"], "parallel.shard=2: FSDP sharding is for Transformer"),
     (
         ["lstm.dropout=0", "train.checkpoint_activations=true"],
         "train.checkpoint_activations=True checkpoints the blocks of the Transformer",
