@@ -51,6 +51,7 @@ __all__ = [
     "EVERY",
     "train_command",
     "torchrun_command",
+    "two_node_commands",
     "start",
     "stop",
     "wait_for_step",
@@ -97,15 +98,35 @@ def train_command(run_dir: Path, *flags: str, settings: Sequence[str] = ()) -> l
 
 
 def torchrun_command(
-    run_dir: Path, *, restarts: int = 1, settings: tuple[str, ...] = ("parallel.expert=2",)
+    run_dir: Path, *, restarts: int = 1, settings: Sequence[str] = ("parallel.expert=2",)
 ) -> list[str]:
     """The drill under ``torchrun`` with 2 ranks (by default expert-parallel 2) that restarts
     ``restarts`` times; every start runs ``--auto-resume``."""
     cmd = train_command(run_dir, "--auto-resume", settings=list(settings))
+    return _torchrun(cmd, restarts, f"127.0.0.1:{free_port()}")
+
+
+def two_node_commands(
+    run_dir: Path, *, restarts: int = 0, settings: Sequence[str] = ()
+) -> list[list[str]]:
+    """The drill as two local "nodes" of 2 ranks each (world 4, expert-parallel 2 x data-parallel
+    2): one ``torchrun --nnodes 2`` agent per node, meeting at a c10d rendezvous on this machine,
+    as the same job on two machines would with the endpoint set to the first one's address."""
+    cmd = train_command(run_dir, "--auto-resume", settings=[*settings, "parallel.expert=2"])
+    endpoint = f"127.0.0.1:{free_port()}"
+    launch = ["--nnodes", "2", "--rdzv-id", "moesaic-drill"]
+    return [_torchrun(cmd, restarts, endpoint, *launch, "--node-rank", str(n)) for n in (0, 1)]
+
+
+def _torchrun(cmd: list[str], restarts: int, endpoint: str, *launch: str) -> list[str]:
+    """``cmd`` (a ``python -m ...`` line) under a torchrun agent of 2 ranks with a c10d
+    rendezvous at ``endpoint``, restarting its workers ``restarts`` times; ``launch`` adds
+    options of the agent."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
+        *launch,
         "--nproc_per_node",
         "2",
         "--max-restarts",
@@ -115,7 +136,7 @@ def torchrun_command(
         "--rdzv-backend",
         "c10d",
         "--rdzv-endpoint",
-        f"127.0.0.1:{free_port()}",
+        endpoint,
         *cmd[1:],
     ]
 
@@ -184,8 +205,10 @@ def kill_at_step(
     return seen
 
 
-def worker_pid(agent_pid: int, rank: int, timeout: float = 60.0) -> int:
-    """The pid of torchrun worker ``rank`` (a child of the agent ``agent_pid``)."""
+def worker_pid(agent_pid: int, rank: int | None = None, timeout: float = 60.0) -> int:
+    """The pid of torchrun worker ``rank`` (a child of the agent ``agent_pid``); with ``rank``
+    None, any of the agent's workers (under ``--nnodes 2`` the rendezvous decides which global
+    ranks a node gets)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for child in _children(agent_pid):
@@ -193,10 +216,14 @@ def worker_pid(agent_pid: int, rank: int, timeout: float = 60.0) -> int:
                 env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if f"RANK={rank}".encode() in env:
+            if f"RANK={rank}".encode() in env or (rank is None and _is_worker(env)):
                 return child
         time.sleep(0.01)
     raise TimeoutError(f"no torchrun worker with RANK={rank} under pid {agent_pid}")
+
+
+def _is_worker(env: list[bytes]) -> bool:
+    return any(v.startswith(b"RANK=") for v in env)
 
 
 def _children(pid: int) -> list[int]:

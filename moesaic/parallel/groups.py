@@ -55,14 +55,20 @@ def single_process() -> ParallelGroups:
 
 
 def _init_default_group(backend: str) -> None:
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    if restart == "0":
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        # a plain env:// launch, or torchrun with a fresh store per start of the job
+        # (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)
         dist.init_process_group(backend)
         return
-    # A torchrun restart keeps the agent's store, still holding the dead workers' addresses:
-    # gloo would connect to them. Each restart gets its own key space.
+    # torchrun's agents keep one store for the whole job: after a restart it still holds the
+    # dead workers' addresses, which gloo would connect to, so each start of the job gets its
+    # own key space. Its name must agree on every rank of every node. TORCHELASTIC_RESTART_COUNT
+    # does not: it counts the restarts the local agent caused (pytorch/pytorch#108158), so the
+    # healthy node restarts with 0 while the failed one has 1. Every start of the job starts
+    # every rank once, so the number of times this rank has started does agree.
     store, rank, world = next(dist.rendezvous("env://"))
-    store = dist.PrefixStore(f"moesaic-restart-{restart}", store)
+    starts = store.add(f"moesaic/starts/rank-{rank}", 1)
+    store = dist.PrefixStore(f"moesaic-start-{starts}", store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world)
 
 
