@@ -49,10 +49,11 @@ def _train_body(rank, world, expert, shard, run_dir, resume):
         _cfg(expert, shard), Path(run_dir), progress=False, groups=groups, resume=resume
     )
     model = trainer.model
-    assert isinstance(model, FSDPModule) and all(isinstance(b, FSDPModule) for b in model.blocks)
     moe = model.blocks[1].ffn
     assert moe.experts.w1.shape[0] == 4 // expert  # this rank's experts (a DTensor's shape)
-    assert isinstance(moe.experts, FSDPModule) == (1 < expert < world)
+    assert isinstance(model, FSDPModule) == bool(shard)
+    assert all(isinstance(b, FSDPModule) == bool(shard) for b in model.blocks)
+    assert isinstance(moe.experts, FSDPModule) == (shard and 1 < expert < world)
     trainer.fit()
     trainer.close()
 
@@ -107,8 +108,8 @@ def _resume_copy(runs: Path, name: str) -> Path:
 
 @pytest.mark.parametrize(
     "world,expert,shard",
-    [(2, 1, 2), (4, 4, 1), (1, 1, 0)],
-    ids=["2-processes-fsdp2-no-ep", "4-processes-ep4-hsdp", "one-process"],
+    [(2, 1, 2), (4, 4, 1), (2, 2, 0), (1, 1, 0)],
+    ids=["2-processes-fsdp2-no-ep", "4-processes-ep4-hsdp", "2-processes-plain-ep2", "one-process"],
 )
 def test_a_dcp_checkpoint_of_4_ranks_resumes_on_another_layout(runs, world, expert, shard):
     run = _resume_copy(runs, f"resume-{world}-{expert}-{shard}")
