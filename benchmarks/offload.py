@@ -7,17 +7,18 @@ a fresh process: it builds the model from the same seed, offloads it (writing th
 the store's pages from the page cache (``os.posix_fadvise(..., POSIX_FADV_DONTNEED)``) so the
 first reads come from disk, resets the peak-RSS mark (``/proc/self/clear_refs``), then decodes.
 
-The offloaded experts run one expert at a time (the swapped product ``(W x^T)^T`` for this
-default-backend model); a second resident row runs the plain "torch" expert loop, also one expert
-at a time: "x resident loop" compares with that, "x resident" with the tuned CPU backend
-(threads over experts, oneDNN products).
+The offloaded experts a layer needs run together in one call of the layer's own expert backend
+(the tuned CPU backend for this default-backend model) when they fit in the budget, else in
+groups that fit; a second resident row runs the plain "torch" expert loop, one expert at a time:
+"x resident loop" compares with that, "x resident" with the tuned CPU backend (oneDNN products;
+threads over experts when --threads > 1).
 
 Columns: tok/s (new tokens per second over the decoding steps), x resident, peak RSS (VmHWM
 while decoding: the process, not just the experts), resident expert MiB (most weight bytes the
 resident set held), reads (experts read from the store), hit rate (experts found resident or on
 their way), guess rate (experts the previous step's choices predicted for the next layer).
 
-    python benchmarks/offload.py                       # 1 GiB of experts, batch 32
+    python benchmarks/offload.py                       # 1 GiB of experts, batch 32, 1 thread
     python benchmarks/offload.py --d-ff 256 --steps 2  # seconds: that it runs
 
 The store lives in a temporary folder under /tmp and is deleted at the end.
@@ -132,12 +133,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=16, help="decoding steps timed")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--fraction", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--store", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("d_model", "d_ff", "experts", "layers", "batch", "steps"):
+    for name in ("d_model", "d_ff", "experts", "layers", "batch", "steps", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    torch.set_num_threads(args.threads)
     if args.fraction is not None:  # a child process: one run, JSON on stdout
         print(json.dumps(run_one(args)))
         return 0

@@ -138,3 +138,29 @@ def test_offloaded_experts_on_the_cpu_backend_equal_the_resident_model(tmp_path,
         cache.close()
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{}, {"activation": "swiglu", "bias": True}], ids=str)
+def test_experts_that_fit_run_in_one_cpu_backend_call_bit_identical_to_resident(
+    tmp_path, kw, monkeypatch
+):
+    from moesaic.kernels.cpu import CpuBackend
+
+    resident = _model(**kw)
+    for block in resident.blocks:
+        block.ffn.experts.backend = CpuBackend()
+    idx = torch.randint(0, 64, (3, 6))
+    want = _decode(resident, idx)
+    model = copy.deepcopy(resident)
+    cache = offload(model, budget_bytes=10**9, store=tmp_path)
+    calls = []
+    fused = CpuBackend.forward_combined
+    monkeypatch.setattr(
+        CpuBackend, "forward_combined", lambda self, *a: calls.append(1) or fused(self, *a)
+    )
+    try:
+        got = _decode(model, idx)
+    finally:
+        cache.close()
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert len(calls) == 5 * 3  # one call per MoE layer (3) and forward (prompt + 4 steps)
