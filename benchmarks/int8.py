@@ -6,7 +6,9 @@ Copies of the run's model, timed interleaved in this one process: float experts 
 integer products through torch's dynamic quantised linear; "int8pack": weight-only
 ``torch._weight_int8pack_mm``; "dequantise": the reference). Columns: expert MiB (weights the
 experts hold), val loss on the run's fixed validation windows, decoding tokens/s at batch 1 and
-32 (greedy, KV cache, 16-token prompts, 48 new tokens) and their ratio to float32.
+32 (greedy, KV cache, 16-token prompts, 48 new tokens; medians over the rounds) and the ratio to
+float32 (the median over rounds of the two times in the same round). "only_faster" on experts
+where the rule keeps fp32 is float32 itself: its ratio shows the noise of the measurement.
 
     python benchmarks/int8.py --run runs/lm-tokenmoe        # any token-routed LM run
     python benchmarks/int8.py --generated 512x2048          # untrained, larger experts
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # python benchmark
 import torch
 
 import moesaic as ms
-from benchmarks.harness import environment, time_interleaved
+from benchmarks.harness import environment, time_interleaved, time_rounds
 from benchmarks.taskmoe import NEW, PROMPT, decode, stream_prompt
 from moesaic.data import TokenStream, eval_batches, load_corpus, split_documents
 from moesaic.inference.quantize import (
@@ -162,7 +165,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, m in models.items()
         for b in (1, 32)
     }
-    seconds = time_interleaved(calls, args.rounds)
+    samples = time_rounds(calls, args.rounds)
+    seconds = {k: statistics.median(v) for k, v in samples.items()}
+
+    def paired(name: str, b: int) -> float:
+        """Median over rounds of float32's time over ``name``'s in the same round: a slow spell
+        of the machine falls on both."""
+        pairs = zip(samples[f"float32 b{b}"], samples[f"{name} b{b}"], strict=True)
+        return statistics.median(f / t for f, t in pairs)
+
     print(f"# int8 experts: {title}\n")
     print(environment())
     print(cpu_line() + "\n")
@@ -171,12 +182,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "x fp32 b32 |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    base, rates = None, {}
+    base = None
     for name, m in models.items():
         loss = evaluate(m, batches) if batches is not None else None
         base = loss if base is None else base
-        r1, r32 = rates[name] = [b * NEW / seconds[f"{name} b{b}"] for b in (1, 32)]
-        f1, f32 = (r / f for r, f in zip(rates[name], rates["float32"], strict=True))
+        r1, r32 = (b * NEW / seconds[f"{name} b{b}"] for b in (1, 32))
+        f1, f32 = paired(name, 1), paired(name, 32)
         cells = "- | -" if loss is None else f"{loss:.4f} | {loss - base:+.5f}"
         print(
             f"| {name} | {expert_bytes(m) / 2**20:.2f} | {cells} | "

@@ -16,12 +16,11 @@ The default is chosen once per process from what the running CPU and torch build
 by probing, never by assuming an instruction set (``engine_kernel()``): ``"dynamic"`` where an
 x86 fbgemm engine is present, torch dispatches to AVX2 or AVX-512, and a probe product agrees
 with the reference; otherwise ``"dequantise"`` (int8 then saves memory, not time). Then by size
-(``int8_kernel(weights)``): the dynamic kernel pays about 14 us per call to quantise x and
-rescale y, so it is faster than the fp32 product only from about ``DYNAMIC_MIN_WEIGHTS`` weights
-per matrix up (measured, docs/serving.md: 0.2-0.5x at 64 x 256, 0.9-2.7x at 256 x 1024, 4.5-9x
-at 512 x 2048, rows 1-32); smaller matrices take ``"dequantise"``. ``"int8pack"`` is never the
-default: on the AVX2 CPU we measured it 3-29x slower than fp32 products, on AVX-512 1.1x faster
-at one row and up to 50x slower at more.
+(``int8_kernel(weights)``): the dynamic kernel pays a fixed cost per call (quantising x,
+rescaling y), so it beats the fp32 product only from about ``DYNAMIC_MIN_WEIGHTS`` weights per
+matrix up; smaller matrices take ``"dequantise"``. ``"int8pack"`` is never the default: it was
+slower than fp32 products from a few rows on, on both CPUs measured. The measurements behind
+both choices are in docs/serving.md.
 """
 
 from __future__ import annotations
