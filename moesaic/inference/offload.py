@@ -7,8 +7,10 @@ only a budget's worth of them in memory.
 - an expert is read (through a memory map of its file, whose pages are released right after the
   copy, so the mapping never holds more than the one expert being read) only when a token is
   routed to it: experts that get no token are never read (InfMoE skips empty experts too);
-- the experts read so far stay in one least-recently-used resident set shared by all layers,
-  never more than ``budget_bytes`` of weights;
+- the experts read so far stay in one resident set shared by all layers, never more than
+  ``budget_bytes`` of weights; to make room it evicts first the experts of the layer whose next
+  turn is furthest away (the layers run in a cycle: the one that just ran), least recently used
+  first among those;
 - while layer l computes, a worker thread reads the experts layer l+1 used at the previous
   step (its routing is unknown until it runs; consecutive decoding steps tend to reuse experts),
   InfMoE's overlap of loading with compute. ``OffloadStats`` counts how often that guess was
@@ -117,8 +119,8 @@ _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float
 
 class ExpertCache:
     """The resident set: experts by (layer, expert), least recently used first, at most
-    ``budget_bytes`` of them; reads go through the layers' files; one worker thread reads
-    ahead."""
+    ``budget_bytes`` of them, evicted by their layer's distance to its next turn; reads go
+    through the layers' files; one worker thread reads ahead."""
 
     def __init__(self, files: list[Path], expert_bytes: list[int], budget_bytes: int) -> None:
         self.maps = [_SafetensorsMap(p) for p in files]
@@ -133,6 +135,7 @@ class ExpertCache:
         self.guess: dict[int, set[int]] = {}  # layer -> experts read ahead for its next call
         self.pinned: set[Key] = set()  # the computing layer's experts still to run
         self.current: set[Key] = set()  # the experts computing now: never evicted
+        self.layer_now = 0  # the layer computing now (evictions go by distance to next use)
 
     def get(self, key: Key) -> Weights:
         """The expert's weights, read now if neither resident nor on its way."""
@@ -172,10 +175,10 @@ class ExpertCache:
                     continue
                 self.loading[key] = self.worker.submit(self._read, key, False)
 
-    def begin(self, keys: list[Key]) -> None:
-        """A layer is about to compute ``keys``: read-aheads may not evict them."""
+    def begin(self, layer: int, keys: list[Key]) -> None:
+        """``layer`` is about to compute ``keys``: read-aheads may not evict them."""
         with self.lock:
-            self.pinned = set(keys)
+            self.pinned, self.layer_now = set(keys), layer
 
     def computing(self, keys: list[Key]) -> None:
         """``keys`` compute now (never evicted); []: they are done (any read may evict them)."""
@@ -184,10 +187,10 @@ class ExpertCache:
             self.current = set(keys)
 
     def _read(self, key: Key, sync: bool) -> Weights | None:
-        """Read ``key`` into the resident set, evicting least recently used experts to make
-        room. A read ahead (``sync`` False) evicts only experts the computing layer does not
-        need and gives up when that is not enough; a layer's own read may also evict its
-        experts still to come (they are read again when their turn comes)."""
+        """Read ``key`` into the resident set, evicting experts to make room (``_make_room``).
+        A read ahead (``sync`` False) evicts only experts the computing layer does not need and
+        gives up when that is not enough; a layer's own read may also evict its experts still
+        to come (they are read again when their turn comes)."""
         layer, e = key
         size = self.expert_bytes[layer]
         with self.lock:
@@ -210,7 +213,13 @@ class ExpertCache:
     def _make_room(self, size: int, sync: bool) -> bool:
         """(lock held) Evict until ``size`` more bytes fit; False when they cannot."""
         while self.bytes + size > self.budget:
-            free = [k for k in self.resident if k not in self.pinned]
+            # the layers run in a cycle: the next use of a layer's experts is the furthest for the
+            # layer that just ran, so evict by that distance (Belady's choice for a cycle), least
+            # recently used first among equals; plain LRU would evict the next layer's experts
+            free = sorted(
+                (k for k in self.resident if k not in self.pinned),
+                key=lambda k: -((k[0] - self.layer_now - 1) % len(self.maps)),
+            )
             if not sync:  # a read-ahead never evicts the read-aheads of its own round
                 free = [k for k in free if k[1] not in self.guess.get(k[0], ())]
             held = [k for k in self.resident if k in self.pinned and k not in self.current]
@@ -316,7 +325,7 @@ class OffloadedExperts(nn.Module):
         return torch.cat(y) if y else x_AD.new_empty(0, self.d_model)
 
     def _begin(self, needed: list[int]) -> None:
-        self.cache.begin([(self.layer, e) for e in needed])
+        self.cache.begin(self.layer, [(self.layer, e) for e in needed])
         self.cache.prefetch(self.next_layer)  # overlaps this layer's reads and compute
 
     def _read(self, group: list[int]) -> dict[int, dict[str, torch.Tensor]]:

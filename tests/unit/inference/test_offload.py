@@ -164,3 +164,20 @@ def test_experts_that_fit_run_in_one_cpu_backend_call_bit_identical_to_resident(
         cache.close()
     assert all(torch.equal(g, w) for g, w in zip(got, want))
     assert len(calls) == 5 * 3  # one call per MoE layer (3) and forward (prompt + 4 steps)
+
+
+def test_eviction_keeps_the_experts_of_the_layers_that_run_soonest(tmp_path):
+    model = _model()  # 3 MoE layers, run in the cycle 0, 1, 2, 0, ...
+    one = expert_nbytes(model.blocks[0].ffn.experts)
+    cache = offload(model, budget_bytes=4 * one, store=tmp_path)
+    try:
+        for layer in (1, 2, 0):
+            cache.begin(layer, [(layer, 0), (layer, 1)])
+            cache.get((layer, 0))
+            cache.get((layer, 1))
+    finally:
+        cache.close()
+    # Layer 0's reads had to evict two experts: layer 1 runs next, layer 2 after it, so layer
+    # 2's go, though layer 1's were read first (least recently used would evict those).
+    assert sorted(cache.resident) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert cache.stats.evictions == 2
