@@ -191,10 +191,14 @@ def int8_kernel(weights: int | None = None) -> Int8Kernel:
 def engine_kernel() -> Int8Kernel:
     """This process's int8 engine kernel (``choose_kernel`` on the running CPU and torch)."""
     get = getattr(torch.cpu, "get_capabilities", None)
+    try:  # older torch builds have neither, or raise on an unknown CPU
+        isa, flags = torch.backends.cpu.get_cpu_capability(), (get() if get else {})
+    except (AttributeError, RuntimeError):
+        isa, flags = "unknown", {}
     return choose_kernel(
         platform.machine(),
-        torch.backends.cpu.get_cpu_capability(),
+        isa,
         torch.backends.quantized.supported_engines,
-        get() if get is not None else {},
+        flags,
         functools.partial(_agrees, tol=0.05),
     )
