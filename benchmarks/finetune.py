@@ -53,11 +53,21 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=0, help="intra-op threads (train.threads; 0: torch's)"
     )
     p.add_argument("--table", action="store_true", help="only print the tables of --out")
+    p.add_argument(
+        "--stages",
+        default="all",
+        choices=("all", "students"),
+        help="students: only the mixture-of-students stage and its teacher (the from-scratch "
+        "deeper MoE of knowledge inheritance), without pre-training or fine-tuning",
+    )
     args = p.parse_args(argv)
     out: Path = args.out
     global THREADS
     THREADS = [f"train.threads={args.threads}"]
-    if not args.table:
+    if not args.table and args.stages == "students":
+        inherit(out, args.inherit_steps, args.inherit_layers, only=("scratch",))
+        students(out, args.inherit_steps, args.inherit_layers - 1)
+    elif not args.table:
         pretrain(out, args.pretrain_steps)
         for task in args.tasks.split(","):
             for name in VARIANTS:
@@ -112,7 +122,12 @@ def finetune(out: Path, task: str, name: str, steps: int) -> dict:
     return row
 
 
-def inherit(out: Path, steps: int, layers: int) -> None:
+def _done(result, layers: int) -> str:
+    params = {"total": result.params.total, "activated": result.params.activated}
+    return json.dumps({"evals": result.evals, "layers": layers, "params": params}, indent=1)
+
+
+def inherit(out: Path, steps: int, layers: int, only: tuple[str, ...] = ()) -> None:
     base = _pretrain_cfg(steps)
     runs = {
         "scratch": [],
@@ -125,7 +140,7 @@ def inherit(out: Path, steps: int, layers: int) -> None:
     }
     for name, extra in runs.items():
         run_dir = out / "inherit" / name
-        if (run_dir / "done.json").exists():
+        if (run_dir / "done.json").exists() or (only and name not in only):
             continue
         cfg = apply_overrides(
             base,
@@ -133,7 +148,16 @@ def inherit(out: Path, steps: int, layers: int) -> None:
         )
         print(f"knowledge inheritance: {name}", file=sys.stderr, flush=True)
         result = Trainer(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir()).fit()
-        (run_dir / "done.json").write_text(json.dumps({"evals": result.evals}, indent=1))
+        (run_dir / "done.json").write_text(_done(result, cfg.model.n_layers))
+
+
+# name -> (the teacher's share w of the loss, start from the teacher's first layers)
+STUDENTS = {
+    "student": (0.5, True),
+    "kd_only": (0.5, False),
+    "init_only": (0.0, True),
+    "alone": (0.0, False),
+}
 
 
 def students(out: Path, steps: int, layers: int) -> None:
@@ -142,17 +166,12 @@ def students(out: Path, steps: int, layers: int) -> None:
     from moesaic.cli.distill import student_config
 
     teacher = out / "inherit" / "scratch"
+    overrides = [f"train.steps={steps}", "train.eval_every=50", *THREADS]
+    # the paper's student is the first; the other three separate what the teacher's weights
+    # and its loss each bring
     runs = {
-        "student": student_config(
-            teacher, layers, [f"train.steps={steps}", "train.eval_every=50", *THREADS]
-        ),
-        "alone": student_config(
-            teacher,
-            layers,
-            [f"train.steps={steps}", "train.eval_every=50", *THREADS],
-            weight=0.0,
-            init=False,
-        ),
+        name: student_config(teacher, layers, overrides, weight=w, init=init)
+        for name, (w, init) in STUDENTS.items()
     }
     for name, cfg in runs.items():
         run_dir = out / "students" / name
@@ -160,7 +179,7 @@ def students(out: Path, steps: int, layers: int) -> None:
             continue
         print(f"mixture-of-students: {name}", file=sys.stderr, flush=True)
         result = Trainer(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir()).fit()
-        (run_dir / "done.json").write_text(json.dumps({"evals": result.evals}, indent=1))
+        (run_dir / "done.json").write_text(_done(result, cfg.model.n_layers))
 
 
 def tables(out: Path, tasks: list[str]) -> str:
@@ -208,16 +227,26 @@ def tables(out: Path, tasks: list[str]) -> str:
         ]
     names = {
         "student": "student: teacher's first layers + staged KD",
+        "kd_only": "same student, random start + staged KD",
+        "init_only": "same student, teacher's first layers, no KD",
         "alone": "same student, random start, no teacher",
     }
     done = {n: out / "students" / n / "done.json" for n in names}
-    if all(f.exists() for f in done.values()) and scratch.exists():
-        teacher_loss = json.loads(scratch.read_text())["evals"][-1]["val_loss"]
-        lines += ["", "| mixture-of-students | final validation loss |", "|---|---|"]
-        lines.append(f"| teacher (the deeper MoE, from scratch) | {teacher_loss:.4f} |")
-        for n, f in done.items():
-            evals = json.loads(f.read_text())["evals"]
-            lines.append(f"| {names[n]} | {evals[-1]['val_loss']:.4f} |")
+    done = {n: f for n, f in done.items() if f.exists()}
+    if done and scratch.exists():
+        lines += ["", "| mixture-of-students | layers | final validation loss | parameters | "]
+        lines[-1] += "activated / token |"
+        lines += ["|---|---:|---:|---:|---:|"]
+        rows = {"teacher (the deeper MoE, from scratch)": scratch}
+        rows.update({names[n]: f for n, f in done.items()})
+        for label, f in rows.items():
+            r = json.loads(f.read_text())
+            p = r.get("params")  # absent from runs written before the counts were saved
+            total, active = (f"{p['total']:,}", f"{int(p['activated']):,}") if p else ("-", "-")
+            lines.append(
+                f"| {label} | {r.get('layers', '-')} | {r['evals'][-1]['val_loss']:.4f} | "
+                f"{total} | {active} |"
+            )
     return "\n".join(lines)
 
 

@@ -7,19 +7,21 @@ only a budget's worth of them in memory.
 - an expert is read (through a memory map of its file, whose pages are released right after the
   copy, so the mapping never holds more than the one expert being read) only when a token is
   routed to it: experts that get no token are never read (InfMoE skips empty experts too);
-- the experts read so far stay in one least-recently-used resident set shared by all layers,
-  never more than ``budget_bytes`` of weights;
+- the experts read so far stay in one resident set shared by all layers, never more than
+  ``budget_bytes`` of weights; to make room it evicts first the experts of the layer whose next
+  turn is furthest away (the layers run in a cycle: the one that just ran), least recently used
+  first among those;
 - while layer l computes, a worker thread reads the experts layer l+1 used at the previous
   step (its routing is unknown until it runs; consecutive decoding steps tend to reuse experts),
   InfMoE's overlap of loading with compute. ``OffloadStats`` counts how often that guess was
   right.
 
-A layer whose experts use the plain ``"torch"`` backend keeps its arithmetic exactly
-(``F.linear`` on the same weight matrices): its offloaded outputs are bit-identical to the
-resident model's. With any other backend (the default picks the tuned CPU kernels) an expert
-with a few rows runs the swapped product ``(W x^T)^T``, as the CPU backend does for few rows,
-several times faster than ``F.linear`` there; the outputs then equal the resident model's within
-float rounding (docs/serving.md measures both).
+A layer's read experts run together in one call of the layer's own expert backend (the plain
+``"torch"`` loop, or the tuned CPU kernels the default picks), on the same weight matrices in the
+same layout: where the experts a call needs fit in the budget together, the offloaded outputs
+are bit-identical to the resident model's. Where they do not, they run in groups that fit, one
+backend call each; the "torch" loop stays bit-identical, and a backend with a fused
+experts-and-combine pass (the CPU one) then combines apart, equal within float rounding.
 
 Shape legend (docs/shapes.md): A assignments grouped by expert, D model dim, F expert hidden.
 """
@@ -39,15 +41,15 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from torch.nn import functional as F
 
 from moesaic.experts import Experts
+from moesaic.experts.backend import ExpertBackend
 from moesaic.layer import MoE
 
 __all__ = ["offload", "OffloadedExperts", "OffloadStats", "ExpertCache", "expert_nbytes"]
 
 Key = tuple[int, int]  # (layer number among the MoE layers, expert)
-Weights = tuple[torch.Tensor, ...]  # w1 (F, D), w2 (D, F)[, w3 (F, D)][, biases]
+Weights = tuple[torch.Tensor, ...]  # w1 (D, F), w2 (F, D)[, w3 (D, F)][, biases]
 NAMES = ("w1", "w2", "w3", "b1", "b2", "b3")
 
 
@@ -117,8 +119,8 @@ _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float
 
 class ExpertCache:
     """The resident set: experts by (layer, expert), least recently used first, at most
-    ``budget_bytes`` of them; reads go through the layers' files; one worker thread reads
-    ahead."""
+    ``budget_bytes`` of them, evicted by their layer's distance to its next turn; reads go
+    through the layers' files; one worker thread reads ahead."""
 
     def __init__(self, files: list[Path], expert_bytes: list[int], budget_bytes: int) -> None:
         self.maps = [_SafetensorsMap(p) for p in files]
@@ -132,7 +134,8 @@ class ExpertCache:
         self.last_used: dict[int, list[int]] = {}  # layer -> experts it needed last time
         self.guess: dict[int, set[int]] = {}  # layer -> experts read ahead for its next call
         self.pinned: set[Key] = set()  # the computing layer's experts still to run
-        self.current: Key | None = None  # the expert computing now: never evicted
+        self.current: set[Key] = set()  # the experts computing now: never evicted
+        self.layer_now = 0  # the layer computing now (evictions go by distance to next use)
 
     def get(self, key: Key) -> Weights:
         """The expert's weights, read now if neither resident nor on its way."""
@@ -172,23 +175,22 @@ class ExpertCache:
                     continue
                 self.loading[key] = self.worker.submit(self._read, key, False)
 
-    def begin(self, keys: list[Key]) -> None:
-        """A layer is about to compute ``keys``: read-aheads may not evict them."""
+    def begin(self, layer: int, keys: list[Key]) -> None:
+        """``layer`` is about to compute ``keys``: read-aheads may not evict them."""
         with self.lock:
-            self.pinned = set(keys)
+            self.pinned, self.layer_now = set(keys), layer
 
-    def computing(self, key: Key | None) -> None:
-        """``key`` computes now (never evicted); None: it is done (any read may evict it)."""
+    def computing(self, keys: list[Key]) -> None:
+        """``keys`` compute now (never evicted); []: they are done (any read may evict them)."""
         with self.lock:
-            if self.current is not None:
-                self.pinned.discard(self.current)
-            self.current = key
+            self.pinned.difference_update(self.current)
+            self.current = set(keys)
 
     def _read(self, key: Key, sync: bool) -> Weights | None:
-        """Read ``key`` into the resident set, evicting least recently used experts to make
-        room. A read ahead (``sync`` False) evicts only experts the computing layer does not
-        need and gives up when that is not enough; a layer's own read may also evict its
-        experts still to come (they are read again when their turn comes)."""
+        """Read ``key`` into the resident set, evicting experts to make room (``_make_room``).
+        A read ahead (``sync`` False) evicts only experts the computing layer does not need and
+        gives up when that is not enough; a layer's own read may also evict its experts still
+        to come (they are read again when their turn comes)."""
         layer, e = key
         size = self.expert_bytes[layer]
         with self.lock:
@@ -211,10 +213,16 @@ class ExpertCache:
     def _make_room(self, size: int, sync: bool) -> bool:
         """(lock held) Evict until ``size`` more bytes fit; False when they cannot."""
         while self.bytes + size > self.budget:
-            free = [k for k in self.resident if k not in self.pinned]
+            # the layers run in a cycle: the next use of a layer's experts is the furthest for the
+            # layer that just ran, so evict by that distance (Belady's choice for a cycle), least
+            # recently used first among equals; plain LRU would evict the next layer's experts
+            free = sorted(
+                (k for k in self.resident if k not in self.pinned),
+                key=lambda k: -((k[0] - self.layer_now - 1) % len(self.maps)),
+            )
             if not sync:  # a read-ahead never evicts the read-aheads of its own round
                 free = [k for k in free if k[1] not in self.guess.get(k[0], ())]
-            held = [k for k in self.resident if k in self.pinned and k != self.current]
+            held = [k for k in self.resident if k in self.pinned and k not in self.current]
             victims = free + held if sync else free
             if not victims:
                 return False
@@ -237,10 +245,37 @@ class ExpertCache:
             m.close()
 
 
+class _ReadExperts:
+    """One layer's experts as the expert backends take them (``Experts``' attributes), built
+    from the weights read so far: ``w1[e]`` (D, F), ``w2[e]`` (F, D)[, ``w3[e]``][, biases
+    ``b1[e]`` ...]; None for the experts not read (they get no rows in this call)."""
+
+    training, dropout, packs = False, 0.0, None
+
+    def __init__(self, like: OffloadedExperts, read: dict[int, dict[str, torch.Tensor]]):
+        self.num_experts, self.d_model, self.d_ff = like.num_experts, like.d_model, like.d_ff
+        self.activation, self.act, self.backend = like.activation, like.act, like.backend
+        self.kernel_state = like.kernel_state
+        for name in NAMES:
+            if not like.has(name):
+                setattr(self, name, None)
+                continue
+            t = name in like.transposed  # the (D, F) / (F, D) views Experts holds
+            held = [read[e][name] if e in read else None for e in range(like.num_experts)]
+            setattr(self, name, [w.t() if t and w is not None else w for w in held])
+
+    @property
+    def biases(self) -> tuple:
+        return self.b1, self.b2, self.b3
+
+
 class OffloadedExperts(nn.Module):
     """Stands in for a layer's ``Experts``: the same function, weights from an ``ExpertCache``.
 
-    Forward-only (serving): it has no parameters, so nothing trains it.
+    The experts a call needs are read into the resident set and run together, in one call of
+    the layer's own expert backend (its threads over experts, its products), as many at a time
+    as the budget holds: all of them when they fit, and then the call computes exactly what
+    the resident layer computes, bit for bit. Forward-only (serving): it has no parameters.
     """
 
     def __init__(self, experts: Experts, cache: ExpertCache, layer: int, next_layer: int):
@@ -250,64 +285,66 @@ class OffloadedExperts(nn.Module):
             experts.d_model,
             experts.d_ff,
         )
-        self.act, self.gated = experts.act, experts.gated
-        self.has_bias = experts.b1 is not None
+        self.activation, self.act, self.gated = experts.activation, experts.act, experts.gated
+        self.backend, self.has_bias = experts.backend, experts.b1 is not None
+        self.kernel_state: dict[str, object] = {}
+        self.transposed = _transposed(experts)  # the store's memory order (_expert_tensors)
         # the layer checks inputs against w1's device and dtype; no weights are kept here
         self.register_buffer("w1", torch.empty(0, dtype=experts.w1.dtype), persistent=False)
         self.cache, self.layer, self.next_layer = cache, layer, next_layer
-        # the layer's "torch" backend: its loop exactly; any other: few-row products swapped
-        self.exact = experts.backend == "torch"
+        self.per_call = max(1, cache.budget // cache.expert_bytes[layer])  # experts at once
 
-    def forward_combined(self, x_TD: torch.Tensor, plan) -> None:
-        return None  # the layer permutes, calls forward and combines
+    @torch.no_grad()
+    def forward_combined(self, x_TD: torch.Tensor, plan) -> torch.Tensor | None:
+        """The backend's fused experts-and-combine pass, when it has one and the experts this
+        call needs fit in the budget together; else None (the layer runs ``forward``)."""
+        needed = [e for e, c in enumerate(plan.counts) if c]
+        backend = Experts.backend_for(_ReadExperts(self, {}), x_TD)
+        fused = type(backend).forward_combined is not ExpertBackend.forward_combined
+        if not fused or len(needed) > self.per_call:
+            return None
+        self._begin(needed)
+        experts = _ReadExperts(self, self._read(needed))
+        y_TD = backend.forward_combined(experts, x_TD, plan)
+        self._end(needed)
+        return y_TD
 
     @torch.no_grad()
     def forward(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        needed = [e for e, c in enumerate(counts) if c]
-        self.cache.begin([(self.layer, e) for e in needed])
-        self.cache.prefetch(self.next_layer)  # overlaps this layer's reads and compute
+        needed = [e for e, c in enumerate(counts) if c]  # no token: never read
+        self._begin(needed)
+        starts = [sum(counts[:e]) for e in range(len(counts) + 1)]
         y = []
-        for e, x in enumerate(x_AD.split(counts)):
-            if x.shape[0] == 0:
-                continue  # no token: never read
-            self.cache.computing((self.layer, e))
-            y.append(self._ffn(x, self.cache.get((self.layer, e))))
-        self.cache.computing(None)
-        self.cache.record(self.layer, needed)
+        for i in range(0, len(needed), self.per_call):
+            group = needed[i : i + self.per_call]  # consecutive experts: one slice of rows
+            experts = _ReadExperts(self, self._read(group))
+            sub = [c if e in group else 0 for e, c in enumerate(counts)]
+            rows = x_AD[starts[group[0]] : starts[group[-1] + 1]]
+            y.append(Experts.backend_for(experts, rows).forward(experts, rows, sub))
+        self._end(needed)
         return torch.cat(y) if y else x_AD.new_empty(0, self.d_model)
 
-    def _ffn(self, x: torch.Tensor, weights: Weights) -> torch.Tensor:
-        w = dict(zip([n for n in NAMES if self._has(n)], weights))
-        if not self.exact and x.shape[0] <= SWAP_ROWS:
-            return self._ffn_swapped(x, w)
-        # The "torch" backend's arithmetic (moesaic/experts/loop.py) on the same matrices.
-        h = self.act(F.linear(x, w["w1"], w.get("b1")))
-        if self.gated:
-            h = h * F.linear(x, w["w3"], w.get("b3"))
-        return F.linear(h, w["w2"], w.get("b2"))
+    def _begin(self, needed: list[int]) -> None:
+        self.cache.begin(self.layer, [(self.layer, e) for e in needed])
+        self.cache.prefetch(self.next_layer)  # overlaps this layer's reads and compute
 
-    def _ffn_swapped(self, x_MD: torch.Tensor, w: dict) -> torch.Tensor:
-        """The same FFN transposed, ``(W x^T)^T``: for a few rows, a product that streams each
-        weight matrix once in its stored order is several times faster on CPU than
-        ``F.linear``'s (the CPU backend swaps its few-row products for the same reason)."""
-        x_DM = x_MD.t()
-        h_FM = self.act(_mm(w["w1"], x_DM, w.get("b1")))
-        if self.gated:
-            h_FM = h_FM * _mm(w["w3"], x_DM, w.get("b3"))
-        return _mm(w["w2"], h_FM, w.get("b2")).t()
+    def _read(self, group: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+        """Read ``group``'s experts; they stay resident until the next group or the end."""
+        keys = [(self.layer, e) for e in group]
+        self.cache.computing(keys)
+        names = [n for n in NAMES if self.has(n)]
+        return {e: dict(zip(names, self.cache.get(k), strict=True)) for e, k in zip(group, keys)}
 
-    def _has(self, name: str) -> bool:
+    def _end(self, needed: list[int]) -> None:
+        self.cache.computing([])
+        self.cache.record(self.layer, needed)
+
+    def has(self, name: str) -> bool:
+        """Whether the experts hold ``name`` (w3 only when gated, biases only with biases)."""
         return (name[0] == "w" or self.has_bias) and (name[1] != "3" or self.gated)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, layer={self.layer}, offloaded"
-
-
-SWAP_ROWS = 16  # rows per expert up to which the swapped product runs (non-"torch" backends)
-
-
-def _mm(w_NK: torch.Tensor, x_KM: torch.Tensor, b_N: torch.Tensor | None) -> torch.Tensor:
-    return torch.mm(w_NK, x_KM) if b_N is None else torch.addmm(b_N[:, None], w_NK, x_KM)
 
 
 def offload(model: nn.Module, *, budget_bytes: int, store: str | Path) -> ExpertCache:
@@ -335,15 +372,25 @@ def offload(model: nn.Module, *, budget_bytes: int, store: str | Path) -> Expert
     return cache
 
 
+def _transposed(experts: Experts) -> set[str]:
+    """The matrices ``Experts`` keeps in (out, in) memory order (``w1[e]`` (D, F) as the
+    transpose of an (F, D) block, ``F.linear``'s layout), to be stored and restored that way."""
+    return {n for n in NAMES[:3] if _is_t(getattr(experts, n))}
+
+
+def _is_t(w: torch.Tensor | None) -> bool:
+    return w is not None and w[0].t().is_contiguous() and not w[0].is_contiguous()
+
+
 def _expert_tensors(experts: Experts) -> dict[str, torch.Tensor]:
-    """Each expert's matrices as ``F.linear`` takes them: ``w1.{e}`` (F, D), ``w2.{e}`` (D, F)."""
+    """Each expert's tensors in the memory order ``Experts`` holds them (``_transposed``)."""
     out = {}
     for name in NAMES:
         w = getattr(experts, name)
         if w is None:
             continue
         for e in range(w.shape[0]):
-            t = w[e].t() if name[0] == "w" else w[e]
+            t = w[e].t() if _is_t(w) else w[e]
             out[f"{name}.{e}"] = t.detach().contiguous()
     return out
 

@@ -1,11 +1,14 @@
-"""Weight-only int8 experts for serving: each expert matrix as int8 with one fp32 scale per
-output channel (symmetric, ``scale = max|w_row| / 127``), activations left in floating point.
+"""int8 experts for serving: each expert matrix as int8 with one fp32 scale per output channel
+(symmetric, ``scale = max|w_row| / 127``).
 
-The product runs through ``torch._weight_int8pack_mm`` (x (M, K) times int8 W (N, K) with scales
-(N,)), torch's CPU kernel for weight-only int8, where this torch build has it and the activations'
-dtype suits it; otherwise each call dequantises the expert's matrix and runs ``F.linear``, and
-``quantize`` says so once (``QuantizedExperts.kernel`` names the path taken). Either way the
-weights are held as int8: a quarter of their fp32 bytes, plus the scales.
+The products run on one of the int8 kernels of ``moesaic/kernels/cpu/int8.py``: by default the
+one ``int8_kernel(D * F)`` picks for this CPU and the experts' size (integer products through
+torch's dynamic quantised linear where an x86 fbgemm engine works and the matrices are large
+enough for it to beat fp32, otherwise the dequantising reference), or the one named:
+``"dynamic"``, ``"int8pack"`` (weight-only, ``torch._weight_int8pack_mm``) or ``"dequantise"``.
+``QuantizedExperts.kernel`` is the kernel in use. Either way the weights are held as int8: a
+quarter of their fp32 bytes, plus the scales. ``quantize(model, only_faster=True)`` leaves in
+fp32 the layers where the rule finds int8 products slower than fp32 ones.
 
 Shape legend (docs/shapes.md): A assignments grouped by expert, D model dim, F expert hidden,
 E experts.
@@ -13,23 +16,26 @@ E experts.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from moesaic.experts import Experts
+from moesaic.kernels.cpu.int8 import KERNELS, Int8Kernel, engine_kernel, int8_kernel
 from moesaic.layer import MoE
 
-__all__ = ["quantize", "QuantizedExperts", "quantize_rows", "int8_kernel_available"]
-
-KERNEL = "torch._weight_int8pack_mm"
-FALLBACK = "dequantise + F.linear"
+__all__ = [
+    "quantize",
+    "QuantizedExperts",
+    "quantize_rows",
+    "int8_kernel",
+    "engine_kernel",
+    "int8_kernel_available",
+]
 
 
 def int8_kernel_available() -> bool:
-    """Whether this torch build runs ``torch._weight_int8pack_mm`` on CPU fp32 activations."""
+    """Whether this torch build runs ``torch._weight_int8pack_mm`` on CPU fp32 activations
+    (the ``"int8pack"`` kernel)."""
     if not hasattr(torch, "_weight_int8pack_mm"):
         return False
     try:
@@ -52,9 +58,11 @@ class QuantizedExperts(nn.Module):
 
     Buffers: ``q1`` (E, F, D), ``q2`` (E, D, F)[, ``q3`` (E, F, D)] int8 in ``F.linear``'s
     (out, in) order, ``s1``/``s2``[/``s3``] (E, out) fp32 scales; biases kept as they were.
+    ``kernel`` packs them once per expert (again after ``load_state_dict``); a gated expert's
+    ``w1`` and ``w3`` are packed as one (2F, D) matrix, so x is read (and quantised) once.
     """
 
-    def __init__(self, experts: Experts, use_kernel: bool) -> None:
+    def __init__(self, experts: Experts, kernel: Int8Kernel) -> None:
         super().__init__()
         self.num_experts, self.d_model, self.d_ff = (
             experts.num_experts,
@@ -62,7 +70,7 @@ class QuantizedExperts(nn.Module):
             experts.d_ff,
         )
         self.act, self.gated = experts.act, experts.gated
-        self.kernel = KERNEL if use_kernel else FALLBACK
+        self.kernel = kernel
         # the layer checks inputs against w1's device and dtype; no float weights are kept
         self.register_buffer("w1", torch.empty(0, dtype=experts.w1.dtype), persistent=False)
         for i in ("1", "2", "3"):
@@ -75,6 +83,24 @@ class QuantizedExperts(nn.Module):
         for name in ("b1", "b2", "b3"):
             b = getattr(experts, name)
             self.register_buffer(name, None if b is None else b.detach().clone())
+        self._pack()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._pack())
+
+    def _pack(self) -> None:
+        """Per expert (up, down) as the kernel packs them; up is w1, or [w1; w3] when gated."""
+        up = ("1", "3") if self.gated else ("1",)
+
+        def rows(kind: str, ids: tuple[str, ...], e: int) -> torch.Tensor | None:
+            parts = [getattr(self, f"{kind}{i}") for i in ids]
+            return None if parts[0] is None else torch.cat([p[e] for p in parts])
+
+        self._packed = [
+            tuple(
+                self.kernel.pack(rows("q", ids, e), rows("s", ids, e), rows("b", ids, e))
+                for ids in (up, ("2",))
+            )
+            for e in range(self.num_experts)
+        ]
 
     def forward_combined(self, x_TD: torch.Tensor, plan) -> None:
         return None  # the layer permutes, calls forward and combines
@@ -85,38 +111,38 @@ class QuantizedExperts(nn.Module):
         for e, x in enumerate(x_AD.split(counts)):
             if x.shape[0] == 0:
                 continue
-            h = self.act(self._linear(x, "1", e))
+            up, down = self._packed[e]
+            h_AF = self.kernel.linear(x, up)  # (A, 2F) when gated: [x w1 | x w3]
             if self.gated:
-                h = h * self._linear(x, "3", e)
-            y.append(self._linear(h, "2", e))
+                a, g = h_AF.chunk(2, dim=-1)
+                h_AF = self.act(a) * g
+            else:
+                h_AF = self.act(h_AF)
+            y.append(self.kernel.linear(h_AF, down))
         return torch.cat(y) if y else x_AD.new_empty(0, self.d_model)
 
-    def _linear(self, x: torch.Tensor, i: str, e: int) -> torch.Tensor:
-        q, s = getattr(self, f"q{i}")[e], getattr(self, f"s{i}")[e]
-        b = getattr(self, f"b{i}")
-        if self.kernel == KERNEL and x.dtype == torch.float32:
-            y = torch._weight_int8pack_mm(x.contiguous(), q, s)
-        else:
-            y = F.linear(x, (q.to(s.dtype) * s[:, None]).to(x.dtype))
-        return y if b is None else y + b[e].to(y.dtype)
-
     def nbytes(self) -> int:
-        """Bytes of the quantised weights, scales and biases."""
+        """Bytes of the quantised weights, scales and biases (the buffers; the ``"dynamic"``
+        kernel's packed copy, fbgemm's own int8 layout, comes on top)."""
         return sum(t.numel() * t.element_size() for t in self.buffers() if t.numel())
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, int8 weight-only, kernel={self.kernel!r}"
+        return f"num_experts={self.num_experts}, int8, kernel={self.kernel.describe()!r}"
 
 
-def quantize(model: nn.Module, *, kernel: bool | None = None) -> int:
-    """Replace every MoE layer's experts in ``model`` by int8 weight-only ``QuantizedExperts``
-    (in place, for serving; the float expert weights are released). ``kernel``: None uses
-    ``torch._weight_int8pack_mm`` where available (saying once when it is not), False forces
-    the dequantising path. Returns the number of layers quantised."""
+def quantize(model: nn.Module, *, kernel: str | None = None, only_faster: bool = False) -> int:
+    """Replace every MoE layer's experts in ``model`` by int8 ``QuantizedExperts`` (in place, for
+    serving; the float expert weights are released). ``kernel``: None takes ``int8_kernel(D *
+    F)``, this CPU's default for the layer's expert size; or ``"dynamic"``, ``"int8pack"``,
+    ``"dequantise"``. ``only_faster``: leave in fp32 the layers whose default kernel is not
+    ``"dynamic"`` (where int8 products lose to fp32), so int8 never slows the model. Returns the
+    number of layers quantised."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if kernel is not None and not isinstance(kernel, bool):
-        raise TypeError(f"kernel={kernel!r} must be True, False or None")
+    if not isinstance(only_faster, bool):
+        raise TypeError(f"only_faster={only_faster!r} must be True or False")
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} must be None or one of {sorted(KERNELS)}")
     layers = [m for m in model.modules() if isinstance(m, MoE)]
     if not layers:
         raise ValueError("model has no MoE layers: there are no experts to quantise")
@@ -126,16 +152,26 @@ def quantize(model: nn.Module, *, kernel: bool | None = None) -> int:
                 f"an MoE layer's experts are {type(layer.experts).__name__}, not float "
                 "Experts: quantise before offloading, and only once"
             )
-    available = int8_kernel_available()
-    if kernel and not available:
-        raise ValueError(f"kernel=True but this torch build has no CPU {KERNEL}")
-    use = available if kernel is None else kernel
-    if kernel is None and not available:
-        warnings.warn(
-            f"{KERNEL} is not available in torch {torch.__version__}: int8 experts will "
-            "dequantise each matrix per call (same results, no int8 speed-up)",
-            stacklevel=2,
-        )
+    named = None if kernel is None else named_kernel(kernel)
+    done = 0
     for layer in layers:
-        layer.experts = QuantizedExperts(layer.experts, use)
-    return len(layers)
+        chosen = named or int8_kernel(layer.experts.d_model * layer.experts.d_ff)
+        if only_faster and chosen.name != "dynamic":
+            continue
+        layer.experts = QuantizedExperts(layer.experts, chosen)
+        done += 1
+    return done
+
+
+def named_kernel(name: str) -> Int8Kernel:
+    """The kernel ``name``, refusing one this CPU or torch build cannot run."""
+    if name == "int8pack" and not int8_kernel_available():
+        raise ValueError(
+            f"kernel='int8pack' but torch {torch.__version__} has no CPU torch._weight_int8pack_mm"
+        )
+    if name == "dynamic":
+        default = engine_kernel()
+        if default.name != "dynamic":
+            raise ValueError(f"kernel='dynamic' but this CPU's int8 kernel is {default.describe()}")
+        return default
+    return KERNELS[name]()

@@ -25,7 +25,9 @@ def test_tables_cover_every_stage(tmp_path):
     _write(tmp_path / "inherit" / "scratch" / "done.json", {"evals": scratch})
     _write(tmp_path / "inherit" / "inherited" / "done.json", {"evals": inherited})
     for name, loss in (("student", 1.7), ("alone", 1.9)):
-        _write(tmp_path / "students" / name / "done.json", {"evals": [{"val_loss": loss}]})
+        params = {"total": 800, "activated": 90.0}
+        done = {"evals": [{"val_loss": loss}], "layers": 2, "params": params}
+        _write(tmp_path / "students" / name / "done.json", done)
     text = tables(tmp_path, ["supersense", "fortune"])
     assert "| moe | 1,000 | 100 | 1.5000 |" in text
     assert "| moe, expert dropout 0.4 | - | 50.0% | 10 of 99 |" in text
@@ -33,4 +35,5 @@ def test_tables_cover_every_stage(tmp_path):
     assert "trained / all parameters (fortune)" in text
     # the inheriting run reaches 1.6 halfway between its evals at steps 100 (1.8) and 200 (1.4)
     assert "| inheriting from the pre-trained 2-layer MoE | 1.4000 | 150 |" in text
-    assert "| same student, random start, no teacher | 1.9000 |" in text
+    assert "| teacher (the deeper MoE, from scratch) | - | 1.6000 | - | - |" in text
+    assert "| same student, random start, no teacher | 2 | 1.9000 | 800 | 90 |" in text

@@ -26,8 +26,16 @@ def test_one_offload_benchmark_run_reports_speed_memory_and_reads(tmp_path, frac
         assert row["resident_bytes"] <= 2 * 2 * 16 * 32 * 4 and row["reads"] > 0
 
 
-@pytest.mark.skipif(not int8_kernel_available(), reason="no torch._weight_int8pack_mm")
-def test_int8_kernel_table_has_a_row_per_size(capsys):
-    assert bench_int8.main(["--kernel", "--rounds", "1"]) == 0
+def test_int8_kernel_table_has_a_row_per_size_and_kernel(capsys):
+    assert bench_int8.main(["--kernel", "--rounds", "1", "--shapes", "64x32"]) == 0
     out = capsys.readouterr().out
-    assert "| 1 |" in out and "| 64 |" in out
+    assert "| 64 x 32 | 1 |" in out and "| 64 x 32 | 256 |" in out and "dequantise ms" in out
+    assert ("int8pack ms" in out) == int8_kernel_available()
+
+
+def test_int8_decoding_table_has_float_rule_and_kernel_rows(capsys):
+    assert bench_int8.main(["--generated", "16x32", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    for row in ("| float32 |", "| int8 default (dequantise) |", "| only_faster |"):
+        assert row in out
+    assert "AVX-512" in out and "default int8 kernel" in out

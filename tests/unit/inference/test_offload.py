@@ -138,3 +138,46 @@ def test_offloaded_experts_on_the_cpu_backend_equal_the_resident_model(tmp_path,
         cache.close()
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{}, {"activation": "swiglu", "bias": True}], ids=str)
+def test_experts_that_fit_run_in_one_cpu_backend_call_bit_identical_to_resident(
+    tmp_path, kw, monkeypatch
+):
+    from moesaic.kernels.cpu import CpuBackend
+
+    resident = _model(**kw)
+    for block in resident.blocks:
+        block.ffn.experts.backend = CpuBackend()
+    idx = torch.randint(0, 64, (3, 6))
+    want = _decode(resident, idx)
+    model = copy.deepcopy(resident)
+    cache = offload(model, budget_bytes=10**9, store=tmp_path)
+    calls = []
+    fused = CpuBackend.forward_combined
+    monkeypatch.setattr(
+        CpuBackend, "forward_combined", lambda self, *a: calls.append(1) or fused(self, *a)
+    )
+    try:
+        got = _decode(model, idx)
+    finally:
+        cache.close()
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert len(calls) == 5 * 3  # one call per MoE layer (3) and forward (prompt + 4 steps)
+
+
+def test_eviction_keeps_the_experts_of_the_layers_that_run_soonest(tmp_path):
+    model = _model()  # 3 MoE layers, run in the cycle 0, 1, 2, 0, ...
+    one = expert_nbytes(model.blocks[0].ffn.experts)
+    cache = offload(model, budget_bytes=4 * one, store=tmp_path)
+    try:
+        for layer in (1, 2, 0):
+            cache.begin(layer, [(layer, 0), (layer, 1)])
+            cache.get((layer, 0))
+            cache.get((layer, 1))
+    finally:
+        cache.close()
+    # Layer 0's reads had to evict two experts: layer 1 runs next, layer 2 after it, so layer
+    # 2's go, though layer 1's were read first (least recently used would evict those).
+    assert sorted(cache.resident) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert cache.stats.evictions == 2
