@@ -1,5 +1,5 @@
 """int8 experts (``ms.inference.quantize``) on a trained run: size, decoding speed and
-validation-loss change, one row per int8 kernel (moesaic/kernels/cpu/int8.py).
+validation-loss change, one row per int8 kernel (moesaic/inference/int8.py).
 
 Copies of the run's model, timed interleaved in this one process: float experts (the default
 "auto" backend), then int8 experts on each kernel this CPU and torch can run ("dynamic":
@@ -36,13 +36,13 @@ import moesaic as ms
 from benchmarks.harness import environment, time_interleaved, time_rounds
 from benchmarks.taskmoe import NEW, PROMPT, decode, stream_prompt
 from moesaic.data import TokenStream, eval_batches, load_corpus, split_documents
+from moesaic.inference.int8 import has_vnni
 from moesaic.inference.quantize import (
     QuantizedExperts,
     int8_kernel,
     int8_kernel_available,
     named_kernel,
 )
-from moesaic.kernels.cpu.int8 import has_vnni
 from moesaic.models.lm import LMConfig, MoELM
 from moesaic.train.run import load_run
 from moesaic.train.trainer import evaluate

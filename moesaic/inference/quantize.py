@@ -1,7 +1,7 @@
 """int8 experts for serving: each expert matrix as int8 with one fp32 scale per output channel
 (symmetric, ``scale = max|w_row| / 127``).
 
-The products run on one of the int8 kernels of ``moesaic/kernels/cpu/int8.py``: by default the
+The products run on one of the int8 kernels of ``moesaic/inference/int8.py``: by default the
 one ``int8_kernel(D * F)`` picks for this CPU and the experts' size (integer products through
 torch's dynamic quantised linear where an x86 fbgemm engine works and the matrices are large
 enough for it to beat fp32, otherwise the dequantising reference), or the one named:
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from moesaic.experts import Experts
-from moesaic.kernels.cpu.int8 import KERNELS, Int8Kernel, engine_kernel, int8_kernel
+from moesaic.inference.int8 import KERNELS, Int8Kernel, engine_kernel, int8_kernel
 from moesaic.layer import MoE
 
 __all__ = [

@@ -11,6 +11,13 @@ import torch
 import moesaic as ms
 from moesaic.experts import Experts
 from moesaic.inference import quantize
+from moesaic.inference.int8 import (
+    DYNAMIC_MIN_WEIGHTS,
+    Dequantise,
+    DynamicQuant,
+    choose_kernel,
+    has_vnni,
+)
 from moesaic.inference.quantize import (
     QuantizedExperts,
     engine_kernel,
@@ -18,13 +25,6 @@ from moesaic.inference.quantize import (
     int8_kernel_available,
     named_kernel,
     quantize_rows,
-)
-from moesaic.kernels.cpu.int8 import (
-    DYNAMIC_MIN_WEIGHTS,
-    Dequantise,
-    DynamicQuant,
-    choose_kernel,
-    has_vnni,
 )
 
 needs_int8pack = pytest.mark.skipif(
