@@ -7,6 +7,8 @@ only a budget's worth of them in memory.
 - an expert is read (through a memory map of its file, whose pages are released right after the
   copy, so the mapping never holds more than the one expert being read) only when a token is
   routed to it: experts that get no token are never read (InfMoE skips empty experts too);
+- a read goes into the buffers of an evicted expert of the same shapes once nothing uses them
+  any more (fresh memory would have its pages faulted in and zeroed on every read);
 - the experts read so far stay in one resident set shared by all layers, never more than
   ``budget_bytes`` of weights; to make room it evicts first the experts of the layer whose next
   turn is furthest away (the layers run in a cycle: the one that just ran), least recently used
@@ -32,7 +34,9 @@ import dataclasses
 import json
 import mmap
 import struct
+import sys
 import threading
+import warnings
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -77,6 +81,7 @@ class OffloadStats:
     prefetch_needed: int = 0  # experts needed by layers that had a prefetch guess
     prefetch_hits: int = 0  # of those, in the guess
     evictions: int = 0
+    reused: int = 0  # reads into an evicted expert's buffers (no fresh memory)
     peak_bytes: int = 0  # most weight bytes resident at once
 
     @property
@@ -100,15 +105,23 @@ class _SafetensorsMap:
             self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self.base = 8 + n
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``name``, copied into ``out`` when given (a free buffer of the same shape
+        and dtype: reusing it spares the page faults of fresh memory on every read)."""
         info = self.header[name]
         start, end = (self.base + o for o in info["data_offsets"])
-        raw = np.frombuffer(self.map, dtype=np.uint8, count=end - start, offset=start).copy()
+        raw = np.frombuffer(self.map, dtype=np.uint8, count=end - start, offset=start)
+        if out is None:
+            out = torch.empty(info["shape"], dtype=getattr(torch, _DTYPES[info["dtype"]]))
+        with warnings.catch_warnings():  # the map is read-only; it is only read from
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            src = torch.from_numpy(raw)
+        # through torch, so the buffer's version counter moves (caches keyed on it)
+        out.view(-1).view(torch.uint8).copy_(src)
         page = mmap.PAGESIZE
         lo = start // page * page
         self.map.madvise(mmap.MADV_DONTNEED, lo, end - lo)
-        dtype = getattr(torch, _DTYPES[info["dtype"]])
-        return torch.from_numpy(raw).view(dtype).reshape(info["shape"])
+        return out
 
     def close(self) -> None:
         self.map.close()
@@ -136,6 +149,9 @@ class ExpertCache:
         self.pinned: set[Key] = set()  # the computing layer's experts still to run
         self.current: set[Key] = set()  # the experts computing now: never evicted
         self.layer_now = 0  # the layer computing now (evictions go by distance to next use)
+        # evicted experts' buffers, refilled by later reads of a layer of the same shapes once
+        # nothing else holds them (a computing layer may still use an evicted expert's tensors)
+        self.spare: list[tuple[int, Weights]] = []
 
     def get(self, key: Key) -> Weights:
         """The expert's weights, read now if neither resident nor on its way."""
@@ -200,7 +216,12 @@ class ExpertCache:
                 return None
             self.bytes += size  # reserved before reading, so the budget holds meanwhile
         names = [n for n in NAMES if f"{n}.{e}" in self.maps[layer].header]
-        weights = tuple(self.maps[layer].read(f"{n}.{e}") for n in names)
+        with self.lock:
+            spare = self._spare_for(layer)
+        if spare is None:
+            weights = tuple(self.maps[layer].read(f"{n}.{e}") for n in names)
+        else:
+            weights = tuple(self.maps[layer].read(f"{n}.{e}", out) for n, out in zip(names, spare))
         with self.lock:
             self.resident[key] = weights
             self.loading.pop(key, None)
@@ -209,6 +230,24 @@ class ExpertCache:
             self.stats.prefetched += not sync
             self.stats.peak_bytes = max(self.stats.peak_bytes, self.bytes)
         return weights
+
+    def _spare_for(self, layer: int) -> Weights | None:
+        """(lock held) An evicted expert's buffers that fit ``layer`` and nobody holds."""
+        shapes = self._shapes(layer)
+        for i, (owner, weights) in enumerate(self.spare):
+            if self._shapes(owner) == shapes and all(_unheld(t) for t in weights):
+                self.stats.reused += 1
+                return self.spare.pop(i)[1]
+        del self.spare[: max(0, len(self.spare) - 8)]  # held for long: let them go
+        return None
+
+    def _shapes(self, layer: int) -> list[tuple]:
+        header = self.maps[layer].header
+        return [
+            (header[k]["dtype"], header[k]["shape"])
+            for k in (f"{n}.0" for n in NAMES)
+            if k in header
+        ]
 
     def _make_room(self, size: int, sync: bool) -> bool:
         """(lock held) Evict until ``size`` more bytes fit; False when they cannot."""
@@ -227,7 +266,7 @@ class ExpertCache:
             if not victims:
                 return False
             self.bytes -= self.expert_bytes[victims[0][0]]
-            del self.resident[victims[0]]
+            self.spare.append((victims[0][0], self.resident.pop(victims[0])))
             self.stats.evictions += 1
         return True
 
@@ -370,6 +409,13 @@ def offload(model: nn.Module, *, budget_bytes: int, store: str | Path) -> Expert
     for n, (_, layer) in enumerate(layers):
         layer.experts = OffloadedExperts(layer.experts, cache, n, (n + 1) % len(layers))
     return cache
+
+
+def _unheld(t: torch.Tensor) -> bool:
+    """No tensor but ``t`` shares its memory and no name but the spare list holds ``t``: the
+    storage's use count is ``t``'s alone (views such as ``w.t()`` add to it)."""
+    storage = t.untyped_storage()  # this temporary holds one use of the storage too
+    return torch._C._storage_Use_Count(storage._cdata) == 2 and sys.getrefcount(t) <= 4
 
 
 def _transposed(experts: Experts) -> set[str]:

@@ -70,6 +70,8 @@ def test_offloaded_decoding_is_bit_identical_to_the_resident_model(tmp_path, exp
     assert cache.stats.peak_bytes <= experts_budget * one
     if experts_budget == 1:  # room for one expert: every needed expert is read, each step
         assert cache.stats.evictions > 0 and cache.stats.reads >= cache.stats.misses > 0
+    if experts_budget == 3:  # evicted buffers are refilled, never while a layer still uses them
+        assert cache.stats.reused > 0
     if experts_budget == 3 * E:  # everything fits: each expert read at most once
         assert cache.stats.reads <= 3 * E and cache.stats.evictions == 0
     assert not any(p.numel() for b in model.blocks for p in b.ffn.experts.parameters())
