@@ -142,21 +142,25 @@ def save_checkpoint(
         write_atomic(checkpoint_dir / LATEST, final.name)
     except Exception as err:  # OSError, and torch's / safetensors' wrappers of a failed write
         shutil.rmtree(tmp, ignore_errors=True)
-        previous = _named_by_latest(checkpoint_dir)
-        kept = (
-            f"{previous.name} is intact"
-            if previous is not None and previous.is_dir() and previous != final
-            else "no earlier checkpoint exists"
-        )
-        raise CheckpointWriteError(
-            f"cannot write checkpoint {final} ({_os_reason(err)}); nothing of it was kept and "
-            f"{kept}"
-        ) from None
+        raise _write_error(final, _os_reason(err)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _prune(checkpoint_dir, keep)
     return final
+
+
+def _write_error(final: Path, reason: str) -> CheckpointWriteError:
+    """The one-line error of a save of ``final`` that failed and was removed."""
+    previous = _named_by_latest(final.parent)
+    kept = (
+        f"{previous.name} is intact"
+        if previous is not None and previous.is_dir() and previous != final
+        else "no earlier checkpoint exists"
+    )
+    return CheckpointWriteError(
+        f"cannot write checkpoint {final} ({reason}); nothing of it was kept and {kept}"
+    )
 
 
 def _os_reason(err: Exception) -> str:
@@ -307,15 +311,7 @@ def save_sharded_checkpoint(
     if error is not None:
         if groups.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        previous = _named_by_latest(checkpoint_dir)
-        kept = (
-            f"{previous.name} is intact"
-            if previous is not None and previous.is_dir() and previous != final
-            else "no earlier checkpoint exists"
-        )
-        raise CheckpointWriteError(
-            f"cannot write checkpoint {final} ({error}); nothing of it was kept and {kept}"
-        )
+        raise _write_error(final, error)
     if not groups.is_main:
         return None
     _prune(checkpoint_dir, keep)

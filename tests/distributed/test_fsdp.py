@@ -18,20 +18,12 @@ from moesaic.train.recipes import get_recipe
 from moesaic.train.trainer import Trainer
 from tests.cases import metric_rows
 from tests.distributed._launch import run_distributed
+from tests.distributed.test_training import OVERRIDES as SAME_FUNCTION
 
-# As in test_training.py: deterministic routing and no aux loss (a per-rank statistic), so the
-# sharded and the single-process runs compute the same function.
-OVERRIDES = [
-    "model.moe.router=topk",
-    "model.moe.top_k=2",
-    "model.moe.aux_loss_weight=0",
-    "train.steps=20",
-    "train.eval_every=10",
-    "train.checkpoint_every=10",
-    "train.sample_tokens=0",
-    "train.threads=1",
-    "optim.grad_clip=0.5",  # exercised: the sharded norm must equal the single-process one
-]
+# test_training.py's run: deterministic routing and no aux loss (a per-rank statistic), so the
+# sharded and the single-process runs compute the same function; clipping is exercised too: the
+# sharded norm must equal the single-process one.
+OVERRIDES = [*SAME_FUNCTION, "optim.grad_clip=0.5"]
 
 
 def _cfg(expert: int, shard: int):

@@ -1,6 +1,7 @@
 """A training process SIGKILLed at a random step and resumed from its last checkpoint ends with
 losses and weights bit-identical to a run that was never interrupted (one process, and 2 gloo
-ranks under torchrun --max-restarts 1 with one rank killed)."""
+ranks under torchrun --max-restarts 1 with one rank killed, expert-parallel, and with FSDP2 and
+sharded DCP checkpoints)."""
 
 from __future__ import annotations
 
