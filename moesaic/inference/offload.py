@@ -137,6 +137,7 @@ class ExpertCache:
 
     def __init__(self, files: list[Path], expert_bytes: list[int], budget_bytes: int) -> None:
         self.maps = [_SafetensorsMap(p) for p in files]
+        self.shapes = [_expert_shapes(m.header) for m in self.maps]  # per layer, for reuse
         self.expert_bytes, self.budget = expert_bytes, budget_bytes
         self.resident: OrderedDict[Key, Weights] = OrderedDict()
         self.bytes = 0
@@ -233,21 +234,12 @@ class ExpertCache:
 
     def _spare_for(self, layer: int) -> Weights | None:
         """(lock held) An evicted expert's buffers that fit ``layer`` and nobody holds."""
-        shapes = self._shapes(layer)
         for i, (owner, weights) in enumerate(self.spare):
-            if self._shapes(owner) == shapes and all(_unheld(t) for t in weights):
+            if self.shapes[owner] == self.shapes[layer] and all(_unheld(t) for t in weights):
                 self.stats.reused += 1
                 return self.spare.pop(i)[1]
         del self.spare[: max(0, len(self.spare) - 8)]  # held for long: let them go
         return None
-
-    def _shapes(self, layer: int) -> list[tuple]:
-        header = self.maps[layer].header
-        return [
-            (header[k]["dtype"], header[k]["shape"])
-            for k in (f"{n}.0" for n in NAMES)
-            if k in header
-        ]
 
     def _make_room(self, size: int, sync: bool) -> bool:
         """(lock held) Evict until ``size`` more bytes fit; False when they cannot."""
@@ -409,6 +401,12 @@ def offload(model: nn.Module, *, budget_bytes: int, store: str | Path) -> Expert
     for n, (_, layer) in enumerate(layers):
         layer.experts = OffloadedExperts(layer.experts, cache, n, (n + 1) % len(layers))
     return cache
+
+
+def _expert_shapes(header: dict) -> list[tuple]:
+    """(dtype, shape) of each tensor of one expert in a store file's header."""
+    names = (f"{n}.0" for n in NAMES)
+    return [(header[k]["dtype"], header[k]["shape"]) for k in names if k in header]
 
 
 def _unheld(t: torch.Tensor) -> bool:

@@ -17,8 +17,8 @@ from moesaic.parallel import comm_model
 from moesaic.parallel.alltoall import all_to_all
 from moesaic.parallel.dcp import global_shapes
 from moesaic.parallel.expert_parallel import run_experts_parallel
-from moesaic.parallel.fsdp import clip_grad_norm_sharded, local_tensor, shard_model
-from moesaic.parallel.grads import clip_grad_norm, expert_parameters, sync_gradients
+from moesaic.parallel.fsdp import shard_model
+from moesaic.parallel.grads import clip_grad_norm, expert_parameters, local_tensor, sync_gradients
 from moesaic.parallel.groups import ParallelGroups, init, single_process
 from moesaic.parallel.shard import (
     full_optimizer_state,
@@ -36,7 +36,6 @@ __all__ = [
     "run_experts_parallel",
     "sync_gradients",
     "shard_model",
-    "clip_grad_norm_sharded",
     "local_tensor",
     "global_shapes",
     "clip_grad_norm",

@@ -26,6 +26,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from moesaic.parallel.grads import expert_param_names
 from moesaic.parallel.groups import ParallelGroups
 
 __all__ = [
@@ -106,8 +107,7 @@ def _expert_mesh(groups: ParallelGroups):
 
     key = id(groups.expert_group)
     if key not in _meshes:
-        device = "cuda" if groups.backend == "nccl" else "cpu"
-        _meshes[key] = DeviceMesh.from_group(groups.expert_group, device)
+        _meshes[key] = DeviceMesh.from_group(groups.expert_group, groups.device_type)
     return _meshes[key]
 
 
@@ -120,9 +120,8 @@ def _view(t: torch.Tensor, expert: bool, groups: ParallelGroups):
     sharded = _is_dtensor(t)  # FSDP-sharded over the expert replicas
     local = t.full_tensor() if sharded else t.detach()
     shape = torch.Size((local.shape[0] * groups.expert_size, *local.shape[1:]))
-    view = DTensor.from_local(
-        local, _expert_mesh(groups), [Shard(0)], shape=shape, stride=_contiguous_stride(shape)
-    )
+    stride = torch.empty(shape, device="meta").stride()  # the global tensor, contiguous
+    view = DTensor.from_local(local, _expert_mesh(groups), [Shard(0)], shape=shape, stride=stride)
     if not sharded:
         return view, None
 
@@ -133,18 +132,10 @@ def _view(t: torch.Tensor, expert: bool, groups: ParallelGroups):
     return view, write_back
 
 
-def _contiguous_stride(shape: torch.Size) -> tuple[int, ...]:
-    stride, acc = [], 1
-    for n in reversed(shape):
-        stride.append(acc)
-        acc *= n
-    return tuple(reversed(stride))
-
-
 def global_shapes(model: nn.Module, groups: ParallelGroups) -> dict[str, torch.Tensor]:
     """The model's state dict in the single-process layout as meta tensors (shapes only, no
     communication): what a checkpoint of any layout must hold to fit this model."""
-    experts = _expert_names(model) if groups.expert_size > 1 else set()
+    experts = expert_param_names(model) if groups.expert_size > 1 else set()
     out = {}
     for name, t in model.state_dict().items():
         shape = tuple(t.shape)
@@ -152,13 +143,6 @@ def global_shapes(model: nn.Module, groups: ParallelGroups) -> dict[str, torch.T
             shape = (shape[0] * groups.expert_size, *shape[1:])
         out[name] = torch.empty(shape, dtype=t.dtype, device="meta")
     return out
-
-
-def _expert_names(model: nn.Module) -> set[str]:
-    from moesaic.parallel.grads import expert_param_ids
-
-    ids = expert_param_ids(model)
-    return {name for name, p in model.named_parameters() if id(p) in ids}
 
 
 def _views(
@@ -169,7 +153,7 @@ def _views(
 ) -> tuple[dict[str, torch.Tensor], list[Callable[[], None]]]:
     """The flat DCP state dict of model (and optimizer); with ``optim_keys`` (loading), missing
     optimizer state that the checkpoint holds is created first, zero, to be loaded into."""
-    experts = _expert_names(model)
+    experts = expert_param_names(model)
     views, write_backs = {}, []
     for name, t in model.state_dict().items():
         views[MODEL_PREFIX + name], wb = _view(t, name in experts, groups)

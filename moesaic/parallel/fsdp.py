@@ -13,30 +13,21 @@
    ``replicate`` > 1), then the root, which takes the remaining parameters (embeddings, head,
    norms).
 
-Gradients are then reduced by FSDP alone: the trainer calls no ``sync_gradients``. Without
+Gradients are then reduced by FSDP alone: the trainer calls no ``sync_gradients``, and
+``clip_grad_norm`` counts each shard once. Without
 expert parallelism the experts are dense parameters of their block like any other.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from moesaic.parallel.grads import expert_param_ids
 from moesaic.parallel.groups import ParallelGroups
 
-__all__ = ["shard_model", "clip_grad_norm_sharded", "local_tensor"]
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of ``t`` (a DTensor's local shard; a plain tensor itself)."""
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
+__all__ = ["shard_model"]
 
 
 def _dense_mesh(groups: ParallelGroups):
@@ -95,26 +86,3 @@ def _make_contiguous(module: nn.Module) -> None:
     for name, p in list(module.named_parameters(recurse=False)):
         if not p.is_contiguous():
             setattr(module, name, nn.Parameter(p.detach().contiguous(), p.requires_grad))
-
-
-def clip_grad_norm_sharded(model: nn.Module, max_norm: float, groups: ParallelGroups) -> float:
-    """The global gradient norm of an FSDP2-sharded model (every element counted once), with the
-    gradients scaled to ``max_norm`` when above it; the norm before clipping.
-
-    Dense gradients are sharded over the ``shard`` dimension and replicated over ``replicate``:
-    their squares are summed over ``shard`` only. Expert gradients live on exactly one rank
-    each (expert dimension x FSDP shard over the replicas): summed over every rank."""
-    experts = expert_param_ids(model) if groups.expert_size > 1 else set()
-    params = [p for p in model.parameters() if p.grad is not None]
-    sq = torch.zeros(2)
-    for p in params:
-        sq[int(id(p) in experts)] += local_tensor(p.grad).float().square().sum()
-    dense, expert = sq.unbind()
-    dist.all_reduce(dense, group=groups.mesh.get_group("shard"))
-    dist.all_reduce(expert)
-    total = math.sqrt(float(dense + expert))
-    scale = max_norm / (total + 1e-6)
-    if scale < 1:
-        for p in params:
-            local_tensor(p.grad).mul_(scale)
-    return total

@@ -18,7 +18,14 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from moesaic.parallel.groups import ParallelGroups
 
-__all__ = ["expert_parameters", "expert_param_ids", "sync_gradients", "clip_grad_norm"]
+__all__ = [
+    "expert_parameters",
+    "expert_param_ids",
+    "expert_param_names",
+    "local_tensor",
+    "sync_gradients",
+    "clip_grad_norm",
+]
 
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -33,6 +40,20 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
 def expert_param_ids(model: nn.Module) -> set[int]:
     """ids of ``expert_parameters(model)``."""
     return {id(p) for p in expert_parameters(model)}
+
+
+def expert_param_names(model: nn.Module) -> set[str]:
+    """Names (``model.named_parameters()``'s) of ``expert_parameters(model)``."""
+    ids = expert_param_ids(model)
+    return {name for name, p in model.named_parameters() if id(p) in ids}
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t`` (a DTensor's local shard, e.g. under FSDP2; a plain tensor
+    itself)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _grads(model: nn.Module, expert: bool) -> list[torch.Tensor]:
@@ -67,23 +88,28 @@ def sync_gradients(model: nn.Module, groups: ParallelGroups) -> None:
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float, groups: ParallelGroups) -> float:
-    """``clip_grad_norm_`` over the whole (sharded) model: replicated parameters count once,
-    expert shards are summed over the expert group. Returns the total norm before clipping."""
-    if groups.expert_group is None:  # every parameter whole on this rank: torch's own
+    """``clip_grad_norm_`` over the whole (sharded) model, every element counted once; returns
+    the total norm before clipping.
+
+    Plain expert parallelism: replicated gradients count once, expert shards are summed over
+    the expert group. FSDP2 (``groups.sharded``): dense gradients are shards over the mesh's
+    ``shard`` dimension (replicated over ``replicate``), summed over ``shard``; each expert
+    gradient element lives on exactly one rank (expert dimension x FSDP shard over the
+    replicas), summed over every rank."""
+    if groups.expert_group is None and not groups.sharded:  # every gradient whole here
         return float(nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-    experts = expert_param_ids(model)
+    experts = expert_param_ids(model) if groups.expert_size > 1 else set()
     params = [p for p in model.parameters() if p.grad is not None]
-    sq_replicated = sum(
-        (p.grad.float().square().sum() for p in params if id(p) not in experts), torch.zeros(())
-    )
-    sq_experts = sum(
-        (p.grad.float().square().sum() for p in params if id(p) in experts), torch.zeros(())
-    )
-    if groups.expert_group is not None:
-        dist.all_reduce(sq_experts, group=groups.expert_group)
-    total = math.sqrt(float(sq_replicated + sq_experts))
+    sq = torch.zeros(2)  # (dense, experts)
+    for p in params:
+        sq[int(id(p) in experts)] += local_tensor(p.grad).float().square().sum()
+    dense, expert = sq.unbind()
+    if groups.sharded:
+        dist.all_reduce(dense, group=groups.mesh.get_group("shard"))
+    dist.all_reduce(expert, group=None if groups.sharded else groups.expert_group)
+    total = math.sqrt(float(dense + expert))
     scale = max_norm / (total + 1e-6)
     if scale < 1:
         for p in params:
-            p.grad.mul_(scale)
+            local_tensor(p.grad).mul_(scale)
     return total

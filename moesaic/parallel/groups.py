@@ -42,6 +42,11 @@ class ParallelGroups:
         return self.mesh is not None
 
     @property
+    def device_type(self) -> str:
+        """The device type of the collectives: "cuda" for NCCL, else "cpu"."""
+        return "cuda" if self.backend == "nccl" else "cpu"
+
+    @property
     def distributed(self) -> bool:
         return self.world_size > 1
 

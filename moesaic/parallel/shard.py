@@ -14,15 +14,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moesaic.parallel.grads import expert_param_ids
+from moesaic.parallel.grads import expert_param_ids, expert_param_names
 from moesaic.parallel.groups import ParallelGroups
 
 __all__ = ["full_state_dict", "load_sharded", "full_optimizer_state", "shard_optimizer_state"]
-
-
-def _expert_names(model: nn.Module) -> set[str]:
-    ids = expert_param_ids(model)
-    return {name for name, p in model.named_parameters() if id(p) in ids}
 
 
 def _gather(t: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
@@ -42,14 +37,14 @@ def full_state_dict(model: nn.Module, groups: ParallelGroups) -> dict[str, torch
     state = model.state_dict()
     if groups.expert_group is None:
         return state
-    experts = _expert_names(model)
+    experts = expert_param_names(model)
     return {k: _gather(v, groups) if k in experts else v for k, v in state.items()}
 
 
 def load_sharded(model: nn.Module, full: dict[str, torch.Tensor], groups: ParallelGroups) -> None:
     """Load a full (single-process layout) state dict into a possibly expert-sharded model."""
     if groups.expert_group is not None:
-        experts = _expert_names(model)
+        experts = expert_param_names(model)
         full = {k: _shard(v, groups) if k in experts else v for k, v in full.items()}
     model.load_state_dict(full)
 

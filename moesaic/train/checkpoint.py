@@ -114,7 +114,7 @@ def save_checkpoint(
     it had written, leaving every earlier checkpoint and ``latest`` as they were."""
     if isinstance(weights, nn.Module):
         weights = weights.state_dict()
-    bad = [name for name, t in weights.items() if t.is_floating_point() and not t.isfinite().all()]
+    bad = _nonfinite(weights)
     if bad:
         raise NonFiniteWeightsError(
             f"step {step}: refusing to checkpoint non-finite weights ({', '.join(bad[:3])}"
@@ -130,16 +130,7 @@ def save_checkpoint(
     try:
         save_file(_untie(weights), tmp / WEIGHTS, metadata={"step": str(step)})
         torch.save(state, tmp / STATE)
-        manifest = {name: _sha256(tmp / name) for name in (WEIGHTS, STATE)}
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, "sha256": manifest}, indent=1))
-        for name in (WEIGHTS, STATE, MANIFEST):
-            _fsync(tmp / name)
-        _fsync(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(checkpoint_dir)
-        write_atomic(checkpoint_dir / LATEST, final.name)
+        _seal(tmp, final, step, [WEIGHTS, STATE])
     except Exception as err:  # OSError, and torch's / safetensors' wrappers of a failed write
         shutil.rmtree(tmp, ignore_errors=True)
         raise _write_error(final, _os_reason(err)) from None
@@ -148,6 +139,17 @@ def save_checkpoint(
         raise
     _prune(checkpoint_dir, keep)
     return final
+
+
+def _nonfinite(weights: dict[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point tensors holding inf or NaN (this rank's shard of a DTensor)."""
+    from moesaic.parallel.grads import local_tensor
+
+    return [
+        name
+        for name, t in weights.items()
+        if t.is_floating_point() and not local_tensor(t).isfinite().all()
+    ]
 
 
 def _write_error(final: Path, reason: str) -> CheckpointWriteError:
@@ -271,14 +273,8 @@ def save_sharded_checkpoint(
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     from moesaic.parallel.dcp import save_state
-    from moesaic.parallel.fsdp import local_tensor
 
-    bad = [
-        name
-        for name, t in model.state_dict().items()
-        if t.is_floating_point() and not local_tensor(t).isfinite().all()
-    ]
-    bad_anywhere = _first_error(", ".join(bad[:3]) or None, groups)
+    bad_anywhere = _first_error(", ".join(_nonfinite(model.state_dict())[:3]) or None, groups)
     if bad_anywhere is not None:
         raise NonFiniteWeightsError(
             f"step {step}: refusing to checkpoint non-finite weights ({bad_anywhere})"
@@ -319,13 +315,19 @@ def save_sharded_checkpoint(
 
 
 def _publish(tmp: Path, final: Path, step: int, state: dict[str, Any]) -> None:
-    """Rank 0's part of a sharded save: state, manifest, fsync, rename, ``latest``."""
+    """Rank 0's part of a sharded save: ``state.pt``, then ``_seal`` over every file."""
     torch.save(state, tmp / STATE)
+    _fsync(tmp / SHARDS)
     names = [STATE] + sorted(f"{SHARDS}/{p.name}" for p in (tmp / SHARDS).iterdir())
+    _seal(tmp, final, step, names, format=SHARDS)
+
+
+def _seal(tmp: Path, final: Path, step: int, names: list[str], **fields: str) -> None:
+    """Write the manifest of ``names`` (files in ``tmp``), fsync everything, rename ``tmp`` to
+    ``final`` and point ``latest`` at it."""
     manifest = {name: _sha256(tmp / name) for name in names}
-    text = json.dumps({"step": step, "format": SHARDS, "sha256": manifest}, indent=1)
-    (tmp / MANIFEST).write_text(text)
-    for name in (*names, MANIFEST, SHARDS):
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, **fields, "sha256": manifest}, indent=1))
+    for name in (*names, MANIFEST):
         _fsync(tmp / name)
     _fsync(tmp)
     if final.exists():
@@ -485,8 +487,10 @@ def check_fits(
     expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], file: Path
 ) -> None:
     """Raise one CheckpointError listing every missing, unexpected or mis-shaped tensor."""
-    shapes = weights.shapes if isinstance(weights, ShardedWeights) else None
-    shapes = shapes or {k: v.shape for k, v in weights.items()}
+    if isinstance(weights, ShardedWeights):  # the saved shapes, no tensor read
+        shapes = weights.shapes
+    else:
+        shapes = {k: v.shape for k, v in weights.items()}
     problems = [f"missing {k}" for k in expected if k not in shapes]
     problems += [f"unexpected {k}" for k in shapes if k not in expected]
     problems += [

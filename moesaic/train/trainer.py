@@ -45,7 +45,6 @@ from moesaic.metrics.routing_log import RoutingLog
 from moesaic.parallel import (
     ParallelGroups,
     clip_grad_norm,
-    clip_grad_norm_sharded,
     full_optimizer_state,
     full_state_dict,
     global_shapes,
@@ -373,12 +372,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # The global norm (every rank gets the same), clipping only when grad_clip > 0.
-        max_norm = self.cfg.optim.grad_clip or math.inf
-        if self.groups.sharded:  # FSDP has reduced the gradients during backward
-            grad_norm = clip_grad_norm_sharded(self.model, max_norm, self.groups)
-        else:
+        if not self.groups.sharded:  # FSDP has reduced the gradients during backward
             sync_gradients(self.model, self.groups)
-            grad_norm = clip_grad_norm(self.model, max_norm, self.groups)
+        grad_norm = clip_grad_norm(self.model, self.cfg.optim.grad_clip or math.inf, self.groups)
         # The stop flag rides along, so every rank stops after the same step.
         flag = torch.tensor(float(self._stop_signal is not None))
         names = list(logs)
