@@ -27,6 +27,8 @@ class CpuCapability:
 
     Attributes:
         name: the CPU's model name (as torch reads it), or the platform's processor string.
+        vendor: "AMD", "Intel" or "other": which BLAS paths suit the CPU depends on it (MKL,
+            behind torch.mm on x86 wheels, runs its AVX-512 kernels on Intel CPUs only).
         arch: ``platform.machine()`` (x86_64, aarch64, ...).
         isa: the vector instruction set torch's own kernels dispatch to (``AVX2``, ``AVX512``,
             ``SVE256``, ``DEFAULT``, ...).
@@ -37,6 +39,7 @@ class CpuCapability:
     """
 
     name: str
+    vendor: str
     arch: str
     isa: str
     flags: tuple[str, ...]
@@ -59,6 +62,27 @@ def _torch_flags() -> tuple[str, dict]:
     except RuntimeError:
         caps = {}
     return str(caps.get("cpu_name") or platform.processor() or "unknown CPU"), caps
+
+
+def _vendor_id() -> str:
+    """The kernel's ``vendor_id`` line on Linux ("GenuineIntel", "AuthenticAMD"), else ""."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return next((line for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+def _vendor(name: str, vendor_id: str, processor: str) -> str:
+    """ "AMD", "Intel" or "other", from torch's model name ("AMD EPYC 9B14", "Intel Xeon"), the
+    kernel's ``vendor_id`` and the platform's processor string (Windows names the vendor there:
+    "AMD64 Family 25 Model 17 Stepping 1, AuthenticAMD")."""
+    text = f"{name} {vendor_id} {processor}"
+    if "AuthenticAMD" in text or name.startswith("AMD"):
+        return "AMD"
+    if "GenuineIntel" in text or "Intel" in name:
+        return "Intel"
+    return "other"
 
 
 def _probe(dtype: torch.dtype) -> bool:
@@ -103,6 +127,7 @@ def cpu_capability() -> CpuCapability:
         bf16 = fp32 and _probe(torch.bfloat16)
     return CpuCapability(
         name=name,
+        vendor=_vendor(name, _vendor_id(), platform.processor()),
         arch=platform.machine(),
         isa=isa,
         flags=flags,

@@ -78,16 +78,19 @@ def use_onednn(tuning: CpuTuning, t: torch.Tensor, weight_numel: int) -> bool:
     """Whether ``tuning.gemm`` runs the products of ``t`` with expert weights of
     ``weight_numel`` elements (D * F) on oneDNN: CPU tensors in a dtype oneDNN runs on this CPU;
     "auto" takes fp32 with weights of at least ``min_weight`` elements on CPUs whose instruction
-    set is in ``auto_onednn_isas``, "onednn" fp32 and bf16 of any size. Where the CPU cannot
+    set is in ``auto_onednn_isas`` and vendor in ``auto_onednn_vendors``, "onednn" fp32 and bf16
+    of any size. Where the CPU cannot
     run a requested path, torch.mm computes the same products."""
     if tuning.gemm == "torch" or t.device.type != "cpu" or not onednn_available(t.dtype):
         return False
     if tuning.gemm == "onednn":
         return True
+    cap = cpu_capability()
     return (
         t.dtype == torch.float32
         and weight_numel >= tuning.min_weight
-        and cpu_capability().isa in tuning.auto_onednn_isas
+        and cap.isa in tuning.auto_onednn_isas
+        and cap.vendor in tuning.auto_onednn_vendors
     )
 
 

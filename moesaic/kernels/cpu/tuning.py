@@ -22,7 +22,8 @@ class CpuTuning:
 
     Attributes:
         gemm: the experts' matrix products: "auto" runs fp32 products on oneDNN where that was
-            measured faster for training steps (``auto_onednn_isas``, experts of at least
+            measured faster for training steps (``auto_onednn_isas`` on a vendor in
+            ``auto_onednn_vendors``, experts of at least
             ``min_weight`` weights per projection) and bf16 on torch.mm (which calls oneDNN's
             matmul itself); "onednn" takes oneDNN for every dtype and size it runs; "torch"
             always torch.mm. Products with fewer than ``min_rows`` rows stay on torch.mm.
@@ -33,8 +34,9 @@ class CpuTuning:
         min_rows: products with fewer rows run on torch.mm (oneDNN repacks the weight per call).
         min_weight: under gemm="auto", experts with fewer weights per projection (D * F) stay on
             torch.mm (oneDNN's per-shape kernel compilation is never won back on small ones).
-        auto_onednn_isas: instruction sets (torch's ``get_cpu_capability()``) where gemm="auto"
-            uses oneDNN for fp32.
+        auto_onednn_isas, auto_onednn_vendors: instruction sets (torch's
+            ``get_cpu_capability()``) and CPU vendors (``CpuCapability.vendor``) where gemm="auto"
+            uses oneDNN for fp32: both must match.
         swap_rows, swap_block, swap_pad: forward-only fp32 oneDNN products with rows in
             ``swap_rows`` (inclusive) and at most ``swap_pad`` rows short of a multiple of
             ``swap_block`` run as ``(w^T x^T)^T``, the weight read in place as the left operand.
@@ -54,6 +56,7 @@ class CpuTuning:
     min_rows: int = 4
     min_weight: int = 256 * 1024
     auto_onednn_isas: tuple[str, ...] = ("AVX512",)
+    auto_onednn_vendors: tuple[str, ...] = ("AMD",)
     swap_rows: tuple[int, int] = (16, 128)
     swap_block: int = 16
     swap_pad: int = 2

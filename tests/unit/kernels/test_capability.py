@@ -60,14 +60,43 @@ def test_without_onednn_every_expert_path_runs_on_torch_mm_and_matches(monkeypat
     torch.testing.assert_close(y.float(), want, **tol)
 
 
-@pytest.mark.parametrize("isa,expected", [("AVX512", True), ("AVX2", False), ("SVE256", False)])
-def test_auto_takes_onednn_only_on_the_instruction_sets_where_it_measured_faster(
-    monkeypatch, isa, expected
+@pytest.mark.parametrize(
+    "isa,vendor,expected",
+    [
+        ("AVX512", "AMD", True),
+        ("AVX512", "Intel", False),  # MKL's own AVX-512 sgemm measured faster there
+        ("AVX2", "AMD", False),
+        ("AVX2", "Intel", False),
+        ("SVE256", "other", False),
+    ],
+)
+def test_auto_takes_onednn_only_on_the_cpus_where_it_measured_faster(
+    monkeypatch, isa, vendor, expected
 ):
-    cap = dataclasses.replace(cpu_capability(), isa=isa, onednn_fp32=True)
+    cap = dataclasses.replace(cpu_capability(), isa=isa, vendor=vendor, onednn_fp32=True)
     monkeypatch.setattr(gemm, "cpu_capability", lambda: cap)
     big = torch.zeros(1)
     assert gemm.use_onednn(CpuTuning(gemm="auto"), big, DEFAULT_TUNING.min_weight) == expected
+    assert gemm.packable(CpuTuning(gemm="auto"), big, DEFAULT_TUNING.min_weight) == expected
     assert gemm.use_onednn(
         CpuTuning(gemm="onednn"), big, 1
     )  # an explicit request runs wherever oneDNN does
+
+
+@pytest.mark.parametrize(
+    "name,vendor_id,processor,expected",
+    [
+        ("AMD EPYC 9B14", "vendor_id\t: AuthenticAMD", "", "AMD"),
+        ("Intel Xeon", "vendor_id\t: GenuineIntel", "", "Intel"),
+        ("unknown CPU", "vendor_id\t: GenuineIntel", "", "Intel"),  # torch without a name
+        ("", "", "AMD64 Family 25 Model 17 Stepping 1, AuthenticAMD", "AMD"),  # Windows
+        ("", "", "Intel64 Family 6 Model 143 Stepping 8, GenuineIntel", "Intel"),
+        ("Neoverse-V1", "", "aarch64", "other"),
+        ("", "", "arm", "other"),  # macOS
+    ],
+)
+def test_the_vendor_is_read_from_the_name_the_kernel_or_the_platform(
+    name, vendor_id, processor, expected
+):
+    assert capability._vendor(name, vendor_id, processor) == expected
+    assert cpu_capability().vendor in ("AMD", "Intel", "other")
