@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from moesaic.kernels.cpu.capability import cpu_capability
 from moesaic.kernels.cpu.tuning import DEFAULT_TUNING, CpuTuning
 
 __all__ = ["expert_order", "makespan", "run_experts"]
@@ -65,10 +66,10 @@ def expert_order(
     counts: Sequence[int], threads: int, tuning: CpuTuning = DEFAULT_TUNING
 ) -> list[int] | None:
     """Experts with rows, largest first, when worker threads should run them; None for the
-    intra-op loop. Under ``workers="auto"`` mid-sized experts take the loop (they measured
-    faster with all threads inside each kernel), and so does a skewed routing that puts most
-    rows on one expert (it would leave the other threads idle); ``workers="threads"`` takes the
-    workers whenever there are two or more threads."""
+    intra-op loop. Under ``workers="auto"`` mid-sized experts take the loop on the CPUs where
+    they measured faster with all threads inside each kernel (``loop_vendors``), and so does a
+    skewed routing that puts most rows on one expert (it would leave the other threads idle);
+    ``workers="threads"`` takes the workers whenever there are two or more threads."""
     total = sum(counts)
     active = [e for e, n in enumerate(counts) if n]
     if threads <= 1 or not total:
@@ -77,7 +78,8 @@ def expert_order(
     if tuning.workers == "threads":
         return order
     lo, hi = tuning.loop_rows
-    if lo * len(active) < total < hi * len(active) and total <= tuning.loop_max_total:
+    band = lo * len(active) < total < hi * len(active) and total <= tuning.loop_max_total
+    if band and cpu_capability().vendor in tuning.loop_vendors:
         return None
     if makespan([counts[e] for e in order], threads) > tuning.max_imbalance * total / threads:
         return None

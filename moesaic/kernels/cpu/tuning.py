@@ -41,8 +41,9 @@ class CpuTuning:
             ``swap_rows`` (inclusive) and at most ``swap_pad`` rows short of a multiple of
             ``swap_block`` run as ``(w^T x^T)^T``, the weight read in place as the left operand.
         gate_min_rows: routers' gate products run on oneDNN in fp32 from this many tokens.
-        loop_rows, loop_max_total: under workers="auto", a mean of rows per expert strictly
-            inside ``loop_rows`` on at most ``loop_max_total`` rows runs the loop.
+        loop_rows, loop_max_total, loop_vendors: under workers="auto", on CPUs of a vendor in
+            ``loop_vendors``, a mean of rows per expert strictly inside ``loop_rows`` on at most
+            ``loop_max_total`` rows runs the loop.
         max_imbalance: the busiest worker's rows over the even share beyond which the loop runs.
         release_openmp: release the caller's idle OpenMP team before the worker threads start.
         shared_block: a 1-expert module (the shared expert) runs inputs of more than twice this
@@ -63,6 +64,7 @@ class CpuTuning:
     gate_min_rows: int = 512
     loop_rows: tuple[int, int] = (128, 1024)
     loop_max_total: int = 8192
+    loop_vendors: tuple[str, ...] = ("AMD", "other")
     max_imbalance: float = 1.25
     release_openmp: bool = True
     shared_block: int = 1024

@@ -1,5 +1,6 @@
 """Whole experts on worker threads: the split, the modes the workers inherit, the thread count."""
 
+import dataclasses
 import sys
 import threading
 
@@ -8,6 +9,7 @@ import torch
 
 import moesaic as ms
 from moesaic.kernels.cpu import threads as expert_threads
+from moesaic.kernels.cpu.capability import cpu_capability
 from moesaic.kernels.cpu.threads import expert_order, makespan, run_experts
 from moesaic.kernels.cpu.tuning import CpuTuning
 from tests.cases import expert_backend
@@ -31,8 +33,15 @@ def test_a_skewed_routing_stays_on_one_team():
     assert expert_order([30, 0, 30], 1) is None
 
 
-def test_large_experts_stay_on_one_team():
-    assert expert_order([1000, 1000, 1000, 1000], 2) is None
+@pytest.mark.parametrize("vendor,loop", [("AMD", True), ("other", True), ("Intel", False)])
+def test_mid_sized_experts_take_the_loop_where_it_measured_faster(monkeypatch, vendor, loop):
+    cap = dataclasses.replace(cpu_capability(), vendor=vendor)
+    monkeypatch.setattr(expert_threads, "cpu_capability", lambda: cap)
+    mid = [500, 500, 500, 500]  # 500 rows per expert, inside loop_rows, 2000 <= loop_max_total
+    assert (expert_order(mid, 2) is None) == loop
+    assert expert_order([60, 60, 60, 60], 2) == [0, 1, 2, 3]  # below the band: workers
+    assert expert_order([2000] * 4, 2) == [0, 1, 2, 3]  # above it: workers
+    assert expert_order([600] * 16, 2) == list(range(16))  # more than loop_max_total rows
 
 
 def test_every_expert_with_rows_runs_once_on_the_workers():
@@ -131,7 +140,7 @@ def test_the_callers_openmp_team_is_released_only_before_pool_threads(monkeypatc
     monkeypatch.setattr(expert_threads, "_openmp_pause", lambda: lambda: calls.append(1))
     run_experts(lambda e: None, [4] * 8, 2)  # pool threads
     assert calls == [1]
-    run_experts(lambda e: None, [1000] * 4, 2)  # large experts: one team, nothing released
+    run_experts(lambda e: None, [100, 2, 2, 2], 2)  # skewed: one team, nothing released
     run_experts(lambda e: None, [4] * 8, 1)
     run_experts(lambda e: None, [4] * 8, 2, CpuTuning(release_openmp=False))
     assert calls == [1]
