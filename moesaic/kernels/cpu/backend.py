@@ -122,6 +122,6 @@ class CpuBackend(ExpertBackend):
         ):
             packs = None  # (under autocast the cast weights are new tensors every call)
         threads = 1 if self.tuning.workers == "loop" or modes else torch.get_num_threads()
-        run = Run(experts.activation, threads, onednn, self.tuning, pool)
+        run = Run(experts.activation, threads, onednn, self.tuning, pool, size)
         with torch.autocast(x_AD.device.type, enabled=False):
             return sliced_ffn(x_AD, w, counts, run, packs=packs, sink=sink, rows=rows)

@@ -41,9 +41,10 @@ class CpuTuning:
             ``swap_rows`` (inclusive) and at most ``swap_pad`` rows short of a multiple of
             ``swap_block`` run as ``(w^T x^T)^T``, the weight read in place as the left operand.
         gate_min_rows: routers' gate products run on oneDNN in fp32 from this many tokens.
-        loop_rows, loop_max_total, loop_vendors: under workers="auto", on CPUs of a vendor in
-            ``loop_vendors``, a mean of rows per expert strictly inside ``loop_rows`` on at most
-            ``loop_max_total`` rows runs the loop.
+        loop_rows, loop_max_total, loop_vendors, loop_small: under workers="auto", a mean of
+            rows per expert strictly inside ``loop_rows`` on at most ``loop_max_total`` rows runs
+            the loop on CPUs of a vendor in ``loop_vendors``, and on every CPU for experts with
+            fewer than ``loop_small`` weights per projection (D * F).
         max_imbalance: the busiest worker's rows over the even share beyond which the loop runs.
         release_openmp: release the caller's idle OpenMP team before the worker threads start.
         shared_block: a 1-expert module (the shared expert) runs inputs of more than twice this
@@ -65,6 +66,7 @@ class CpuTuning:
     loop_rows: tuple[int, int] = (128, 1024)
     loop_max_total: int = 8192
     loop_vendors: tuple[str, ...] = ("AMD", "other")
+    loop_small: int = 65536
     max_imbalance: float = 1.25
     release_openmp: bool = True
     shared_block: int = 1024
@@ -76,7 +78,15 @@ class CpuTuning:
                 raise ValueError(
                     f"CpuTuning.{name}={getattr(self, name)!r} is not one of {choices}"
                 )
-        for name in ("min_rows", "min_weight", "swap_block", "gate_min_rows", "shared_block"):
+        ints = (
+            "min_rows",
+            "min_weight",
+            "swap_block",
+            "gate_min_rows",
+            "shared_block",
+            "loop_small",
+        )
+        for name in ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"CpuTuning.{name}={value!r} must be an int >= 1")

@@ -11,7 +11,7 @@ import moesaic as ms
 from moesaic.kernels.cpu import threads as expert_threads
 from moesaic.kernels.cpu.capability import cpu_capability
 from moesaic.kernels.cpu.threads import expert_order, makespan, run_experts
-from moesaic.kernels.cpu.tuning import CpuTuning
+from moesaic.kernels.cpu.tuning import DEFAULT_TUNING, CpuTuning
 from tests.cases import expert_backend
 
 
@@ -42,6 +42,19 @@ def test_mid_sized_experts_take_the_loop_where_it_measured_faster(monkeypatch, v
     assert expert_order([60, 60, 60, 60], 2) == [0, 1, 2, 3]  # below the band: workers
     assert expert_order([2000] * 4, 2) == [0, 1, 2, 3]  # above it: workers
     assert expert_order([600] * 16, 2) == list(range(16))  # more than loop_max_total rows
+    # small experts (D * F under loop_small) take the band's loop on every CPU
+    small, big = DEFAULT_TUNING.loop_small - 1, DEFAULT_TUNING.loop_small
+    assert expert_order(mid, 2, DEFAULT_TUNING, small) is None
+    assert (expert_order(mid, 2, DEFAULT_TUNING, big) is None) == loop
+
+
+def test_the_layer_schedules_by_its_experts_size(monkeypatch):
+    seen = []
+    real = expert_threads.expert_order
+    monkeypatch.setattr(expert_threads, "expert_order", lambda *a: seen.append(a[3]) or real(*a))
+    layer = ms.MoE(16, 48, 4, router="topk", expert_backend=expert_backend())
+    layer(torch.randn(64, 16))
+    assert seen and set(seen) == {16 * 48}
 
 
 def test_every_expert_with_rows_runs_once_on_the_workers():
