@@ -73,10 +73,13 @@ def _vendor_id() -> str:
         return ""
 
 
-def _vendor(name: str, vendor_id: str, processor: str) -> str:
+def _vendor(name: str, vendor_id: str, processor: str, arch: str = "x86_64") -> str:
     """ "AMD", "Intel" or "other", from torch's model name ("AMD EPYC 9B14", "Intel Xeon"), the
     kernel's ``vendor_id`` and the platform's processor string (Windows names the vendor there:
-    "AMD64 Family 25 Model 17 Stepping 1, AuthenticAMD")."""
+    "AMD64 Family 25 Model 17 Stepping 1, AuthenticAMD"). Only x86 CPUs have either vendor (an
+    emulated ARM process reads its x86 host's ``/proc/cpuinfo``)."""
+    if arch.lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return "other"
     text = f"{name} {vendor_id} {processor}"
     if "AuthenticAMD" in text or name.startswith("AMD"):
         return "AMD"
@@ -127,7 +130,7 @@ def cpu_capability() -> CpuCapability:
         bf16 = fp32 and _probe(torch.bfloat16)
     return CpuCapability(
         name=name,
-        vendor=_vendor(name, _vendor_id(), platform.processor()),
+        vendor=_vendor(name, _vendor_id(), platform.processor(), platform.machine()),
         arch=platform.machine(),
         isa=isa,
         flags=flags,

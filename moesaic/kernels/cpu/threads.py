@@ -91,11 +91,25 @@ def expert_order(
     return order
 
 
+def _loaded_openmp() -> list[str]:
+    """Sonames of the OpenMP runtimes, then the paths of those this process has mapped (Linux):
+    wheels repaired by auditwheel carry a renamed copy (torch's aarch64 wheels:
+    ``torch.libs/libgomp-<hash>.so.1.0.0``) that the plain soname does not find."""
+    names = ["libgomp.so.1", "libomp.so", "libiomp5.so"]
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
+            paths = {line.split()[-1] for line in f if "/lib" in line and "omp" in line}
+    except OSError:
+        return names
+    base = ("libgomp", "libomp", "libiomp5")
+    return names + sorted(p for p in paths if os.path.basename(p).startswith(base))
+
+
 @functools.cache
 def _openmp_pause() -> Callable[[], int] | None:
     """``omp_pause_resource_all(omp_pause_soft)`` of the OpenMP runtime already loaded in this
     process (torch's libgomp on Linux wheels; LLVM's or Intel's elsewhere), or None."""
-    for name in ("libgomp.so.1", "libomp.so", "libiomp5.so"):
+    for name in _loaded_openmp():
         try:
             lib = ctypes.CDLL(name, mode=os.RTLD_NOLOAD)  # never loads a second runtime
         except (OSError, AttributeError):

@@ -92,11 +92,13 @@ def test_auto_takes_onednn_only_on_the_cpus_where_it_measured_faster(
         ("", "", "AMD64 Family 25 Model 17 Stepping 1, AuthenticAMD", "AMD"),  # Windows
         ("", "", "Intel64 Family 6 Model 143 Stepping 8, GenuineIntel", "Intel"),
         ("Neoverse-V1", "", "aarch64", "other"),
-        ("", "", "arm", "other"),  # macOS
     ],
 )
 def test_the_vendor_is_read_from_the_name_the_kernel_or_the_platform(
     name, vendor_id, processor, expected
 ):
     assert capability._vendor(name, vendor_id, processor) == expected
+    # an ARM process emulated on an x86 host reads the host's vendor_id: still "other"
+    assert capability._vendor(name, vendor_id, processor, "aarch64") == "other"
+    assert capability._vendor(name, vendor_id, processor, "arm64") == "other"
     assert cpu_capability().vendor in ("AMD", "Intel", "other")
