@@ -17,6 +17,9 @@
    then stay in cache, against the same dense limit: what reading E experts' weights from
    memory on every forward costs, which a dense FFN of equal active FLOPs (K experts' worth of
    weights) does not pay. fp32 or ``--dtype bfloat16``.
+6. ``gate``: a router's gate product x (T, D) @ w^T (D, E) and its two gradient products on
+   oneDNN (as ``moesaic.kernels.cpu.gate`` runs them) and on torch.mm, on all intra-op threads:
+   the numbers behind ``CpuTuning.gate_min_rows``.
 
 Shape legend (docs/shapes.md): T tokens, D model dim, F expert hidden, E experts, K top-k,
 M rows of a product.
@@ -27,6 +30,7 @@ M rows of a product.
     python benchmarks/gemm.py sizes         # training steps by expert size, oneDNN vs torch.mm
     python benchmarks/gemm.py packed        # forward-only with packed expert weights
     python benchmarks/gemm.py weights       # experts with distinct vs shared (cached) weights
+    python benchmarks/gemm.py gate          # the router's gate products, oneDNN vs torch.mm
 """
 
 from __future__ import annotations
@@ -48,12 +52,13 @@ from moesaic.experts import Experts
 from moesaic.experts.experts import expert_weights
 from moesaic.kernels.cpu import CpuBackend, CpuTuning
 from moesaic.kernels.cpu.capability import cpu_capability
-from moesaic.kernels.cpu.gemm import onednn_available, packable
+from moesaic.kernels.cpu.gemm import matmul, onednn_available, packable
+from moesaic.kernels.cpu.tuning import DEFAULT_TUNING
 from moesaic.layer import MoE
 
-__all__ = ["main", "products", "workers", "sizes", "packed", "weights", "shared_weights"]
+__all__ = ["main", "products", "workers", "sizes", "packed", "weights", "gate", "shared_weights"]
 
-PARTS = ("products", "workers", "sizes", "packed", "weights")
+PARTS = ("products", "workers", "sizes", "packed", "weights", "gate")
 SIZES = ((64, 256, 32), (128, 512, 32), (256, 1024, 16), (512, 2048, 8))  # (D, F, E), T=8192
 ROWS = (1, 2, 4, 8, 16, 48, 63, 64, 65, 72, 79, 128, 256, 1024)
 PEERS_GRID = tuple((T, E, K) for T in (2048, 8192) for E in (8, 32) for K in (1, 2))
@@ -91,6 +96,32 @@ def products(d_model: int, d_ff: int, repeats: int) -> list[str]:
                 )
         finally:
             torch.set_num_threads(threads)
+    return lines
+
+
+def gate(d_model: int, repeats: int) -> list[str]:
+    """Microseconds of the gate product and its gradient products, oneDNN against torch.mm."""
+    lines = [
+        "| T | E | forward oneDNN / torch.mm us | grad x | grad w | oneDNN / torch.mm time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for T in (256, 512, 2048, 8192):
+        for E in (8, 32):
+            x, w, g = torch.randn(T, d_model), torch.randn(E, d_model), torch.randn(T, E)
+            n = max(1, 8192 // T)
+            fns = {
+                "fwd onednn": lambda x=x, w=w: matmul(x, w.t(), onednn=DEFAULT_TUNING),
+                "fwd mm": lambda x=x, w=w: torch.mm(x, w.t()),
+                "gx onednn": lambda g=g, w=w: matmul(g, w, onednn=DEFAULT_TUNING),
+                "gx mm": lambda g=g, w=w: torch.mm(g, w),
+                "gw onednn": lambda g=g, x=x: matmul(g.t().contiguous(), x, onednn=DEFAULT_TUNING),
+                "gw mm": lambda g=g, x=x: torch.mm(g.t(), x),
+            }
+            t = {k: 1e6 * v / n for k, v in time_interleaved(_repeat(fns, n), repeats).items()}
+            cells = [f"{t[p + ' onednn']:.0f} / {t[p + ' mm']:.0f}" for p in ("fwd", "gx", "gw")]
+            total = sum(t[p + " onednn"] for p in ("fwd", "gx", "gw"))
+            total_mm = sum(t[p + " mm"] for p in ("fwd", "gx", "gw"))
+            lines.append(f"| {T} | {E} | {' | '.join(cells)} | {total / total_mm:.2f} |")
     return lines
 
 
@@ -323,7 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "packed" in parts:
         print("\n".join(packed(args.d_model, args.d_ff, args.repeats, dtype)) + "\n")
     if "weights" in parts:
-        print("\n".join(weights(args.d_model, args.d_ff, args.repeats, dtype)))
+        print("\n".join(weights(args.d_model, args.d_ff, args.repeats, dtype)) + "\n")
+    if "gate" in parts:
+        print("\n".join(gate(args.d_model, args.repeats)))
     return 0
 
 

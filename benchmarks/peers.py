@@ -17,9 +17,10 @@ the same family:
   allowed, so it has one of width F and its dense limit is k*F + F wide).
 
 moesaic runs its expert products on oneDNN on AVX-512 AMD CPUs and on torch.mm elsewhere
-(``moesaic.kernels.cpu.CpuTuning.auto_onednn_isas`` and ``auto_onednn_vendors``); ``moesaic-mm`` and ``moesaic-onednn`` are the
-same GELU layer with the choice forced either way (torch.mm is what every peer and ``nn.Linear``
-use), so each run shows whether the automatic choice was right on its CPU. The dense limit of a
+(``moesaic.kernels.cpu.CpuTuning.auto_onednn_isas`` and ``auto_onednn_vendors``);
+``moesaic-mm`` and ``moesaic-onednn`` are the same GELU layer with the choice forced either way
+(torch.mm is what every peer and ``nn.Linear`` use), so each run shows whether the automatic
+choice was right on its CPU. The dense limit of a
 family is the faster of two blocked dense FFNs: ``blocked-dense`` (``nn.Linear``, torch.mm) and
 ``blocked-dense-onednn`` (the same FFN with its products on oneDNN: moesaic's ``Experts`` with one
 expert and the intra-op loop), so a faster GEMM library alone does not count as beating the limit.

@@ -96,12 +96,14 @@ def use_onednn(tuning: CpuTuning, t: torch.Tensor, weight_numel: int) -> bool:
 
 def gate_onednn(tuning: CpuTuning, x_TD: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether a router's gate product on ``x`` computed in ``dtype`` runs on oneDNN: fp32 on
-    CPU with at least ``gate_min_rows`` tokens, on a torch with oneDNN."""
+    CPU with at least ``gate_min_rows`` tokens, on a torch with oneDNN, on a CPU of a vendor in
+    ``gate_vendors``."""
     return (
         dtype == torch.float32
         and x_TD.device.type == "cpu"
         and x_TD.shape[0] >= tuning.gate_min_rows
         and onednn_available()
+        and cpu_capability().vendor in tuning.gate_vendors
     )
 
 

@@ -40,7 +40,8 @@ class CpuTuning:
         swap_rows, swap_block, swap_pad: forward-only fp32 oneDNN products with rows in
             ``swap_rows`` (inclusive) and at most ``swap_pad`` rows short of a multiple of
             ``swap_block`` run as ``(w^T x^T)^T``, the weight read in place as the left operand.
-        gate_min_rows: routers' gate products run on oneDNN in fp32 from this many tokens.
+        gate_min_rows, gate_vendors: routers' gate products run on oneDNN in fp32 from this many
+            tokens, on CPUs of a vendor in ``gate_vendors`` (torch.mm measured faster on Intel).
         loop_rows, loop_max_total, loop_vendors, loop_small: under workers="auto", a mean of
             rows per expert strictly inside ``loop_rows`` on at most ``loop_max_total`` rows runs
             the loop on CPUs of a vendor in ``loop_vendors``, and on every CPU for experts with
@@ -63,6 +64,7 @@ class CpuTuning:
     swap_block: int = 16
     swap_pad: int = 2
     gate_min_rows: int = 512
+    gate_vendors: tuple[str, ...] = ("AMD", "other")
     loop_rows: tuple[int, int] = (128, 1024)
     loop_max_total: int = 8192
     loop_vendors: tuple[str, ...] = ("AMD", "other")
