@@ -54,7 +54,7 @@ class Run:
     onednn: bool
     tuning: CpuTuning
     pool: GradPool | None = None
-    size: int | None = None
+    weight_numel: int | None = None
 
     @property
     def products(self) -> CpuTuning | None:
@@ -111,7 +111,7 @@ def _forward(x_AD, w: Weights, counts, run: Run, keep: bool, sink=None, rows=Non
         else:  # the sink scatters rows: a transposed y is copied (a blocked transpose) first
             sink(s, matmul(h, w.w2[e], _at(w.b2, e), onednn=onednn, swap=True).contiguous())
 
-    run_experts(expert, counts, run.threads, run.tuning, run.size)
+    run_experts(expert, counts, run.threads, run.tuning, run.weight_numel)
     return y_AD, [saved[e] for e in sorted(saved)]
 
 
@@ -189,7 +189,7 @@ class _SlicedFFN(torch.autograd.Function):
                 else:
                     matmul_add(glin, w3[e].t(), mm(gpre, w1[e].t()), onednn=onednn, out=gx[s])
 
-        run_experts(expert, counts, run.threads, run.tuning, run.size)
+        run_experts(expert, counts, run.threads, run.tuning, run.weight_numel)
         return gx, gw1, gw2, gw3, gb1, gb2, gb3, None, None
 
 

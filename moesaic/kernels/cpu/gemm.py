@@ -79,8 +79,8 @@ def use_onednn(tuning: CpuTuning, t: torch.Tensor, weight_numel: int) -> bool:
     ``weight_numel`` elements (D * F) on oneDNN: CPU tensors in a dtype oneDNN runs on this CPU;
     "auto" takes fp32 with weights of at least ``min_weight`` elements on CPUs whose instruction
     set is in ``auto_onednn_isas`` and vendor in ``auto_onednn_vendors``, "onednn" fp32 and bf16
-    of any size. Where the CPU cannot
-    run a requested path, torch.mm computes the same products."""
+    of any size. Where the CPU cannot run a requested path, torch.mm computes the same
+    products."""
     if tuning.gemm == "torch" or t.device.type != "cpu" or not onednn_available(t.dtype):
         return False
     if tuning.gemm == "onednn":

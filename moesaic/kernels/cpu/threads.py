@@ -66,12 +66,12 @@ def expert_order(
     counts: Sequence[int],
     threads: int,
     tuning: CpuTuning = DEFAULT_TUNING,
-    weights: int | None = None,
+    weight_numel: int | None = None,
 ) -> list[int] | None:
     """Experts with rows, largest first, when worker threads should run them; None for the
     intra-op loop. Under ``workers="auto"`` mid-sized experts take the loop where they measured
     faster with all threads inside each kernel (``loop_vendors``; on every CPU for experts of
-    fewer than ``loop_small`` weights per projection, ``weights`` = D * F), and so does a
+    fewer than ``loop_small`` weights per projection, ``weight_numel`` = D * F), and so does a
     skewed routing that puts most rows on one expert (it would leave the other threads idle);
     ``workers="threads"`` takes the workers whenever there are two or more threads."""
     total = sum(counts)
@@ -83,7 +83,7 @@ def expert_order(
         return order
     lo, hi = tuning.loop_rows
     band = lo * len(active) < total < hi * len(active) and total <= tuning.loop_max_total
-    small = weights is not None and weights < tuning.loop_small
+    small = weight_numel is not None and weight_numel < tuning.loop_small
     if band and (small or cpu_capability().vendor in tuning.loop_vendors):
         return None
     if makespan([counts[e] for e in order], threads) > tuning.max_imbalance * total / threads:
@@ -156,18 +156,18 @@ def run_experts(
     counts: Sequence[int],
     threads: int,
     tuning: CpuTuning = DEFAULT_TUNING,
-    weights: int | None = None,
+    weight_numel: int | None = None,
 ) -> None:
     """Call ``fn(e)`` once for every expert with rows and return when all calls have.
 
-    ``threads`` > 1 and small, evenly routed experts (``expert_order``, which takes ``weights``,
-    the experts' D * F): the calling thread and
-    ``threads - 1`` pool threads, each single-threaded, take the experts from one queue, largest
-    first; else the experts run in order on the calling thread with its intra-op threads.
-    The workers copy the caller's grad and inference mode (both are thread-local in torch). An
-    error in any call empties the queue and reaches the caller.
+    ``threads`` > 1 and small, evenly routed experts (``expert_order``, which also weighs the
+    experts' ``weight_numel``, D * F): the calling thread and ``threads - 1`` pool threads, each
+    single-threaded, take the experts from one queue, largest first; else the experts run in
+    order on the calling thread with its intra-op threads. The workers copy the caller's grad
+    and inference mode (both are thread-local in torch). An error in any call empties the queue
+    and reaches the caller.
     """
-    order = expert_order(counts, threads, tuning, weights)
+    order = expert_order(counts, threads, tuning, weight_numel)
     if order is None:
         for e, n in enumerate(counts):
             if n:

@@ -23,10 +23,10 @@ class CpuTuning:
     Attributes:
         gemm: the experts' matrix products: "auto" runs fp32 products on oneDNN where that was
             measured faster for training steps (``auto_onednn_isas`` on a vendor in
-            ``auto_onednn_vendors``, experts of at least
-            ``min_weight`` weights per projection) and bf16 on torch.mm (which calls oneDNN's
-            matmul itself); "onednn" takes oneDNN for every dtype and size it runs; "torch"
-            always torch.mm. Products with fewer than ``min_rows`` rows stay on torch.mm.
+            ``auto_onednn_vendors``, experts of at least ``min_weight`` weights per projection)
+            and bf16 on torch.mm (which calls oneDNN's matmul itself); "onednn" takes oneDNN for
+            every dtype and size it runs; "torch" always torch.mm. Products with fewer than
+            ``min_rows`` rows stay on torch.mm.
         workers: "threads" runs whole experts on worker threads with single-threaded kernels;
             "loop" runs the experts in order, each kernel on all intra-op threads; "auto" takes
             threads except where ``loop_rows`` / ``loop_max_total`` / ``max_imbalance`` say the
